@@ -1,0 +1,239 @@
+# -*- test-case-name: tests.test_admin_site -*-
+"""The operators' API: node registration and health, behind a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from metadatad.db.store import ConflictError, NodeRecord, Store
+from metadatad.httputil import handle_failure
+from metadatad.nodes import NodeValidationError, parse_node, parse_nodes
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# Bookkeeping fields an operator may round-trip from GET into PUT; they are ignored.
+READ_ONLY_FIELDS = ("revision", "created_at", "updated_at", "password_set")
+
+
+class BadRequest(Exception):
+    """A request the admin API refuses; carries the status and the JSON body."""
+
+    def __init__(self, status: int, body: dict[str, str]) -> None:
+        super().__init__(body.get("message", ""))
+        self.status = status
+        self.body = body
+
+
+def strip_read_only(document: Any) -> Any:
+    """Drop the bookkeeping fields GET adds, from one document or a list of them."""
+    if isinstance(document, list):
+        return [strip_read_only(item) for item in document]
+    if isinstance(document, dict):
+        return {k: v for k, v in document.items() if k not in READ_ONLY_FIELDS}
+    return document
+
+
+class AdminSite:
+    """``/v1/nodes...`` and ``/healthz``."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, store: Store, token: str) -> None:
+        self._store = store
+        self._token = token.encode("utf-8")
+
+    def resource(self) -> Any:
+        """The twisted.web resource of this site."""
+        return self.app.resource()
+
+    # --- plumbing ----------------------------------------------------------------
+
+    def _authorised(self, request: Request) -> bool:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        # compare_digest on bytes of any length: no early exit that leaks the token.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+
+    def _guarded(
+        self, request: Request, handler: Callable[[], Any]
+    ) -> Any:
+        request.setHeader(b"Content-Type", b"application/json")
+        if not self._authorised(request):
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="metadatad"')
+            return _json(request, 401, {"error": "unauthorized", "message": "bearer token required"})
+        try:
+            result = handler()
+        except BadRequest as e:
+            return _json(request, e.status, e.body)
+        if isinstance(result, Deferred):
+            return result.addErrback(self._refused, request)
+        return result
+
+    def _refused(self, failure: Failure, request: Request) -> bytes:
+        failure.trap(BadRequest, ConflictError)
+        if failure.check(ConflictError):
+            return _json(request, 409, failure.value.as_json())
+        return _json(request, failure.value.status, failure.value.body)
+
+    @app.handle_errors(Exception)
+    def failed(self, request: Request, failure: Failure) -> bytes:
+        """Routing errors keep their status; anything else is a bug."""
+        return handle_failure(request, failure, self.log)
+
+    # --- routes ------------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: Request) -> Deferred[bytes]:
+        """Reachability of the store; no token needed (load balancers probe it)."""
+        request.setHeader(b"Content-Type", b"application/json")
+
+        def ok(_: None) -> bytes:
+            return _json(request, 200, {"status": "ok", "database": "ok"})
+
+        def down(failure: Failure) -> bytes:
+            self.log.warning("health check: database unreachable: {error}", error=failure.value)
+            return _json(request, 503, {"status": "unhealthy", "database": "unreachable"})
+
+        return self._store.ping().addCallbacks(ok, down)
+
+    @app.route("/v1/nodes", methods=["GET", "HEAD"])
+    def list_nodes(self, request: Request) -> Any:
+        """Every node, without user-data (fetch one node for that)."""
+
+        def listed(records: list[NodeRecord]) -> bytes:
+            documents = []
+            for record in records:
+                document = record.to_document()
+                document.pop("user_data")
+                documents.append(document)
+            return _json(request, 200, {"nodes": documents})
+
+        return self._guarded(request, lambda: self._store.list_nodes().addCallback(listed))
+
+    @app.route("/v1/nodes", methods=["POST"])
+    def import_nodes(self, request: Request) -> Any:
+        """Create or replace one node or a list of them, all or nothing."""
+
+        def run() -> Deferred[bytes]:
+            document = _read_json(request)
+            try:
+                new_nodes = parse_nodes(strip_read_only(document))
+            except NodeValidationError as e:
+                raise BadRequest(400, e.as_json()) from None
+            as_list = isinstance(document, list)
+
+            def done(created: list[bool]) -> bytes:
+                self.log.info("imported {count} nodes", count=len(new_nodes))
+                return _json(
+                    request,
+                    200,
+                    {
+                        "created": [n.uuid for n, c in zip(new_nodes, created) if c],
+                        "updated": [n.uuid for n, c in zip(new_nodes, created) if not c],
+                    },
+                )
+
+            return self._store.upsert_nodes(new_nodes, as_list).addCallback(done)
+
+        return self._guarded(request, run)
+
+    @app.route("/v1/nodes/<string:uuid>", methods=["GET", "HEAD"])
+    def get_node(self, request: Request, uuid: str) -> Any:
+        """One node, with its user-data."""
+
+        def run() -> Deferred[bytes]:
+            return self._store.get_node(_check_uuid(uuid)).addCallback(
+                lambda record: _found(request, uuid, record)
+            )
+
+        return self._guarded(request, run)
+
+    @app.route("/v1/nodes/<string:uuid>", methods=["PUT"])
+    def put_node(self, request: Request, uuid: str) -> Any:
+        """Create or replace one node."""
+
+        def run() -> Deferred[bytes]:
+            canonical = _check_uuid(uuid)
+            document = strip_read_only(_read_json(request))
+            if isinstance(document, dict):
+                document.setdefault("uuid", canonical)
+                if document["uuid"] != canonical:
+                    raise BadRequest(
+                        400,
+                        NodeValidationError("uuid", "does not match the URL").as_json(),
+                    )
+            try:
+                node = parse_node(document)
+            except NodeValidationError as e:
+                raise BadRequest(400, e.as_json()) from None
+
+            def stored(created: list[bool]) -> Deferred[bytes]:
+                status = 201 if created[0] else 200
+                return self._store.get_node(canonical).addCallback(
+                    lambda record: _found(request, canonical, record, status)
+                )
+
+            return self._store.upsert_nodes([node], as_list=False).addCallback(stored)
+
+        return self._guarded(request, run)
+
+    @app.route("/v1/nodes/<string:uuid>", methods=["DELETE"])
+    def delete_node(self, request: Request, uuid: str) -> Any:
+        """Forget a node."""
+
+        def run() -> Deferred[bytes]:
+            def deleted(existed: bool) -> bytes:
+                if not existed:
+                    return _not_found(request, uuid)
+                self.log.info("deleted node {uuid}", uuid=uuid)
+                request.setResponseCode(204)
+                return b""
+
+            return self._store.delete_node(_check_uuid(uuid)).addCallback(deleted)
+
+        return self._guarded(request, run)
+
+
+def _json(request: Request, status: int, document: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(document, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _not_found(request: Request, uuid: str) -> bytes:
+    return _json(request, 404, {"error": "not found", "message": f"no node {uuid}"})
+
+
+def _found(request: Request, uuid: str, record: NodeRecord | None, status: int = 200) -> bytes:
+    if record is None:
+        return _not_found(request, uuid)
+    return _json(request, status, record.to_document())
+
+
+def _check_uuid(uuid: str) -> str:
+    try:
+        return parse_node({"uuid": uuid}).uuid
+    except NodeValidationError as e:
+        raise BadRequest(400, e.as_json()) from None
+
+
+def _read_json(request: Request) -> Any:
+    length = request.getHeader(b"content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise BadRequest(413, {"error": "too large", "message": f"at most {MAX_BODY_BYTES} bytes"})
+    body = request.content.read(MAX_BODY_BYTES + 1) if request.content is not None else b""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(413, {"error": "too large", "message": f"at most {MAX_BODY_BYTES} bytes"})
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, {"error": "invalid JSON", "message": str(e)}) from None

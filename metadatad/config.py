@@ -1,0 +1,284 @@
+# -*- test-case-name: tests.test_config -*-
+"""The INI configuration file, parsed into frozen attrs objects.
+
+Every section and key the daemon understands is declared once in ``_SCHEMA``; the
+documented example ``conf/metadatad.conf`` lists the same keys with their defaults.
+Anything the schema does not know, and every value that does not parse, is a
+:class:`ConfigError` whose message is one line naming the file, section and key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import json
+import math
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``str()`` is one line for the operator."""
+
+
+class _BadValue(ValueError):
+    """Raised by value parsers; turned into a :class:`ConfigError` with the location."""
+
+
+# --- value parsers: each takes the raw string and returns the typed value -----------
+
+
+def _string(raw: str) -> str:
+    return raw.strip()
+
+
+def _nonempty_string(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise _BadValue("must not be empty")
+    return value
+
+
+def _number(minimum: float, maximum: float | None = None) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _BadValue(f"expected a number, got {raw.strip()!r}") from None
+        if math.isnan(value) or value < minimum or (maximum is not None and value > maximum):
+            upper = "" if maximum is None else f" and <= {maximum:g}"
+            raise _BadValue(f"expected a number >= {minimum:g}{upper}, got {raw.strip()!r}")
+        return value
+
+    return parse
+
+
+def _integer(minimum: int, maximum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise _BadValue(f"expected an integer, got {raw.strip()!r}") from None
+        if not minimum <= value <= maximum:
+            raise _BadValue(f"expected an integer from {minimum} to {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise _BadValue(f"expected true or false, got {raw.strip()!r}")
+
+
+def _endpoint(raw: str) -> str:
+    """A Twisted server endpoint string; checked by parsing it against a fake reactor."""
+    value = raw.strip()
+    if not value:
+        raise _BadValue("expected a Twisted endpoint string such as tcp:8775:interface=127.0.0.1")
+    if value.startswith("systemd:"):
+        # Systemd endpoints resolve inherited descriptors when built, which only works
+        # under systemd; check the syntax that can be checked here.
+        if "domain=" not in value or ("index=" not in value and "name=" not in value):
+            raise _BadValue(f"bad systemd endpoint {value!r}: needs domain= and index= or name=")
+        return value
+    try:
+        serverFromString(MemoryReactor(), value)
+    except (ValueError, TypeError, KeyError) as e:
+        raise _BadValue(f"bad endpoint string {value!r}: {e}") from None
+    return value
+
+
+def _optional_endpoint(raw: str) -> str:
+    return _endpoint(raw) if raw.strip() else ""
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in raw.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise _BadValue(f"not an IP address or network: {item!r}") from None
+    return tuple(networks)
+
+
+def _database_url(raw: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    value = raw.strip()
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise _BadValue(f"not a database URL: {value!r}") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql", "mysql", "mariadb"):
+        raise _BadValue(
+            f"unsupported database {url.get_backend_name()!r}: use sqlite, "
+            "postgresql+psycopg or mysql+pymysql"
+        )
+    return value
+
+
+def _json_object_file(raw: str) -> str:
+    return raw.strip()
+
+
+# --- the configuration objects -------------------------------------------------------
+
+
+@attrs.frozen
+class DatabaseConfig:
+    """``[database]``: where the shared store lives."""
+
+    url: str = "sqlite:///var/metadatad.sqlite"
+    pool_size: int = 5
+
+
+@attrs.frozen
+class MetadataConfig:
+    """``[metadata]``: the site booting machines talk to."""
+
+    listen: str = "tcp:8775"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_shared_secret: str = attrs.field(default="", repr=False)
+    cache_ttl: float = 15.0
+    region: str = ""
+    access_log: bool = False
+
+
+@attrs.frozen
+class AdminConfig:
+    """``[admin]``: the operators' API."""
+
+    listen: str = "tcp:8776:interface=127.0.0.1"
+    token_file: str = "/etc/metadatad/admin-token"
+
+
+@attrs.frozen
+class ConductorConfig:
+    """``[conductor]``: who this daemon is in the cluster."""
+
+    hostname: str = attrs.field(factory=socket.gethostname)
+
+
+@attrs.frozen
+class VendordataConfig:
+    """``[vendordata]``: extra configuration handed to every machine."""
+
+    static_file: str = ""
+    static: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration of one daemon."""
+
+    path: str = "<defaults>"
+    database: DatabaseConfig = DatabaseConfig()
+    metadata: MetadataConfig = MetadataConfig()
+    admin: AdminConfig = AdminConfig()
+    conductor: ConductorConfig = attrs.field(factory=ConductorConfig)
+    vendordata: VendordataConfig = VendordataConfig()
+
+
+_SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
+    "database": (DatabaseConfig, {"url": _database_url, "pool_size": _integer(1, 64)}),
+    "metadata": (
+        MetadataConfig,
+        {
+            "listen": _endpoint,
+            "trusted_proxies": _networks,
+            "proxy_shared_secret": _string,
+            "cache_ttl": _number(0, 86400),
+            "region": _string,
+            "access_log": _boolean,
+        },
+    ),
+    "admin": (AdminConfig, {"listen": _optional_endpoint, "token_file": _string}),
+    "conductor": (ConductorConfig, {"hostname": _nonempty_string}),
+    "vendordata": (VendordataConfig, {"static_file": _json_object_file}),
+}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check the configuration file at ``path``."""
+    path = str(path)
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section="\0no default section", strict=True
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the configuration file is not UTF-8 text") from None
+    except configparser.Error as e:
+        message = " ".join(str(e).split())
+        raise ConfigError(f"{path}: {message}") from None
+    return parse_config(path, {s: dict(parser.items(s)) for s in parser.sections()})
+
+
+def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config:
+    """Build a :class:`Config` from raw strings, as read from ``path``."""
+    built: dict[str, Any] = {}
+    for section, keys in sections.items():
+        if section not in _SCHEMA:
+            known = ", ".join(f"[{s}]" for s in _SCHEMA)
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
+        cls, parsers = _SCHEMA[section]
+        values: dict[str, Any] = {}
+        for key, raw in keys.items():
+            if key not in parsers:
+                raise ConfigError(
+                    f"{path}: [{section}] {key}: unknown key (known: {', '.join(parsers)})"
+                )
+            try:
+                values[key] = parsers[key](raw)
+            except _BadValue as e:
+                raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
+        if section == "vendordata" and values.get("static_file"):
+            values["static"] = _load_static_vendordata(path, values["static_file"])
+        built[section] = cls(**values)
+    return Config(path=path, **built)
+
+
+def _load_static_vendordata(path: str, filename: str) -> Mapping[str, Any]:
+    where = f"{path}: [vendordata] static_file"
+    try:
+        with open(filename, encoding="utf-8") as f:
+            document = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {filename}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: {filename} is not valid JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{where}: {filename} must hold a JSON object")
+    return document
+
+
+def read_admin_token(config: Config) -> str:
+    """Read the admin bearer token; it must be a single non-empty line."""
+    filename = config.admin.token_file
+    where = f"{config.path}: [admin] token_file"
+    try:
+        with open(filename, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {filename}: {e.strerror}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"{where}: {filename} must hold one token without spaces")
+    return token

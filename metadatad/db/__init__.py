@@ -1,0 +1,1 @@
+"""The shared SQL store: tables, migrations and the :class:`~metadatad.db.store.Store`."""

@@ -1,0 +1,368 @@
+# -*- test-case-name: tests.test_store -*-
+"""All queries of the daemon, and the threadpool they run on.
+
+:class:`NodeRepository` is synchronous (the CLI uses it directly); :class:`Store` runs
+the same methods on a dedicated threadpool sized to the engine's connection pool and
+hands back Deferreds, so nothing blocks the reactor.  A guard on the engine refuses any
+connection checkout on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+import attrs
+from sqlalchemy import create_engine, delete, event, insert, select, text, update
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from metadatad.db.schema import nodes, ports
+from metadatad.nodes import Node, parse_node
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Bind-parameter lists are chunked: SQLite caps variables per statement.
+_CHUNK = 500
+
+
+class ReactorThreadError(RuntimeError):
+    """Database work was attempted on the reactor thread."""
+
+
+class ConflictError(Exception):
+    """A write that conflicts with stored state; ``field`` names what conflicts."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def as_json(self) -> dict[str, str]:
+        """The body of the 409 answer."""
+        return {"error": "conflict", "field": self.field, "message": self.message}
+
+
+@attrs.frozen
+class NodeRecord:
+    """A stored node with its bookkeeping."""
+
+    node: Node
+    revision: int
+    created_at: datetime
+    updated_at: datetime
+    has_password: bool = False
+
+    def to_document(self) -> dict[str, Any]:
+        """The node document plus read-only bookkeeping fields, for operators."""
+        document = self.node.to_document()
+        document["revision"] = self.revision
+        document["created_at"] = _isoformat(self.created_at)
+        document["updated_at"] = _isoformat(self.updated_at)
+        document["password_set"] = self.has_password
+        return document
+
+
+def _isoformat(moment: datetime) -> str:
+    return moment.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+
+
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """An engine for ``url`` tuned for a long-running daemon."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite database cannot be shared: give a file")
+        options["pool_size"] = pool_size
+        options["max_overflow"] = 0
+        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        options.update(pool_size=pool_size, max_overflow=0, pool_recycle=1800)
+        if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
+            parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    engine = create_engine(parsed, **options)
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA busy_timeout = 30000")
+    cursor.close()
+
+
+def forbid_thread(engine: Engine, thread_ident: int) -> None:
+    """Make every connection checkout on thread ``thread_ident`` raise ReactorThreadError."""
+
+    def checkout(*_args: Any) -> None:
+        if threading.get_ident() == thread_ident:
+            raise ReactorThreadError("database work on the reactor thread")
+
+    event.listen(engine, "checkout", checkout)
+
+
+def _utcnow(now: Callable[[], float]) -> datetime:
+    return datetime.fromtimestamp(now(), tz=UTC).replace(tzinfo=None, microsecond=0)
+
+
+def _chunks(items: Sequence[T]) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class NodeRepository:
+    """Synchronous queries on nodes and ports."""
+
+    def __init__(self, engine: Engine, now: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self._now = now
+
+    # --- reads -------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise unless the database answers."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def get_node(self, uuid: str) -> NodeRecord | None:
+        """The node with ``uuid``, or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(_SELECT_NODE.where(nodes.c.uuid == uuid)).first()
+        return _record(row) if row is not None else None
+
+    def node_by_ip(self, ip: str) -> NodeRecord | None:
+        """The node one of whose ports has address ``ip``, or None."""
+        query = _SELECT_NODE.join_from(nodes, ports, ports.c.node_uuid == nodes.c.uuid).where(
+            ports.c.ip == ip
+        )
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return _record(row) if row is not None else None
+
+    def list_nodes(self) -> list[NodeRecord]:
+        """Every node, by uuid."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(_SELECT_NODE.order_by(nodes.c.uuid)).all()
+        return [_record(row) for row in rows]
+
+    def get_password(self, uuid: str) -> str | None:
+        """The password the node posted, or None."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(nodes.c.password).where(nodes.c.uuid == uuid)
+            ).scalar()
+
+    # --- writes ------------------------------------------------------------------
+
+    def upsert_nodes(self, new_nodes: Sequence[Node], as_list: bool = True) -> list[bool]:
+        """Create or replace ``new_nodes`` in one transaction; True where created.
+
+        Ports (MACs, addresses) held by a node outside this import are a
+        :class:`ConflictError`, and then nothing is written.  ``as_list`` says how to
+        name fields in errors (``[2].ports[0].mac`` or ``ports[0].mac``).
+        """
+        moment = _utcnow(self._now)
+        uuids = [n.uuid for n in new_nodes]
+        try:
+            with self.engine.begin() as connection:
+                existing: dict[str, int] = {}
+                for chunk in _chunks(uuids):
+                    existing.update(
+                        connection.execute(
+                            select(nodes.c.uuid, nodes.c.revision).where(nodes.c.uuid.in_(chunk))
+                        ).all()
+                    )
+                for chunk in _chunks(uuids):
+                    connection.execute(delete(ports).where(ports.c.node_uuid.in_(chunk)))
+                self._check_ports_free(connection, new_nodes, as_list)
+                created = [n.uuid not in existing for n in new_nodes]
+                fresh = [_node_row(n, moment) for n in new_nodes if n.uuid not in existing]
+                if fresh:
+                    connection.execute(insert(nodes), fresh)
+                for node in new_nodes:
+                    if node.uuid in existing:
+                        row = _node_row(node, moment)
+                        del row["created_at"], row["password"]
+                        row["revision"] = existing[node.uuid] + 1
+                        connection.execute(update(nodes).where(nodes.c.uuid == node.uuid), row)
+                port_rows = [
+                    {"mac": p.mac, "node_uuid": n.uuid, "ip": p.ip, "pxe": p.pxe}
+                    for n in new_nodes
+                    for p in n.ports
+                ]
+                if port_rows:
+                    connection.execute(insert(ports), port_rows)
+        except IntegrityError:
+            # Another writer took a MAC or address between our check and our insert.
+            raise ConflictError(
+                "ports", "a port MAC or address was taken by a concurrent change; retry"
+            ) from None
+        return created
+
+    def _check_ports_free(
+        self, connection: Connection, new_nodes: Sequence[Node], as_list: bool
+    ) -> None:
+        wanted: dict[tuple[str, str], str] = {}
+        for index, node in enumerate(new_nodes):
+            prefix = f"[{index}]." if as_list else ""
+            for p, port in enumerate(node.ports):
+                wanted[("mac", port.mac)] = f"{prefix}ports[{p}].mac"
+                if port.ip is not None:
+                    wanted[("ip", port.ip)] = f"{prefix}ports[{p}].ip"
+        for kind, column in (("mac", ports.c.mac), ("ip", ports.c.ip)):
+            values = [value for k, value in wanted if k == kind]
+            for chunk in _chunks(values):
+                self._check_taken(connection, column, chunk, kind, wanted)
+
+    @staticmethod
+    def _check_taken(
+        connection: Connection,
+        column: Any,
+        chunk: Sequence[str],
+        kind: str,
+        wanted: dict[tuple[str, str], str],
+    ) -> None:
+        taken = connection.execute(
+            select(column, ports.c.node_uuid).where(column.in_(chunk))
+        ).first()
+        if taken is not None:
+            raise ConflictError(
+                wanted[(kind, taken[0])], f"{taken[0]} is a port of node {taken.node_uuid}"
+            )
+
+    def delete_node(self, uuid: str) -> bool:
+        """Delete a node and its ports; False if there was none."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(ports).where(ports.c.node_uuid == uuid))
+            return connection.execute(delete(nodes).where(nodes.c.uuid == uuid)).rowcount > 0
+
+    def set_password(self, uuid: str, password: str) -> bool | None:
+        """Store a password once: True if stored, False if one was set, None if no node."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(nodes)
+                .where(nodes.c.uuid == uuid, nodes.c.password.is_(None))
+                .values(password=password)
+            )
+            if result.rowcount:
+                return True
+            exists = connection.execute(select(nodes.c.uuid).where(nodes.c.uuid == uuid)).first()
+            return False if exists is not None else None
+
+
+_SELECT_NODE = select(
+    nodes.c.document,
+    nodes.c.revision,
+    nodes.c.created_at,
+    nodes.c.updated_at,
+    nodes.c.password.is_not(None).label("has_password"),
+)
+
+
+def _node_row(node: Node, moment: datetime) -> dict[str, Any]:
+    return {
+        "uuid": node.uuid,
+        "name": node.name,
+        "hostname": node.hostname,
+        "project_id": node.project_id,
+        "conductor_group": node.conductor_group,
+        "document": json.dumps(node.to_document(), sort_keys=True, separators=(",", ":")),
+        "password": None,
+        "revision": 1,
+        "created_at": moment,
+        "updated_at": moment,
+    }
+
+
+def _record(row: Any) -> NodeRecord:
+    return NodeRecord(
+        node=parse_node(json.loads(row.document)),
+        revision=row.revision,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        has_password=bool(row.has_password),
+    )
+
+
+class Store(Service):
+    """The repository's methods as Deferreds, run on a threadpool this service owns.
+
+    Added first to the daemon's MultiService, so its pool starts first and stops last.
+    """
+
+    name = "store"
+    log = Logger()
+
+    def __init__(self, repository: NodeRepository, reactor: IReactorThreads) -> None:
+        self.repository = repository
+        self._reactor = reactor
+        size = repository.engine.pool.size()  # type: ignore[attr-defined]
+        self._pool = ThreadPool(minthreads=0, maxthreads=size, name="metadatad-store")
+        self._change_listeners: list[Callable[[], None]] = []
+        forbid_thread(repository.engine, threading.get_ident())
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        # Joins the worker threads: in-flight queries finish first.
+        self._pool.stop()
+        self.repository.engine.dispose()
+
+    def _run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def add_change_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` on the reactor thread after every node write here."""
+        self._change_listeners.append(listener)
+
+    def _changed(self, result: T) -> T:
+        for listener in self._change_listeners:
+            listener()
+        return result
+
+    def ping(self) -> Deferred[None]:
+        return self._run(self.repository.ping)
+
+    def get_node(self, uuid: str) -> Deferred[NodeRecord | None]:
+        return self._run(self.repository.get_node, uuid)
+
+    def node_by_ip(self, ip: str) -> Deferred[NodeRecord | None]:
+        return self._run(self.repository.node_by_ip, ip)
+
+    def list_nodes(self) -> Deferred[list[NodeRecord]]:
+        return self._run(self.repository.list_nodes)
+
+    def get_password(self, uuid: str) -> Deferred[str | None]:
+        return self._run(self.repository.get_password, uuid)
+
+    def upsert_nodes(self, new_nodes: Sequence[Node], as_list: bool = True) -> Deferred[list[bool]]:
+        return self._run(self.repository.upsert_nodes, new_nodes, as_list).addCallback(
+            self._changed
+        )
+
+    def delete_node(self, uuid: str) -> Deferred[bool]:
+        return self._run(self.repository.delete_node, uuid).addCallback(self._changed)
+
+    def set_password(self, uuid: str, password: str) -> Deferred[bool | None]:
+        return self._run(self.repository.set_password, uuid, password).addCallback(
+            self._changed
+        )

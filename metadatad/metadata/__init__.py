@@ -1,0 +1,1 @@
+"""The metadata site booting machines read: pure renderers and the Klein glue."""

@@ -1,0 +1,223 @@
+# -*- test-case-name: tests.test_metadata_site -*-
+"""The metadata site: Klein glue around identity, the node cache and the renderers.
+
+One catch-all route normalises the path the way Nova does (a trailing slash never
+matters, no redirects) and dispatches to the EC2 or OpenStack renderer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+
+from metadatad.db.store import NodeRecord, Store
+from metadatad.httputil import handle_failure
+from metadatad.identity import Caller, Identifier, IdentityError
+from metadatad.metadata import ec2, openstack
+from metadatad.metadata.cache import CacheEntry, NodeCache
+from metadatad.metadata.reply import (
+    BINARY,
+    JSON,
+    NOT_FOUND,
+    Reply,
+    error,
+    json_reply,
+    split_path,
+    text,
+)
+
+_READ_METHODS = (b"GET", b"HEAD")
+_ALLOWED = "GET, HEAD, POST"
+
+
+class MetadataSite:
+    """What booting machines talk to.  Collaborators are passed in, for tests."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        cache: NodeCache,
+        store: Store,
+        identifier: Identifier,
+        *,
+        static_vendordata: Mapping[str, Any] | None = None,
+        region: str = "",
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._cache = cache
+        self._store = store
+        self._identifier = identifier
+        self._static_vendordata = dict(static_vendordata or {})
+        self._region = region
+        self._random_bytes = random_bytes
+        self._vendor_data = json_reply(self._static_vendordata)
+        self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
+
+    def resource(self) -> Any:
+        """The twisted.web resource of this site."""
+        return self.app.resource()
+
+    @app.route("/", branch=True, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+    def handle(self, request: Request) -> Any:
+        """Every request of the site."""
+        parts = split_path(request.path)
+        method = request.method
+        if method not in _READ_METHODS and not _is_password(parts):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return self._write(request, error(405, "Method Not Allowed"))
+        if not parts:
+            return self._write(request, ec2.versions_listing())
+        if parts == ["openstack"]:
+            return self._write(request, openstack.versions_listing())
+        try:
+            caller = self._identifier.identify(_peer(request), _header_getter(request))
+        except IdentityError as e:
+            self.log.info(
+                "refused metadata request from {peer}: {reason}", peer=_peer(request), reason=e
+            )
+            return self._write(request, error(e.status, e.message))
+        found = self._lookup(caller)
+        if isinstance(found, Deferred):
+            return found.addCallback(self._answer, request, caller, parts)
+        return self._answer(found, request, caller, parts)
+
+    def _lookup(self, caller: Caller) -> CacheEntry | Deferred[CacheEntry]:
+        if caller.instance_id is not None:
+            return self._cache.by_uuid(caller.instance_id)
+        assert caller.ip is not None
+        return self._cache.by_ip(caller.ip)
+
+    def _answer(
+        self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]
+    ) -> Any:
+        record = entry.record
+        if record is None or (
+            caller.tenant_id is not None and record.node.project_id != caller.tenant_id
+        ):
+            return self._write(request, error(404, "Not Found: no node for this caller"))
+        if parts[0] == "openstack":
+            return self._openstack(entry, record, request, parts[1:])
+        if parts[0] == "ec2":
+            parts = parts[1:]
+        if not parts:
+            return self._write(request, ec2.versions_listing())
+        if not ec2.is_version(parts[0]):
+            return self._write(request, NOT_FOUND)
+        key = ("ec2", *parts)
+        reply = entry.memo.get(key)
+        if reply is None:
+            reply = ec2.render(
+                record.node,
+                parts[0],
+                parts[1:],
+                region=self._region,
+                pending_time=record.created_at,
+            )
+            if reply.status == 200:
+                entry.memo[key] = reply
+        return self._write(request, reply)
+
+    def _openstack(
+        self, entry: CacheEntry, record: NodeRecord, request: Request, parts: list[str]
+    ) -> Any:
+        version = parts[0]
+        if not openstack.is_version(version) or len(parts) > 2:
+            return self._write(request, NOT_FOUND)
+        node = record.node
+        names = openstack.files(node, version)
+        if len(parts) == 1:
+            return self._write(request, text("\n".join(names)))
+        name = parts[1]
+        if name not in names:
+            return self._write(request, NOT_FOUND)
+        if name == "password":
+            return self._password(request, record)
+        if name == "meta_data.json":
+            # random_seed is fresh on every read, as Nova does: not memoised.
+            document = openstack.meta_data(node, version, self._random_bytes(512))
+            return self._write(request, json_reply(document))
+        key = ("openstack", version, name)
+        reply = entry.memo.get(key)
+        if reply is None:
+            reply = self._openstack_file(node, name)
+            entry.memo[key] = reply
+        return self._write(request, reply)
+
+    def _openstack_file(self, node: Any, name: str) -> Reply:
+        if name == "user_data":
+            return Reply(200, node.user_data, BINARY)
+        if name == "vendor_data.json":
+            return self._vendor_data
+        if name == "vendor_data2.json":
+            return self._vendor_data2
+        assert name == "network_data.json"
+        return Reply(200, json.dumps(openstack.network_data(node)).encode("utf-8"), JSON)
+
+    def _password(self, request: Request, record: NodeRecord) -> Any:
+        uuid = record.node.uuid
+        if request.method in _READ_METHODS:
+            d = self._store.get_password(uuid)
+            return d.addCallback(lambda password: self._write(request, text(password or "")))
+        body = request.content.read(openstack.PASSWORD_MAX_BYTES + 1) if request.content else b""
+        if len(body) > openstack.PASSWORD_MAX_BYTES:
+            return self._write(
+                request, error(400, f"Password too long (at most {openstack.PASSWORD_MAX_BYTES})")
+            )
+        try:
+            password = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._write(request, error(400, "Password must be UTF-8 text"))
+
+        def stored(result: bool | None) -> Any:
+            if result is None:
+                return self._write(request, NOT_FOUND)
+            if not result:
+                return self._write(request, error(409, "Password already set"))
+            self.log.info("node {uuid} posted its password", uuid=uuid)
+            return self._write(request, text(""))
+
+        return self._store.set_password(uuid, password).addCallback(stored)
+
+    @app.handle_errors(Exception)
+    def failed(self, request: Request, failure: Failure) -> bytes:
+        """Routing errors keep their status; anything else is a bug: logged, a short 500."""
+        return handle_failure(request, failure, self.log)
+
+    @staticmethod
+    def _write(request: IRequest, reply: Reply) -> bytes:
+        request.setResponseCode(reply.status)
+        request.setHeader(b"Content-Type", reply.content_type.encode("ascii"))
+        # An explicit length spares clients chunked decoding.
+        request.setHeader(b"Content-Length", b"%d" % len(reply.body))
+        for name, value in reply.headers:
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        return reply.body
+
+
+def _is_password(parts: list[str]) -> bool:
+    return len(parts) == 3 and parts[0] == "openstack" and parts[2] == "password"
+
+
+def _peer(request: Request) -> str:
+    return str(getattr(request.getClientAddress(), "host", "") or "")
+
+
+def _header_getter(request: Request) -> Callable[[str], list[str] | None]:
+    headers = request.requestHeaders
+
+    def get(name: str) -> list[str] | None:
+        values = headers.getRawHeaders(name)
+        return [v.decode("latin-1") if isinstance(v, bytes) else v for v in values] if values else None
+
+    return get
