@@ -16,11 +16,10 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from metadatad.admin.site import strip_read_only
 from metadatad.config import Config, ConfigError, load_config
 from metadatad.db.migrate import SchemaError, check_schema, upgrade
 from metadatad.db.store import ConflictError, NodeRepository, make_engine
-from metadatad.nodes import NodeValidationError, parse_node, parse_nodes
+from metadatad.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
 
 
 class CommandError(Exception):
@@ -60,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, stdout: TextIO = sys.stdout,
-         stderr: TextIO = sys.stderr, stdin: TextIO = sys.stdin) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    stdout: TextIO = sys.stdout,
+    stderr: TextIO = sys.stderr,
+    stdin: TextIO = sys.stdin,
+) -> int:
     """Run one command; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
@@ -96,14 +99,19 @@ def _run(args: argparse.Namespace, config: Config, stdout: TextIO, stdin: TextIO
             return 0
         rows = [("UUID", "NAME", "HOSTNAME", "PROJECT", "ADDRESSES")]
         rows += [
-            (r.node.uuid, r.node.name, r.node.hostname, r.node.project_id or "-",
-             ",".join(r.node.ips) or "-")
+            (
+                r.node.uuid,
+                r.node.name,
+                r.node.hostname,
+                r.node.project_id or "-",
+                ",".join(r.node.ips) or "-",
+            )
             for r in records
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for row in rows:
-            cells = [cell.ljust(width) for cell, width in zip(row, widths)]
-            print("  ".join(cells + [row[4]]), file=stdout)
+            cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
+            print("  ".join([*cells, row[4]]), file=stdout)
         return 0
     uuid = _uuid_argument(args.uuid)
     if args.action == "show":

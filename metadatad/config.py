@@ -13,6 +13,7 @@ import configparser
 import ipaddress
 import json
 import math
+import re
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -96,9 +97,28 @@ def _endpoint(raw: str) -> str:
         return value
     try:
         serverFromString(MemoryReactor(), value)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # a missing certificate file, an unknown type, bad syntax...
         raise _BadValue(f"bad endpoint string {value!r}: {e}") from None
+    port = _endpoint_port(value)
+    if port is not None and not 0 <= port <= 65535:
+        raise _BadValue(f"bad endpoint string {value!r}: port {port} is not 0..65535")
     return value
+
+
+def _endpoint_port(description: str) -> int | None:
+    """The port of a tcp, tcp6 or ssl endpoint string, if it names one."""
+    # Colons escaped with a backslash belong to values (IPv6 interfaces).
+    fields = re.split(r"(?<!\\):", description)
+    if fields[0] not in ("tcp", "tcp6", "ssl") or len(fields) < 2:
+        return None
+    for field in fields[1:]:
+        if "=" in field and not field.startswith("port="):
+            continue
+        try:
+            return int(field.removeprefix("port="))
+        except ValueError:
+            return None
+    return None
 
 
 def _optional_endpoint(raw: str) -> str:
@@ -123,12 +143,22 @@ def _database_url(raw: str) -> str:
     try:
         url = make_url(value)
     except ArgumentError:
-        raise _BadValue(f"not a database URL: {value!r}") from None
+        raise _BadValue("not a database URL") from None
+    shown = url.render_as_string(hide_password=True)
     if url.get_backend_name() not in ("sqlite", "postgresql", "mysql", "mariadb"):
         raise _BadValue(
             f"unsupported database {url.get_backend_name()!r}: use sqlite, "
             "postgresql+psycopg or mysql+pymysql"
         )
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise _BadValue(f"{shown}: an in-memory SQLite database cannot be shared; name a file")
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError as e:
+        raise _BadValue(
+            f"{shown}: the database driver is not installed ({e.name or e}); "
+            "use postgresql+psycopg or mysql+pymysql"
+        ) from None
     return value
 
 
@@ -226,6 +256,19 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the configuration file is not UTF-8 text") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(
+            f"{path}: [{e.section}] {e.option}: set twice (line {e.lineno})"
+        ) from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(
+            f"{path}: [{e.section}]: section appears twice (line {e.lineno})"
+        ) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: a key before any [section]") from None
+    except configparser.ParsingError as e:
+        lines = ", ".join(str(lineno) for lineno, _ in e.errors)
+        raise ConfigError(f"{path}: line {lines}: not 'key = value' nor a [section]") from None
     except configparser.Error as e:
         message = " ".join(str(e).split())
         raise ConfigError(f"{path}: {message}") from None
@@ -245,6 +288,12 @@ def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config
             if key not in parsers:
                 raise ConfigError(
                     f"{path}: [{section}] {key}: unknown key (known: {', '.join(parsers)})"
+                )
+            if "\n" in raw:
+                # configparser joins indented lines to the value above; never intended here.
+                raise ConfigError(
+                    f"{path}: [{section}] {key}: the value continues on an indented line; "
+                    "every value is one line"
                 )
             try:
                 values[key] = parsers[key](raw)
@@ -279,6 +328,8 @@ def read_admin_token(config: Config) -> str:
             token = f.read().strip()
     except OSError as e:
         raise ConfigError(f"{where}: cannot read {filename}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {filename} is not UTF-8 text") from None
     if not token or any(c.isspace() for c in token):
         raise ConfigError(f"{where}: {filename} must hold one token without spaces")
     return token

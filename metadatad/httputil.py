@@ -21,7 +21,11 @@ def handle_failure(request: Request, failure: Failure, log: Logger) -> bytes:
             if name.lower() == "allow":
                 request.setHeader(b"Allow", value.encode("ascii"))
         return f"{exception.name}\n".encode()
-    log.failure("unhandled error answering {method} {path}", failure,
-                method=request.method, path=request.path)
+    log.failure(
+        "unhandled error answering {method} {path}",
+        failure,
+        method=request.method,
+        path=request.path,
+    )
     request.setResponseCode(500)
     return b"Internal Server Error\n"

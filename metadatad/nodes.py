@@ -27,7 +27,7 @@ class NodeValidationError(ValueError):
     """A node document that cannot be stored; ``field`` names the offending field."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
 
@@ -206,7 +206,9 @@ def _boolean(field: str, value: Any) -> bool:
     return value
 
 
-def _string_map(max_items: int, key_length: int, value_length: int):  # type: ignore[no-untyped-def]
+def _string_map(
+    max_items: int, key_length: int, value_length: int
+) -> Callable[[str, Any], dict[str, str]]:
     def check(field: str, value: Any) -> dict[str, str]:
         if not isinstance(value, dict):
             raise _fail(field, f"must be an object, not {_type_name(value)}")
@@ -410,14 +412,25 @@ def parse_node(document: Any, field: str = "") -> Node:
     if not fields["reservation_id"]:
         fields["reservation_id"] = "r-" + node_uuid.replace("-", "")[:8]
     root = fields.get("root_device_name", "/dev/sda")
-    fields.setdefault(
-        "block_device_mapping", {"ami": root.rsplit("/", 1)[-1], "root": root}
-    )
+    fields.setdefault("block_device_mapping", {"ami": root.rsplit("/", 1)[-1], "root": root})
     fields.setdefault("boot", {})
     boot = {"arch": "x86_64", "firmware": "uefi"}
     boot.update(fields["boot"])
     fields["boot"] = boot
     return Node(**fields)
+
+
+# Bookkeeping fields the API and CLI show; an operator may feed them back, they are ignored.
+READ_ONLY_FIELDS = ("revision", "created_at", "updated_at", "password_set")
+
+
+def strip_read_only(document: Any) -> Any:
+    """Drop the bookkeeping fields ``show`` adds, from one document or a list of them."""
+    if isinstance(document, list):
+        return [strip_read_only(item) for item in document]
+    if isinstance(document, dict):
+        return {k: v for k, v in document.items() if k not in READ_ONLY_FIELDS}
+    return document
 
 
 def parse_nodes(document: Any) -> list[Node]:

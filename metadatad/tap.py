@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
@@ -55,20 +56,23 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     config: Config = options["configuration"]
-    engine = make_engine(config.database.url, config.database.pool_size)
     try:
-        check_schema(engine)
         admin_token = read_admin_token(config) if config.admin.listen else ""
+        engine = make_engine(config.database.url, config.database.pool_size)
+        check_schema(engine)
     except (SchemaError, ConfigError) as e:
         raise SystemExit(f"metadatad: {e}") from None
+    except SQLAlchemyError as e:
+        reason = " ".join(str(getattr(e, "orig", None) or e).split())
+        raise SystemExit(
+            f"metadatad: {config.path}: [database] url: cannot use the database: {reason}"
+        ) from None
 
     root = MultiService()
     store = Store(NodeRepository(engine), reactor)
     store.setServiceParent(root)
 
-    cache = NodeCache(
-        store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl
-    )
+    cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
     metadata_site = MetadataSite(
         cache,
@@ -77,12 +81,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         static_vendordata=config.vendordata.static,
         region=config.metadata.region,
     )
-    _listen(root, "metadata-http", reactor, config.metadata.listen,
-            make_site(metadata_site.resource(), config.metadata.access_log))
+    _listen(
+        root,
+        "metadata-http",
+        reactor,
+        config.metadata.listen,
+        make_site(metadata_site.resource(), config.metadata.access_log),
+    )
     if config.admin.listen:
         admin_site = AdminSite(store, admin_token)
-        _listen(root, "admin-http", reactor, config.admin.listen,
-                make_site(admin_site.resource(), config.metadata.access_log))
+        _listen(
+            root,
+            "admin-http",
+            reactor,
+            config.admin.listen,
+            make_site(admin_site.resource(), config.metadata.access_log),
+        )
     return root
 
 

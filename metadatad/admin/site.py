@@ -16,11 +16,9 @@ from twisted.web.server import Request
 
 from metadatad.db.store import ConflictError, NodeRecord, Store
 from metadatad.httputil import handle_failure
-from metadatad.nodes import NodeValidationError, parse_node, parse_nodes
+from metadatad.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
-# Bookkeeping fields an operator may round-trip from GET into PUT; they are ignored.
-READ_ONLY_FIELDS = ("revision", "created_at", "updated_at", "password_set")
 
 
 class BadRequest(Exception):
@@ -30,15 +28,6 @@ class BadRequest(Exception):
         super().__init__(body.get("message", ""))
         self.status = status
         self.body = body
-
-
-def strip_read_only(document: Any) -> Any:
-    """Drop the bookkeeping fields GET adds, from one document or a list of them."""
-    if isinstance(document, list):
-        return [strip_read_only(item) for item in document]
-    if isinstance(document, dict):
-        return {k: v for k, v in document.items() if k not in READ_ONLY_FIELDS}
-    return document
 
 
 class AdminSite:
@@ -63,13 +52,13 @@ class AdminSite:
         # compare_digest on bytes of any length: no early exit that leaks the token.
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
 
-    def _guarded(
-        self, request: Request, handler: Callable[[], Any]
-    ) -> Any:
+    def _guarded(self, request: Request, handler: Callable[[], Any]) -> Any:
         request.setHeader(b"Content-Type", b"application/json")
         if not self._authorised(request):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="metadatad"')
-            return _json(request, 401, {"error": "unauthorized", "message": "bearer token required"})
+            return _json(
+                request, 401, {"error": "unauthorized", "message": "bearer token required"}
+            )
         try:
             result = handler()
         except BadRequest as e:
@@ -80,9 +69,11 @@ class AdminSite:
 
     def _refused(self, failure: Failure, request: Request) -> bytes:
         failure.trap(BadRequest, ConflictError)
-        if failure.check(ConflictError):
-            return _json(request, 409, failure.value.as_json())
-        return _json(request, failure.value.status, failure.value.body)
+        refusal = failure.value
+        if isinstance(refusal, ConflictError):
+            return _json(request, 409, refusal.as_json())
+        assert isinstance(refusal, BadRequest)
+        return _json(request, refusal.status, refusal.body)
 
     @app.handle_errors(Exception)
     def failed(self, request: Request, failure: Failure) -> bytes:
@@ -100,7 +91,7 @@ class AdminSite:
             return _json(request, 200, {"status": "ok", "database": "ok"})
 
         def down(failure: Failure) -> bytes:
-            self.log.warning("health check: database unreachable: {error}", error=failure.value)
+            self.log.warn("health check: database unreachable: {error}", error=failure.value)
             return _json(request, 503, {"status": "unhealthy", "database": "unreachable"})
 
         return self._store.ping().addCallbacks(ok, down)
@@ -133,14 +124,10 @@ class AdminSite:
 
             def done(created: list[bool]) -> bytes:
                 self.log.info("imported {count} nodes", count=len(new_nodes))
-                return _json(
-                    request,
-                    200,
-                    {
-                        "created": [n.uuid for n, c in zip(new_nodes, created) if c],
-                        "updated": [n.uuid for n, c in zip(new_nodes, created) if not c],
-                    },
-                )
+                outcome: dict[str, list[str]] = {"created": [], "updated": []}
+                for node, was_created in zip(new_nodes, created, strict=True):
+                    outcome["created" if was_created else "updated"].append(node.uuid)
+                return _json(request, 200, outcome)
 
             return self._store.upsert_nodes(new_nodes, as_list).addCallback(done)
 

@@ -45,6 +45,12 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def check_schema(engine: Engine) -> None:
     """Raise :class:`SchemaError` unless the database is at the head revision."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database and not os.path.exists(url.database):
+        raise SchemaError(
+            f"the database file {url.database} does not exist: "
+            "run 'metadatad-manage --config CONF db upgrade'"
+        )
     current = current_revision(engine)
     head = head_revision()
     if current != head:

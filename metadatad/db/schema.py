@@ -11,6 +11,10 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.dialects import mysql
+
+# MySQL's TEXT holds 64 KiB: a node document with its user-data needs more.
+LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
 metadata = MetaData(
     naming_convention={
@@ -30,7 +34,7 @@ nodes = Table(
     Column("project_id", String(255), nullable=False, index=True),
     Column("conductor_group", String(255), nullable=False),
     # The canonical node document (JSON text); the columns above are for queries.
-    Column("document", Text, nullable=False),
+    Column("document", LONG_TEXT, nullable=False),
     Column("password", Text, nullable=True),
     Column("revision", Integer, nullable=False),
     Column("created_at", DateTime, nullable=False),

@@ -164,9 +164,7 @@ class NodeRepository:
     def get_password(self, uuid: str) -> str | None:
         """The password the node posted, or None."""
         with self.engine.connect() as connection:
-            return connection.execute(
-                select(nodes.c.password).where(nodes.c.uuid == uuid)
-            ).scalar()
+            return connection.execute(select(nodes.c.password).where(nodes.c.uuid == uuid)).scalar()
 
     # --- writes ------------------------------------------------------------------
 
@@ -363,6 +361,4 @@ class Store(Service):
         return self._run(self.repository.delete_node, uuid).addCallback(self._changed)
 
     def set_password(self, uuid: str, password: str) -> Deferred[bool | None]:
-        return self._run(self.repository.set_password, uuid, password).addCallback(
-            self._changed
-        )
+        return self._run(self.repository.set_password, uuid, password).addCallback(self._changed)

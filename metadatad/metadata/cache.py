@@ -11,16 +11,21 @@ unknown address does not become a flood of queries.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from metadatad.db.store import NodeRecord
 
 NEGATIVE_TTL = 1.0
+
+
+class Clock(Protocol):
+    """The part of IReactorTime the cache uses."""
+
+    def seconds(self) -> float: ...
 
 
 class CacheEntry:
@@ -44,7 +49,7 @@ class NodeCache:
         self,
         by_ip: Callable[[str], Deferred[NodeRecord | None]],
         by_uuid: Callable[[str], Deferred[NodeRecord | None]],
-        clock: IReactorTime,
+        clock: Clock,
         ttl: float,
         max_entries: int = 100_000,
     ) -> None:

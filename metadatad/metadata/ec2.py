@@ -41,7 +41,7 @@ Tree = dict[str, Union["Tree", str, bytes]]
 
 def versions_listing() -> Reply:
     """``GET /``: every version, newest last, then ``latest``."""
-    return text("\n".join(VERSIONS + ("latest",)))
+    return text("\n".join((*VERSIONS, "latest")))
 
 
 def is_version(name: str) -> bool:
@@ -152,9 +152,7 @@ def render(
             return text("document")
         if rest[1] != "document":
             return NOT_FOUND
-        document = identity_document(
-            node, region_of(node.availability_zone, region), pending_time
-        )
+        document = identity_document(node, region_of(node.availability_zone, region), pending_time)
         return Reply(200, json.dumps(document, indent=2).encode("utf-8"), JSON)
     return NOT_FOUND
 

@@ -11,7 +11,7 @@ import base64
 from collections.abc import Mapping
 from typing import Any
 
-from metadatad.metadata.reply import text
+from metadatad.metadata.reply import Reply, text
 from metadatad.nodes import Node
 
 VERSIONS = (
@@ -50,9 +50,9 @@ def since(version: str, first: str) -> bool:
     return _ORDER[version] >= _ORDER[first]
 
 
-def versions_listing():  # type: ignore[no-untyped-def]
+def versions_listing() -> Reply:
     """``GET /openstack``: the dates, then ``latest``."""
-    return text("\n".join(VERSIONS + ("latest",)))
+    return text("\n".join((*VERSIONS, "latest")))
 
 
 def files(node: Node, version: str) -> list[str]:
@@ -107,9 +107,7 @@ def network_data(node: Node) -> Mapping[str, Any]:
     networks = []
     for index, port in enumerate(node.ports):
         link = f"port{index}"
-        links.append(
-            {"id": link, "type": "phy", "ethernet_mac_address": port.mac, "mtu": None}
-        )
+        links.append({"id": link, "type": "phy", "ethernet_mac_address": port.mac, "mtu": None})
         networks.append(
             {"id": f"network{index}", "type": "ipv4_dhcp", "link": link, "network_id": link}
         )

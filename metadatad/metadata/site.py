@@ -12,11 +12,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from metadatad.db.store import NodeRecord, Store
@@ -36,7 +36,7 @@ from metadatad.metadata.reply import (
 )
 
 _READ_METHODS = (b"GET", b"HEAD")
-_ALLOWED = "GET, HEAD, POST"
+_ALLOWED = b"GET, HEAD, POST"
 
 
 class MetadataSite:
@@ -73,8 +73,8 @@ class MetadataSite:
         """Every request of the site."""
         parts = split_path(request.path)
         method = request.method
-        if method not in _READ_METHODS and not _is_password(parts):
-            request.setHeader(b"Allow", b"GET, HEAD")
+        if method not in _READ_METHODS and not (method == b"POST" and _is_password(parts)):
+            request.setHeader(b"Allow", _ALLOWED if _is_password(parts) else b"GET, HEAD")
             return self._write(request, error(405, "Method Not Allowed"))
         if not parts:
             return self._write(request, ec2.versions_listing())
@@ -89,8 +89,19 @@ class MetadataSite:
             return self._write(request, error(e.status, e.message))
         found = self._lookup(caller)
         if isinstance(found, Deferred):
-            return found.addCallback(self._answer, request, caller, parts)
+            return found.addCallbacks(
+                self._answer,
+                self._store_failed,
+                callbackArgs=(request, caller, parts),
+                errbackArgs=(request,),
+            )
         return self._answer(found, request, caller, parts)
+
+    def _store_failed(self, failure: Failure, request: Request) -> bytes:
+        # The database is down or slow: the caller may retry; it is not our bug.
+        self.log.warn("store query failed: {error}", error=failure.getErrorMessage())
+        reply = error(503, "Service Unavailable: the store did not answer, retry")
+        return self._write(request, attrs.evolve(reply, headers=(("Retry-After", "1"),)))
 
     def _lookup(self, caller: Caller) -> CacheEntry | Deferred[CacheEntry]:
         if caller.instance_id is not None:
@@ -98,9 +109,7 @@ class MetadataSite:
         assert caller.ip is not None
         return self._cache.by_ip(caller.ip)
 
-    def _answer(
-        self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]
-    ) -> Any:
+    def _answer(self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]) -> Any:
         record = entry.record
         if record is None or (
             caller.tenant_id is not None and record.node.project_id != caller.tenant_id
@@ -168,7 +177,11 @@ class MetadataSite:
         uuid = record.node.uuid
         if request.method in _READ_METHODS:
             d = self._store.get_password(uuid)
-            return d.addCallback(lambda password: self._write(request, text(password or "")))
+            return d.addCallbacks(
+                lambda password: self._write(request, text(password or "")),
+                self._store_failed,
+                errbackArgs=(request,),
+            )
         body = request.content.read(openstack.PASSWORD_MAX_BYTES + 1) if request.content else b""
         if len(body) > openstack.PASSWORD_MAX_BYTES:
             return self._write(
@@ -187,7 +200,9 @@ class MetadataSite:
             self.log.info("node {uuid} posted its password", uuid=uuid)
             return self._write(request, text(""))
 
-        return self._store.set_password(uuid, password).addCallback(stored)
+        return self._store.set_password(uuid, password).addCallbacks(
+            stored, self._store_failed, errbackArgs=(request,)
+        )
 
     @app.handle_errors(Exception)
     def failed(self, request: Request, failure: Failure) -> bytes:
@@ -195,7 +210,7 @@ class MetadataSite:
         return handle_failure(request, failure, self.log)
 
     @staticmethod
-    def _write(request: IRequest, reply: Reply) -> bytes:
+    def _write(request: Request, reply: Reply) -> bytes:
         request.setResponseCode(reply.status)
         request.setHeader(b"Content-Type", reply.content_type.encode("ascii"))
         # An explicit length spares clients chunked decoding.
@@ -218,6 +233,8 @@ def _header_getter(request: Request) -> Callable[[str], list[str] | None]:
 
     def get(name: str) -> list[str] | None:
         values = headers.getRawHeaders(name)
-        return [v.decode("latin-1") if isinstance(v, bytes) else v for v in values] if values else None
+        return (
+            [v.decode("latin-1") if isinstance(v, bytes) else v for v in values] if values else None
+        )
 
     return get

@@ -7,6 +7,7 @@ Create Date: 2026-11-22
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision = "0001"
 down_revision = None
@@ -22,7 +23,12 @@ def upgrade() -> None:
         sa.Column("hostname", sa.String(255), nullable=False),
         sa.Column("project_id", sa.String(255), nullable=False),
         sa.Column("conductor_group", sa.String(255), nullable=False),
-        sa.Column("document", sa.Text(), nullable=False),
+        # LONGTEXT on MySQL: its TEXT holds 64 KiB, less than a node with user-data.
+        sa.Column(
+            "document",
+            sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb"),
+            nullable=False,
+        ),
         sa.Column("password", sa.Text(), nullable=True),
         sa.Column("revision", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),

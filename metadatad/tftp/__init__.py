@@ -1,0 +1,1 @@
+"""TFTP for PXE: sans-IO protocol (``protocol``), path safety (``paths``)."""
