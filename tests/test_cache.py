@@ -67,17 +67,21 @@ def test_local_write_invalidates() -> None:
     assert resolve(cache.by_ip("10.0.0.7")).record.node.uuid == make_node(5).uuid
 
 
-def test_concurrent_misses_share_one_query() -> None:
-    """Many lookups while a query is in flight wait for that one query."""
-    clock = Clock()
+def cache_with_pending_queries() -> tuple[NodeCache, list[Deferred[Any]]]:
+    """A cache whose queries wait until the test fires them."""
     pending: list[Deferred[Any]] = []
 
-    def slow(ip: str) -> Deferred[Any]:
+    def slow(key: str) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         pending.append(d)
         return d
 
-    cache = NodeCache(slow, slow, clock, 10)
+    return NodeCache(slow, slow, Clock(), 10), pending
+
+
+def test_concurrent_misses_share_one_query() -> None:
+    """Many lookups while a query is in flight wait for that one query."""
+    cache, pending = cache_with_pending_queries()
     waiting = [cache.by_ip("10.0.0.2") for _ in range(100)]
     assert len(pending) == 1
     assert all(isinstance(d, Deferred) for d in waiting)
@@ -88,15 +92,7 @@ def test_concurrent_misses_share_one_query() -> None:
 
 def test_invalidation_during_a_query_is_not_undone() -> None:
     """A result that left before an invalidation is handed out but not cached."""
-    clock = Clock()
-    pending: list[Deferred[Any]] = []
-
-    def slow(ip: str) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        pending.append(d)
-        return d
-
-    cache = NodeCache(slow, slow, clock, 10)
+    cache, pending = cache_with_pending_queries()
     first = cache.by_ip("10.0.0.2")
     cache.invalidate()
     pending[0].callback(None)
