@@ -91,8 +91,18 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
         options.update(pool_size=pool_size, max_overflow=0, pool_recycle=1800)
-        if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
-            parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+        # Bounded waits: a vanished server must fail queries (and let the daemon stop),
+        # not hang a pool thread on TCP's own minutes-long timeouts.
+        if backend == "postgresql":
+            options["connect_args"] = {"connect_timeout": 10}
+        else:
+            options["connect_args"] = {
+                "connect_timeout": 10,
+                "read_timeout": 60,
+                "write_timeout": 60,
+            }
+            if "charset" not in parsed.query:
+                parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     engine = create_engine(parsed, **options)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
