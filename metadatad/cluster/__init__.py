@@ -1,0 +1,1 @@
+"""Conductor membership and the node-to-conductor consistent-hash ring."""
