@@ -1,0 +1,341 @@
+"""TFTP throughput of metadatad next to tftp-hpa's in.tftpd and fbtftp, in one run.
+
+    .venv/bin/python bench/tftp.py [--runs 3] [--size-mib 64] [--concurrent 32]
+                                   [--server-cpu 0] [--client-cpu 1]
+
+Serves one random file of --size-mib MiB from a temporary root with, each pinned to
+one core (``taskset -c 0``) on a free loopback port:
+
+* the real daemon, ``twistd -n --pidfile= metadatad`` (fresh SQLite database, TFTP on
+  127.0.0.1, default [tftp] settings otherwise: max_blksize 1468, max_windowsize 64);
+* tftp-hpa's ``in.tftpd -L -s`` (C, a forked process per transfer), and
+* fbtftp 0.5 (Python, a forked process per transfer; ``pip install fbtftp``), through
+  the minimal file server in this file (``bench/tftp.py fbtftp-peer``).
+
+The client is always atftp (the one Debian client with RFC 7440 windowsize), pinned to
+the other core, writing to a file that is compared with the source after every run.
+Rows: lock-step at blksize 512 and 1468, windowsize 16 at 1468 (metadatad only: the
+peers do not implement windowsize and would run lock-step), and --concurrent parallel
+transfers at 1468 (aggregate MiB/s).  Each figure is the median of --runs runs of wall
+time (client start to exit).  Targets, checked at the end: metadatad >= 0.9x in.tftpd
+at 1468 lock-step, ahead of fbtftp there, and windowsize 16 >= 3x its own lock-step.
+Exit status 1 if any download was not byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+MIB = 1024 * 1024
+
+
+class BenchError(Exception):
+    """The benchmark cannot run."""
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class Processes:
+    """Servers started here, each in its own session, stopped on exit."""
+
+    def __init__(self, logdir: Path) -> None:
+        self._logdir = logdir
+        self._children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self._logdir / f"{name}.log", "wb")  # closed in stop_all
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT, start_new_session=True,
+        )
+        self._children.append((name, proc, log))
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self._logdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def check_alive(self) -> None:
+        for name, proc, _ in self._children:
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-2000:]}")
+
+    def stop_all(self) -> None:
+        for _, proc, _ in self._children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc, log in self._children:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # forked transfer children
+            log.close()
+        self._children.clear()
+
+
+def atftp(port: int, name: str, out: Path, options: list[str], cpu: str) -> subprocess.Popen[bytes]:
+    argv = ["taskset", "-c", cpu, "atftp", "--tftp-timeout", "1"]
+    for option in options:
+        argv += ["--option", option]
+    argv += ["-g", "-r", name, "-l", str(out), HOST, str(port)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_until_serving(procs: Processes, port: int, tmp: Path, cpu: str) -> None:
+    """Fetch the probe file until it arrives (the servers start asynchronously)."""
+    deadline = time.monotonic() + 60
+    out = tmp / "probe.out"
+    while True:
+        procs.check_alive()
+        proc = atftp(port, "probe.txt", out, [], cpu)
+        proc.communicate(timeout=30)
+        if out.exists() and out.read_bytes() == b"probe\n":
+            out.unlink()
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"nothing served probe.txt on {HOST}:{port}")
+        time.sleep(0.2)  # poll-with-deadline on a real subprocess
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def measure(
+    port: int, options: list[str], *, parallel: int, size: int, want: str, tmp: Path, cpu: str
+) -> tuple[float, list[str]]:
+    """Aggregate MiB/s of ``parallel`` simultaneous downloads, and any problems."""
+    outs = [tmp / f"out-{i}" for i in range(parallel)]
+    for out in outs:
+        out.unlink(missing_ok=True)
+    start = time.monotonic()
+    procs = [atftp(port, "big.bin", out, options, cpu) for out in outs]
+    texts = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    elapsed = time.monotonic() - start
+    problems = []
+    for proc, out, text in zip(procs, outs, texts, strict=True):
+        if proc.returncode != 0 or not out.exists() or out.stat().st_size != size:
+            problems.append(f"atftp {options} exit {proc.returncode}: {text.strip()[-300:]}")
+        elif digest(out) != want:
+            problems.append(f"atftp {options}: downloaded bytes differ")
+        out.unlink(missing_ok=True)
+    return parallel * size / MIB / elapsed, problems
+
+
+def fbtftp_peer(port: int, root: str) -> None:
+    """A minimal fbtftp file server (the README's example shape)."""
+    from fbtftp.base_handler import BaseHandler, ResponseData
+    from fbtftp.base_server import BaseServer
+
+    class FileData(ResponseData):
+        def __init__(self, path: str) -> None:
+            self._file = open(path, "rb")
+            self._size = os.fstat(self._file.fileno()).st_size
+
+        def read(self, n: int) -> bytes:
+            return self._file.read(n)
+
+        def size(self) -> int:
+            return self._size
+
+        def close(self) -> None:
+            self._file.close()
+
+    class Handler(BaseHandler):  # type: ignore[misc]
+        def get_response_data(self) -> Any:
+            return FileData(os.path.join(root, self._path))
+
+    class Server(BaseServer):  # type: ignore[misc]
+        def get_handler(self, server_addr: Any, peer: Any, path: str, options: Any) -> Any:
+            return Handler(server_addr, peer, path, options, lambda stats: None)
+
+    Server(HOST, port, 5, 1, lambda stats: None).run()
+
+
+def write_config(tmp: Path, root: Path, tftp_port: int) -> Path:
+    http, admin = free_udp_port(), free_udp_port()
+    (tmp / "templates").mkdir()
+    token = tmp / "admin-token"
+    token.write_text("bench-" + os.urandom(16).hex() + "\n")
+    conf = tmp / "metadatad.conf"
+    conf.write_text(
+        f"[database]\nurl = sqlite:///{tmp / 'metadatad.sqlite'}\n"
+        f"[metadata]\nlisten = tcp:{http}:interface={HOST}\n"
+        f"[admin]\nlisten = tcp:{admin}:interface={HOST}\ntoken_file = {token}\n"
+        f"[tftp]\nlisten = {HOST}:{tftp_port}\nroot = {root}\ntemplates = {tmp / 'templates'}\n"
+        # Every bench client comes from 127.0.0.1: the per-source cap (16) would drop
+        # the 17th concurrent request, which the peers (no such cap) would not.
+        "max_transfers_per_source = 1000\n"
+    )
+    return conf
+
+
+def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+    for program in ("atftp", "taskset", "in.tftpd"):
+        if shutil.which(program) is None:
+            raise BenchError(f"{program} is needed (apt-get install atftp tftpd-hpa util-linux)")
+    root = tmp / "root"
+    root.mkdir()
+    size = args.size_mib * MIB
+    with open(root / "big.bin", "wb") as f:
+        for _ in range(args.size_mib):
+            f.write(os.urandom(MIB))
+    (root / "probe.txt").write_text("probe\n")
+    # in.tftpd drops to nobody after chroot: everything must be world-readable.
+    os.chmod(tmp, 0o755)
+    os.chmod(root, 0o755)
+    for path in root.iterdir():
+        path.chmod(0o644)
+    want = digest(root / "big.bin")
+
+    pin = ["taskset", "-c", args.server_cpu]
+    ports = {name: free_udp_port() for name in ("metadatad", "in.tftpd", "fbtftp")}
+    conf = write_config(tmp, root, ports["metadatad"])
+    manage = [str(BIN / "metadatad-manage"), "--config", str(conf), "db", "upgrade"]
+    subprocess.run(manage, cwd=ROOT, check=True, capture_output=True)
+    procs.start("metadatad", [*pin, str(BIN / "twistd"), "-n", "--pidfile=", "metadatad",
+                              "--config", str(conf)])
+    procs.start("in.tftpd", [*pin, "in.tftpd", "-L", "-u", "nobody", "-s",
+                             "-a", f"{HOST}:{ports['in.tftpd']}", str(root)])
+    peers = ["metadatad", "in.tftpd"]
+    try:
+        import fbtftp  # noqa: F401
+    except ImportError:
+        print("fbtftp is not installed (pip install fbtftp): no Python peer in this run\n")
+    else:
+        procs.start("fbtftp", [*pin, sys.executable, str(Path(__file__).resolve()),
+                               "fbtftp-peer", "--port", str(ports["fbtftp"]), "--root", str(root)])
+        peers.append("fbtftp")
+    for name in peers:
+        wait_until_serving(procs, ports[name], tmp, args.client_cpu)
+
+    rows = [
+        ("lock-step blksize 512", ["blksize 512"], 1, peers),
+        ("lock-step blksize 1468", ["blksize 1468"], 1, peers),
+        ("windowsize 16 blksize 1468", ["blksize 1468", "windowsize 16"], 1, ["metadatad"]),
+        (f"{args.concurrent} concurrent, blksize 1468", ["blksize 1468"], args.concurrent, peers),
+    ]
+    print(f"file: {args.size_mib} MiB; client: atftp pinned to cpu {args.client_cpu}; "
+          f"servers pinned to cpu {args.server_cpu}; median of {args.runs} run(s)\n")
+    results: dict[tuple[str, str], float] = {}
+    problems: list[str] = []
+    for label, options, parallel, servers in rows:
+        for name in servers:
+            runs = []
+            for _ in range(args.runs):
+                rate, found = measure(ports[name], options, parallel=parallel, size=size,
+                                      want=want, tmp=tmp, cpu=args.client_cpu)
+                runs.append(rate)
+                problems += [f"{name} {label}: {p}" for p in found]
+                procs.check_alive()
+            results[(label, name)] = statistics.median(runs)
+            print(f"  {label:<32} {name:<10} {results[(label, name)]:8.1f} MiB/s  "
+                  f"runs: {' '.join(f'{r:.1f}' for r in runs)}", flush=True)
+
+    print()
+    header = f"| {'transfer':<32} |" + "".join(f" {n + ' MiB/s':>16} |" for n in peers)
+    header += " metadatad / in.tftpd |" + (" metadatad / fbtftp |" if "fbtftp" in peers else "")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for label, _, _, _ in rows:
+        cells = [results.get((label, n)) for n in peers]
+        line = f"| {label:<32} |" + "".join(
+            f" {c:>16.1f} |" if c is not None else f" {'n/a':>16} |" for c in cells
+        )
+        ours = results.get((label, "metadatad"))
+        for peer in ("in.tftpd", "fbtftp"):
+            if peer not in peers:
+                continue
+            theirs = results.get((label, peer))
+            line += f" {ours / theirs:>19.2f}x |" if ours and theirs else f" {'n/a':>20} |"
+        print(line)
+    print()
+    lock = results[("lock-step blksize 1468", "metadatad")]
+    hpa = results[("lock-step blksize 1468", "in.tftpd")]
+    window = results[("windowsize 16 blksize 1468", "metadatad")]
+    verdicts = [
+        (f"lock-step 1468 >= 0.9x in.tftpd: {lock / hpa:.2f}x", lock >= 0.9 * hpa),
+        (f"windowsize 16 >= 3x own lock-step: {window / lock:.2f}x", window >= 3 * lock),
+    ]
+    if "fbtftp" in peers:
+        fb = results[("lock-step blksize 1468", "fbtftp")]
+        verdicts.append((f"ahead of fbtftp at lock-step 1468: {lock / fb:.2f}x", lock > fb))
+    for text, ok in verdicts:
+        print(f"target {text}: {'met' if ok else 'NOT met'}")
+    if problems:
+        print("\nINVALID RUN:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print("every download was byte-identical to the source")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    peer = sub.add_parser("fbtftp-peer", help="run the fbtftp file server (internal)")
+    peer.add_argument("--port", type=int, required=True)
+    peer.add_argument("--root", required=True)
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (3)")
+    parser.add_argument("--size-mib", type=int, default=64, help="file size in MiB (64)")
+    parser.add_argument("--concurrent", type=int, default=32, help="parallel transfers (32)")
+    parser.add_argument("--server-cpu", default="0", help="core of the servers (0)")
+    parser.add_argument("--client-cpu", default="1", help="core of the clients (1)")
+    args = parser.parse_args(argv)
+    if args.command == "fbtftp-peer":
+        fbtftp_peer(args.port, args.root)
+        return 0
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
+    tmp = Path(tempfile.mkdtemp(prefix="metadatad-bench-tftp-"))
+    procs = Processes(tmp)
+    try:
+        return bench(args, tmp, procs)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

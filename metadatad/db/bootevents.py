@@ -1,0 +1,238 @@
+# -*- test-case-name: tests.test_bootevents -*-
+"""Boot events: one row per TFTP request that reached a decision, and who saw it.
+
+:class:`BootEventRepository` holds the synchronous queries; :class:`BootEventStore`
+is the service the TFTP server hands events to.  It buffers them and writes a batch
+every ``flush_interval`` seconds on a one-thread pool of its own (a boot storm is
+thousands of events a second: one INSERT per batch, not per transfer), prunes rows
+older than the retention, and writes what is left when it stops.  A crash loses at
+most the last interval's events; a database outage keeps them buffered (bounded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import attrs
+from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import Engine
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from metadatad.db.schema import boot_events
+
+__all__ = ["BootEvent", "BootEventRepository", "BootEventStore", "utc_moment"]
+
+PRUNE_INTERVAL = 3600.0
+
+
+def utc_moment(seconds: float) -> datetime:
+    """A naive UTC datetime at whole-second precision (what every backend stores)."""
+    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None, microsecond=0)
+
+
+@attrs.frozen
+class BootEvent:
+    """What happened to one TFTP request."""
+
+    node_uuid: str | None
+    conductor: str
+    client: str
+    server: str
+    filename: str
+    kind: str  # static, pxelinux, grub, ipxe
+    outcome: str  # complete, timeout, client-error, aborted, not-found, refused, ...
+    started_at: datetime
+    duration: float = 0.0
+    bytes_sent: int = 0
+    size: int | None = None
+    error: str | None = None
+    blksize: int | None = None
+    windowsize: int | None = None
+    retransmits: int = 0
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON form the admin API shows."""
+        document = attrs.asdict(self)
+        document["started_at"] = self.started_at.replace(tzinfo=UTC).isoformat().replace(
+            "+00:00", "Z"
+        )
+        document["duration"] = round(self.duration, 6)
+        return document
+
+    def row(self) -> dict[str, Any]:
+        """The column values, with texts cut to their column widths."""
+        row = attrs.asdict(self)
+        row["filename"] = self.filename[:512]
+        row["error"] = None if self.error is None else self.error[:255]
+        row["conductor"] = self.conductor[:255]
+        return row
+
+
+def _event(row: Any) -> BootEvent:
+    return BootEvent(**{f.name: getattr(row, f.name) for f in attrs.fields(BootEvent)})
+
+
+class BootEventRepository:
+    """Synchronous queries on ``boot_events``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def add(self, events: Sequence[BootEvent]) -> None:
+        """Store ``events`` in one transaction."""
+        if events:
+            with self.engine.begin() as connection:
+                connection.execute(insert(boot_events), [e.row() for e in events])
+
+    def recent(self, node_uuid: str, limit: int = 50) -> list[BootEvent]:
+        """The node's newest ``limit`` events, newest first."""
+        query = (
+            select(boot_events)
+            .where(boot_events.c.node_uuid == node_uuid)
+            .order_by(boot_events.c.started_at.desc(), boot_events.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [_event(row) for row in connection.execute(query)]
+
+    def prune(self, before: datetime) -> int:
+        """Delete events that started before ``before``; returns how many."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                delete(boot_events).where(boot_events.c.started_at < before)
+            )
+            return int(result.rowcount or 0)
+
+
+class _Repository(Protocol):
+    def add(self, events: Sequence[BootEvent]) -> None: ...
+
+    def recent(self, node_uuid: str, limit: int = 50) -> list[BootEvent]: ...
+
+    def prune(self, before: datetime) -> int: ...
+
+
+class BootEventStore(Service):
+    """Buffered, batched writes of boot events, and reads for the admin API."""
+
+    name = "boot-events"
+    log = Logger()
+
+    def __init__(
+        self,
+        repository: _Repository,
+        reactor: Any,
+        *,
+        flush_interval: float = 1.0,
+        retention_days: float = 7.0,
+        max_buffer: int = 100_000,
+        run: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        self.repository = repository
+        self._reactor = reactor
+        self._flush_interval = flush_interval
+        self._retention = retention_days * 86400.0
+        self._max_buffer = max_buffer
+        self._buffer: list[BootEvent] = []
+        self._writing: Deferred[None] | None = None
+        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="metadatad-boot-events")
+        # ``run`` replaces the threadpool in tests (call at once, fired Deferred).
+        self._run = run or self._in_pool
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._last_prune = float("-inf")
+        self.dropped = 0
+
+    def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+        self._loop.start(self._flush_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+        def stop_pool(_: object) -> None:
+            self._pool.stop()
+
+        return self.flush().addBoth(stop_pool)
+
+    def record(self, event: BootEvent) -> None:
+        """Queue ``event`` for the next batch (never blocks, never fails)."""
+        if len(self._buffer) >= self._max_buffer:
+            # The database has been away for long: keep the newest events.
+            del self._buffer[: len(self._buffer) // 10 or 1]
+            self.dropped += 1
+        self._buffer.append(event)
+
+    def recent(self, node_uuid: str, limit: int = 50) -> Deferred[list[BootEvent]]:
+        """The node's newest events, newest first (waiting events included)."""
+        waiting = [e for e in reversed(self._buffer) if e.node_uuid == node_uuid]
+
+        def merged(stored: list[BootEvent]) -> list[BootEvent]:
+            events = waiting + stored
+            events.sort(key=lambda e: e.started_at, reverse=True)
+            return events[:limit]
+
+        return self._run(self.repository.recent, node_uuid, limit).addCallback(merged)
+
+    def flush(self) -> Deferred[None]:
+        """Write every buffered event; fires when done (failures are logged, the events
+        stay buffered for the next try)."""
+        if self._writing is not None:
+            # One batch at a time: chain behind the running one.
+            d: Deferred[None] = Deferred()
+            self._writing.addBoth(lambda _: self.flush().chainDeferred(d))
+            return d
+        if not self._buffer:
+            return succeed(None)
+        batch, self._buffer = self._buffer, []
+        writing = self._run(self.repository.add, batch)
+        self._writing = writing
+
+        def done(result: object) -> None:
+            self._writing = None
+            if isinstance(result, Failure):
+                self.log.warn(
+                    "could not store {count} boot events, will retry: {error}",
+                    count=len(batch),
+                    error=result.value,
+                )
+                self._buffer[:0] = batch
+
+        writing.addBoth(done)
+        # Callers wait for the write; they never see its failure (it was logged).
+        result: Deferred[None] = Deferred()
+        writing.addBoth(lambda _: result.callback(None))
+        return result
+
+    def _tick(self) -> Deferred[None]:
+        # Never raises: a LoopingCall that fails stops for good.
+        d = self.flush()
+        now = self._reactor.seconds()
+        if self._retention > 0 and now - self._last_prune >= PRUNE_INTERVAL:
+            self._last_prune = now
+            cutoff = utc_moment(now) - timedelta(seconds=self._retention)
+
+            def prune(_: object) -> Deferred[None]:
+                return self._run(self.repository.prune, cutoff).addCallbacks(
+                    lambda count: None,
+                    lambda failure: self.log.warn(
+                        "could not prune boot events: {error}", error=failure.value
+                    ),
+                )
+
+            d.addCallback(prune)
+        return d

@@ -1,0 +1,79 @@
+# -*- test-case-name: tests.test_tftp_daemon -*-
+"""Build the ``tftp`` service from the configuration (called by ``metadatad.tap``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+
+from metadatad.config import Config
+from metadatad.db.bootevents import BootEvent
+from metadatad.metadata.cache import NodeCache
+from metadatad.tftp.bootconfig import BootFiles, CachedLookup, Templates
+from metadatad.tftp.protocol import SessionConfig
+from metadatad.tftp.server import TFTPServer, TFTPService
+
+log = Logger()
+
+
+class TFTPSetupError(Exception):
+    """The TFTP configuration cannot be used; ``str()`` is one line for the operator."""
+
+
+def make_tftp_service(
+    config: Config,
+    store: Any,
+    cache: NodeCache,
+    reactor: Any,
+    *,
+    owns: Callable[[str], bool],
+    record: Callable[[BootEvent], None] | None,
+) -> TFTPService:
+    """The ``tftp`` service for ``config.tftp``: listeners, server, file resolution.
+
+    ``cache`` is the metadata site's node cache (lookups by address and uuid); a second
+    cache with the same lifetime serves lookups by MAC.  Broken templates are a
+    :class:`TFTPSetupError`; a missing root or templates directory only a warning
+    (the operator may create them later: nothing is cached about their absence).
+    """
+    tftp = config.tftp
+    templates = Templates(tftp.templates)
+    problems = templates.check()
+    if problems:
+        raise TFTPSetupError(f"{config.path}: [tftp] templates: {problems[0]}")
+    for key, path in (("root", tftp.root), ("templates", tftp.templates)):
+        if not os.path.isdir(path):
+            log.warn(
+                "[tftp] {key}: {path} is not a directory (yet): its files are not found",
+                key=key,
+                path=path,
+            )
+    mac_cache = NodeCache(store.node_by_mac, store.get_node, reactor, config.metadata.cache_ttl)
+    store.add_change_listener(mac_cache.invalidate)
+    files = BootFiles(
+        tftp.root,
+        templates,
+        CachedLookup(mac_cache, cache),
+        owns,
+        serve_unowned=tftp.serve_unowned,
+        conductor=config.conductor.hostname,
+    )
+    server = TFTPServer(
+        files,
+        reactor,
+        config=SessionConfig(
+            max_blksize=tftp.max_blksize,
+            max_windowsize=tftp.max_windowsize,
+            timeout=tftp.timeout,
+            max_timeout=tftp.max_timeout,
+            retries=tftp.retries,
+        ),
+        max_transfers=tftp.max_transfers,
+        max_transfers_per_source=tftp.max_transfers_per_source,
+        record=record,
+        conductor=config.conductor.hostname,
+    )
+    return TFTPService(server, tftp.listen, reactor)
