@@ -36,7 +36,10 @@ setup(
             "psycopg[binary]>=3.1.18",
             "pymysql>=1.1",
             "botocore>=1.34",
+            "tftpy>=0.8.7",
         ],
+        # bench/tftp.py's Python peer server.
+        "bench": ["fbtftp>=0.5"],
         "dev": ["ruff>=0.6", "mypy>=1.10"],
     },
     entry_points={

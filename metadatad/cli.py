@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.test_cli -*-
-"""``metadatad-manage``: schema migrations and node registration from the shell.
+"""``metadatad-manage``: schema migrations, node registration, and a look at the
+conductors and their ring, from the shell.
 
 Runs without a reactor: it calls the synchronous repository directly.
 """
@@ -16,7 +17,11 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from metadatad.cluster.commands import CommandError as ClusterCommandError
+from metadatad.cluster.commands import add_commands as add_cluster_commands
+from metadatad.cluster.commands import run_command as run_cluster_command
 from metadatad.config import Config, ConfigError, load_config
+from metadatad.db.cluster import ClusterRepository
 from metadatad.db.migrate import SchemaError, check_schema, upgrade
 from metadatad.db.store import ConflictError, NodeRepository, make_engine
 from metadatad.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
@@ -28,7 +33,8 @@ class CommandError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="metadatad-manage", description="Manage the metadatad database and nodes."
+        prog="metadatad-manage",
+        description="Manage the metadatad database and nodes; show conductors and the ring.",
     )
     parser.add_argument(
         "--config",
@@ -56,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     node_show.add_argument("uuid")
     node_delete = node.add_parser("delete", help="delete a node")
     node_delete.add_argument("uuid")
+    add_cluster_commands(commands)
     return parser
 
 
@@ -77,6 +84,13 @@ def main(
         message = " ".join(str(getattr(e, "orig", None) or e).split())
         print(f"metadatad-manage: database error: {message}", file=stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`node list | head`): not an error worth a traceback.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
 
 
 def _run(args: argparse.Namespace, config: Config, stdout: TextIO, stdin: TextIO) -> int:
@@ -88,6 +102,11 @@ def _run(args: argparse.Namespace, config: Config, stdout: TextIO, stdin: TextIO
         return 0
     engine = make_engine(config.database.url, 1)
     check_schema(engine)
+    if args.command in ("conductor", "ring"):
+        try:
+            return run_cluster_command(args, config, ClusterRepository(engine), stdout)
+        except ClusterCommandError as e:
+            raise CommandError(str(e)) from None
     repository = NodeRepository(engine)
     if args.action == "import":
         return _import(repository, args.file, stdout, stdin)

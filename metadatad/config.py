@@ -23,6 +23,8 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
+from metadatad.cluster.ring import DEFAULT_POINTS, MAX_POINTS
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -125,6 +127,47 @@ def _optional_endpoint(raw: str) -> str:
     return _endpoint(raw) if raw.strip() else ""
 
 
+def _group_name(raw: str) -> str:
+    value = raw.strip()
+    if len(value) > 255:
+        raise _BadValue(f"at most 255 characters, got {len(value)}")
+    return value
+
+
+def _optional_ip(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        return ""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _BadValue(f"not an IP address: {value!r}") from None
+
+
+def _optional_http_url(raw: str) -> str:
+    from urllib.parse import urlsplit
+
+    value = raw.strip()
+    if not value:
+        return ""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as e:
+        raise _BadValue(f"bad URL {value!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(value) > 255:
+        raise _BadValue(
+            f"expected an http:// or https:// URL such as http://10.0.0.5:8775, got {value!r}"
+        )
+    return value.rstrip("/")
+
+
+def _optional_load_factor(raw: str) -> float | None:
+    if not raw.strip():
+        return None
+    return _number(1.0, 100.0)(raw)
+
+
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
     networks = []
     for item in raw.replace(",", " ").split():
@@ -166,6 +209,38 @@ def _json_object_file(raw: str) -> str:
     return raw.strip()
 
 
+def _udp_addresses(raw: str) -> tuple[tuple[str, int], ...]:
+    """``ADDRESS[:PORT]`` items (``[IPv6]:PORT``), comma or space separated; port 69.
+
+    The wildcard ``0.0.0.0`` is allowed (the server learns which address each client
+    contacted from IP_PKTINFO); ``::``, broadcast and multicast addresses are not.
+    """
+    found: list[tuple[str, int]] = []
+    for item in raw.replace(",", " ").split():
+        host, port = item, "69"
+        if item.startswith("["):
+            host, sep, rest = item[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise _BadValue(f"bad address {item!r}: expected [IPv6]:PORT")
+            port = rest[1:] or port
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise _BadValue(f"not an IP address: {item!r}") from None
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise _BadValue(f"bad port in {item!r}: expected 0..65535")
+        if address.is_multicast or str(address) == "255.255.255.255":
+            raise _BadValue(f"{item!r}: a broadcast or multicast address cannot serve TFTP")
+        if address.version == 6 and address.is_unspecified:
+            raise _BadValue(f"{item!r}: list each IPv6 address (:: is not supported)")
+        found.append((str(address), int(port)))
+    if len(set(found)) != len(found):
+        raise _BadValue("an address is listed twice")
+    return tuple(found)
+
+
 # --- the configuration objects -------------------------------------------------------
 
 
@@ -202,6 +277,14 @@ class ConductorConfig:
     """``[conductor]``: who this daemon is in the cluster."""
 
     hostname: str = attrs.field(factory=socket.gethostname)
+    group: str = ""
+    tftp_address: str = ""
+    http_address: str = ""
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 60.0
+    ring_points: int = DEFAULT_POINTS
+    replicas: int = 2
+    max_load_factor: float | None = None
 
 
 @attrs.frozen
@@ -210,6 +293,24 @@ class VendordataConfig:
 
     static_file: str = ""
     static: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+
+@attrs.frozen
+class TFTPConfig:
+    """``[tftp]``: boot files and per-node boot configs for PXE."""
+
+    listen: tuple[tuple[str, int], ...] = ()
+    root: str = "/srv/tftp"
+    templates: str = "/etc/metadatad/templates"
+    serve_unowned: bool = False
+    max_blksize: int = 1468
+    max_windowsize: int = 64
+    timeout: float = 1.0
+    max_timeout: float = 10.0
+    retries: int = 5
+    max_transfers: int = 1000
+    max_transfers_per_source: int = 16
+    event_retention: float = 7.0
 
 
 @attrs.frozen
@@ -222,6 +323,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     conductor: ConductorConfig = attrs.field(factory=ConductorConfig)
     vendordata: VendordataConfig = VendordataConfig()
+    tftp: TFTPConfig = TFTPConfig()
 
 
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
@@ -238,8 +340,38 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
         },
     ),
     "admin": (AdminConfig, {"listen": _optional_endpoint, "token_file": _string}),
-    "conductor": (ConductorConfig, {"hostname": _nonempty_string}),
+    "conductor": (
+        ConductorConfig,
+        {
+            "hostname": _nonempty_string,
+            "group": _group_name,
+            "tftp_address": _optional_ip,
+            "http_address": _optional_http_url,
+            "heartbeat_interval": _number(0.1, 3600),
+            "heartbeat_timeout": _number(0.5, 86400),
+            "ring_points": _integer(1, MAX_POINTS),
+            "replicas": _integer(1, 16),
+            "max_load_factor": _optional_load_factor,
+        },
+    ),
     "vendordata": (VendordataConfig, {"static_file": _json_object_file}),
+    "tftp": (
+        TFTPConfig,
+        {
+            "listen": _udp_addresses,
+            "root": _nonempty_string,
+            "templates": _nonempty_string,
+            "serve_unowned": _boolean,
+            "max_blksize": _integer(512, 65464),
+            "max_windowsize": _integer(1, 32767),
+            "timeout": _number(0.01, 255),
+            "max_timeout": _number(0.01, 3600),
+            "retries": _integer(0, 100),
+            "max_transfers": _integer(1, 100_000),
+            "max_transfers_per_source": _integer(1, 10_000),
+            "event_retention": _number(0, 3650),
+        },
+    ),
 }
 
 
@@ -302,7 +434,23 @@ def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config
         if section == "vendordata" and values.get("static_file"):
             values["static"] = _load_static_vendordata(path, values["static_file"])
         built[section] = cls(**values)
+        if section == "conductor":
+            _check_heartbeats(path, built[section], keys)
     return Config(path=path, **built)
+
+
+def _check_heartbeats(path: str, conductor: ConductorConfig, keys: Mapping[str, str]) -> None:
+    """A conductor is judged dead after heartbeat_timeout: it must span more than two
+    heartbeats, or one late heartbeat would hand its nodes to the others."""
+    interval, timeout = conductor.heartbeat_interval, conductor.heartbeat_timeout
+    if timeout > 2 * interval:
+        return
+    shown = f"{timeout:g}" + ("" if "heartbeat_timeout" in keys else " (the default)")
+    raise ConfigError(
+        f"{path}: [conductor] heartbeat_timeout: must be more than twice heartbeat_interval "
+        f"({interval:g} s), got {shown}: one late heartbeat would hand this conductor's "
+        "nodes to the others"
+    )
 
 
 def _load_static_vendordata(path: str, filename: str) -> Mapping[str, Any]:

@@ -96,7 +96,8 @@ class Identifier:
         expected = sign_instance_id(self._secret, values[INSTANCE_ID])
         if not hmac.compare_digest(expected.encode(), values[SIGNATURE].encode("utf-8", "replace")):
             raise IdentityError(403, "Invalid proxy request signature")
-        return Caller(instance_id=values[INSTANCE_ID], tenant_id=values[TENANT_ID])
+        # Signed as sent; looked up in canonical (lower-case) form, as uuids are stored.
+        return Caller(instance_id=values[INSTANCE_ID].lower(), tenant_id=values[TENANT_ID])
 
     def _forwarded_client(self, values: list[str]) -> str:
         hops = [hop.strip() for value in values for hop in value.split(",")]

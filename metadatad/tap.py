@@ -3,22 +3,28 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.server import Site
 
 from metadatad.admin.site import AdminSite
+from metadatad.cluster.membership import MembershipService
 from metadatad.config import Config, ConfigError, load_config, read_admin_token
+from metadatad.db.bootevents import BootEventRepository, BootEventStore
+from metadatad.db.cluster import ClusterRepository, ConductorInfo, bound_waits
 from metadatad.db.migrate import SchemaError, check_schema
-from metadatad.db.store import NodeRepository, Store, make_engine
+from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
 from metadatad.identity import Identifier
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
+from metadatad.tftp.service import TFTPSetupError, make_tftp_service
 
 
 class Options(usage.Options):
@@ -52,7 +58,8 @@ def make_site(resource: Any, access_log: bool) -> Site:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """Compose the daemon: the store first (its threadpool stops last), then the sites."""
+    """Compose the daemon: the store first (its threadpool stops last), membership
+    (stopped after the sites, it marks this conductor offline), then the sites."""
     if reactor is None:
         from twisted.internet import reactor
     config: Config = options["configuration"]
@@ -71,6 +78,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     root = MultiService()
     store = Store(NodeRepository(engine), reactor)
     store.setServiceParent(root)
+    membership = _membership(config, reactor)
+    membership.setServiceParent(root)
+    # Added before the TFTP service: stopped after it, so its last events are written.
+    boot_events = BootEventStore(
+        BootEventRepository(engine), reactor, retention_days=config.tftp.event_retention
+    )
+    boot_events.setServiceParent(root)
 
     cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
@@ -89,7 +103,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         make_site(metadata_site.resource(), config.metadata.access_log),
     )
     if config.admin.listen:
-        admin_site = AdminSite(store, admin_token)
+        admin_site = AdminSite(store, admin_token, boot_events=boot_events, cluster=membership)
         _listen(
             root,
             "admin-http",
@@ -97,12 +111,67 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             config.admin.listen,
             make_site(admin_site.resource(), config.metadata.access_log),
         )
+    if config.tftp.listen:
+        try:
+            tftp = make_tftp_service(
+                config,
+                store,
+                cache,
+                reactor,
+                owns=membership.owns,
+                record=boot_events.record,
+            )
+        except TFTPSetupError as e:
+            raise SystemExit(f"metadatad: {e}") from None
+        tftp.setServiceParent(root)
     return root
 
 
+def _membership(config: Config, reactor: Any) -> MembershipService:
+    """The ``membership`` service, on an engine of its own: heartbeats never wait
+    behind the sites' queries for a connection."""
+    conductor = config.conductor
+    engine = make_engine(config.database.url, 2)
+    forbid_thread(engine, threading.get_ident())
+    # A conductor stopped inside a transaction must not hold the others up for long.
+    interval = conductor.heartbeat_interval
+    bound_waits(engine, lock_timeout=max(1.0, interval), idle_timeout=max(2.0, 2 * interval))
+    return MembershipService(
+        ClusterRepository(engine),
+        ConductorInfo(
+            conductor.hostname, conductor.group, conductor.tftp_address, conductor.http_address
+        ),
+        reactor,
+        heartbeat_interval=conductor.heartbeat_interval,
+        heartbeat_timeout=conductor.heartbeat_timeout,
+        replicas=conductor.replicas,
+        points=conductor.ring_points,
+        max_load_factor=conductor.max_load_factor,
+    )
+
+
+class _ListeningService(StreamServerEndpointService):
+    """Binds at privileged start; a port that cannot be bound stops the daemon with one
+    line instead of leaving it half up or printing a traceback."""
+
+    description = ""
+
+    def privilegedStartService(self) -> None:
+        self._raiseSynchronously = True
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(
+                f"metadatad: {self.name}: cannot listen on {self.description}: {e.socketError}"
+            ) from None
+
+
 def _listen(root: MultiService, name: str, reactor: Any, description: str, site: Site) -> None:
-    service = StreamServerEndpointService(serverFromString(reactor, description), site)
-    # A port that cannot be bound stops the daemon instead of leaving it half up.
-    service._raiseSynchronously = True
+    try:
+        endpoint = serverFromString(reactor, description)
+    except Exception as e:  # systemd: endpoints meet their descriptors only here
+        raise SystemExit(f"metadatad: {name}: cannot use endpoint {description!r}: {e}") from None
+    service = _ListeningService(endpoint, site)
+    service.description = description
     service.setName(name)
     service.setServiceParent(root)

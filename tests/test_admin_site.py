@@ -214,3 +214,21 @@ def test_healthz(client: Client, store: MemoryStore) -> None:
     answer = send(client, "GET", "/healthz", headers={})
     assert answer.status == 503
     assert json.loads(answer.body)["status"] == "unhealthy"
+
+
+def test_database_down_is_503_json(client: Client, store: MemoryStore) -> None:
+    """Node routes answer 503 in JSON with Retry-After while the database is down."""
+    store.repository.available = False
+    for method, path in (("GET", "/v1/nodes"), ("POST", "/v1/nodes")):
+        answer = send(client, method, path, node_document())
+        assert answer.status == 503
+        assert answer.header("retry-after") == "5"
+        assert json.loads(answer.body)["error"] == "unavailable"
+
+
+def test_put_accepts_upper_case_uuid_in_body(client: Client, store: MemoryStore) -> None:
+    """The body may name the URL's uuid in upper case."""
+    document = node_document()
+    shouted = dict(document, uuid=document["uuid"].upper())
+    assert send(client, "PUT", f"/v1/nodes/{document['uuid']}", shouted).status == 201
+    assert stored(store) == [document["uuid"]]

@@ -12,6 +12,7 @@ import attrs
 import pytest
 
 from metadatad import config as config_module
+from metadatad.cluster.ring import DEFAULT_POINTS
 from metadatad.config import (
     AdminConfig,
     ConductorConfig,
@@ -19,6 +20,7 @@ from metadatad.config import (
     ConfigError,
     DatabaseConfig,
     MetadataConfig,
+    TFTPConfig,
     VendordataConfig,
     load_config,
     parse_config,
@@ -105,8 +107,17 @@ def test_empty_file_gives_every_default(tmp_path: Path) -> None:
     assert config.admin.listen == "tcp:8776:interface=127.0.0.1"
     assert config.admin.token_file == "/etc/metadatad/admin-token"
     assert config.conductor.hostname == socket.gethostname()
+    assert config.conductor.group == ""
+    assert (config.conductor.heartbeat_interval, config.conductor.heartbeat_timeout) == (10, 60)
+    assert config.conductor.ring_points == DEFAULT_POINTS
+    assert config.conductor.replicas == 2
+    assert config.conductor.max_load_factor is None
     assert config.vendordata.static_file == ""
     assert config.vendordata.static == {}
+    assert config.tftp == TFTPConfig()
+    assert config.tftp.listen == ()
+    assert config.tftp.serve_unowned is False
+    assert config.tftp.max_blksize == 1468
 
 
 def test_absent_sections_keep_defaults_next_to_a_present_one(tmp_path: Path) -> None:
@@ -143,8 +154,32 @@ EVERY_KEY = {
         "access_log": "yes",
     },
     "admin": {"listen": "unix:/run/metadatad/admin.sock", "token_file": "/srv/token"},
-    "conductor": {"hostname": "conductor-3.example.org"},
+    "conductor": {
+        "hostname": "conductor-3.example.org",
+        "group": "rack-7",
+        "tftp_address": "10.0.0.5",
+        "http_address": "http://10.0.0.5:8775/",
+        "heartbeat_interval": "2.5",
+        "heartbeat_timeout": "20",
+        "ring_points": "512",
+        "replicas": "3",
+        "max_load_factor": "1.05",
+    },
     "vendordata": {"static_file": "VENDORDATA"},
+    "tftp": {
+        "listen": "10.0.0.1, 10.1.0.1:6969 [2001:db8::1]:69",
+        "root": "/srv/boot",
+        "templates": "/etc/boot-templates",
+        "serve_unowned": "true",
+        "max_blksize": "8192",
+        "max_windowsize": "16",
+        "timeout": "0.5",
+        "max_timeout": "4",
+        "retries": "3",
+        "max_transfers": "200",
+        "max_transfers_per_source": "4",
+        "event_retention": "30",
+    },
 }
 
 
@@ -174,9 +209,33 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     assert config.admin == AdminConfig(
         listen="unix:/run/metadatad/admin.sock", token_file="/srv/token"
     )
-    assert config.conductor.hostname == "conductor-3.example.org"
+    assert config.conductor == ConductorConfig(
+        hostname="conductor-3.example.org",
+        group="rack-7",
+        tftp_address="10.0.0.5",
+        http_address="http://10.0.0.5:8775",
+        heartbeat_interval=2.5,
+        heartbeat_timeout=20.0,
+        ring_points=512,
+        replicas=3,
+        max_load_factor=1.05,
+    )
     assert config.vendordata.static_file == str(vendordata)
     assert config.vendordata.static == {"cloud-init": "#cloud-config\n", "n": 1}
+    assert config.tftp == TFTPConfig(
+        listen=(("10.0.0.1", 69), ("10.1.0.1", 6969), ("2001:db8::1", 69)),
+        root="/srv/boot",
+        templates="/etc/boot-templates",
+        serve_unowned=True,
+        max_blksize=8192,
+        max_windowsize=16,
+        timeout=0.5,
+        max_timeout=4.0,
+        retries=3,
+        max_transfers=200,
+        max_transfers_per_source=4,
+        event_retention=30.0,
+    )
 
 
 def test_every_key_test_covers_the_whole_schema() -> None:
@@ -216,6 +275,12 @@ def test_schema_matches_the_config_classes() -> None:
         ("metadata", "listen", "systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
         ("metadata", "listen", "tcp6:8775:interface=\\:\\:", "tcp6:8775:interface=\\:\\:"),
         ("admin", "listen", "", ""),
+        ("tftp", "listen", "", ()),
+        ("tftp", "listen", "0.0.0.0", (("0.0.0.0", 69),)),
+        ("tftp", "listen", "[::1]", (("::1", 69),)),
+        ("tftp", "listen", "127.0.0.1:0", (("127.0.0.1", 0),)),
+        ("tftp", "max_blksize", "65464", 65464),
+        ("tftp", "event_retention", "0", 0.0),
     ],
 )
 def test_accepted_values(
@@ -313,6 +378,40 @@ BAD_VALUES = [
     ("database", "url", "", "URL"),
     # empty host name
     ("conductor", "hostname", "", "empty"),
+    # conductor membership
+    ("conductor", "group", "g" * 256, "255"),
+    ("conductor", "tftp_address", "tftp.example.org", "not an IP address"),
+    ("conductor", "http_address", "10.0.0.5:8775", "http://"),
+    ("conductor", "http_address", "ftp://10.0.0.5/", "http://"),
+    ("conductor", "http_address", "http://10.0.0.5:99999/", "bad URL"),
+    ("conductor", "heartbeat_interval", "0", "0.1"),
+    ("conductor", "heartbeat_interval", "soon", "soon"),
+    ("conductor", "heartbeat_timeout", "-5", "-5"),
+    ("conductor", "ring_points", "0", "1 to"),
+    ("conductor", "ring_points", "many", "many"),
+    ("conductor", "replicas", "0", "1 to 16"),
+    ("conductor", "max_load_factor", "0.9", "0.9"),
+    ("conductor", "max_load_factor", "nan", "nan"),
+    # TFTP listen addresses and limits
+    ("tftp", "listen", "tftp.example.org", "tftp.example.org"),
+    ("tftp", "listen", "udp:69:interface=10.0.0.1", "udp:69"),
+    ("tftp", "listen", "10.0.0.1:70000", "70000"),
+    ("tftp", "listen", "10.0.0.1:x", "'10.0.0.1:x'"),
+    ("tftp", "listen", "[2001:db8::1", "[IPv6]:PORT"),
+    ("tftp", "listen", "255.255.255.255", "broadcast"),
+    ("tftp", "listen", "224.0.0.1", "multicast"),
+    ("tftp", "listen", "[::]:69", "IPv6"),
+    ("tftp", "listen", "10.0.0.1 10.0.0.1:69", "twice"),
+    ("tftp", "root", "", "empty"),
+    ("tftp", "serve_unowned", "sometimes", "sometimes"),
+    ("tftp", "max_blksize", "511", "512 to 65464"),
+    ("tftp", "max_blksize", "65465", "512 to 65464"),
+    ("tftp", "max_windowsize", "0", "1 to 32767"),
+    ("tftp", "timeout", "0", "0"),
+    ("tftp", "retries", "-1", "0 to 100"),
+    ("tftp", "max_transfers", "0", "1 to 100000"),
+    ("tftp", "max_transfers_per_source", "many", "many"),
+    ("tftp", "event_retention", "-1", "-1"),
 ]
 
 
@@ -580,3 +679,29 @@ def test_admin_token_never_in_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         read_admin_token(config)
     assert "very-secret-part" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("heartbeat_interval = 10\nheartbeat_timeout = 20\n", "got 20:"),
+        ("heartbeat_interval = 1\nheartbeat_timeout = 1.5\n", "got 1.5:"),
+        ("heartbeat_interval = 30\n", "got 60 (the default):"),
+    ],
+)
+def test_heartbeat_timeout_must_span_two_heartbeats(tmp_path: Path, text: str, shown: str) -> None:
+    """A timeout of two heartbeats or less is refused in one line that says why."""
+    message = one_line_error(write(tmp_path, "[conductor]\n" + text))
+    assert "[conductor] heartbeat_timeout: must be more than twice heartbeat_interval" in message
+    assert shown in message
+
+
+def test_membership_timings_just_over_two_heartbeats_are_accepted(tmp_path: Path) -> None:
+    """The test cluster's timings (1 s heartbeats, 5 s timeout) and the edge load."""
+    config = load_config(
+        write(tmp_path, "[conductor]\nheartbeat_interval = 1\nheartbeat_timeout = 2.1\n")
+    )
+    assert (config.conductor.heartbeat_interval, config.conductor.heartbeat_timeout) == (1, 2.1)
+    config = load_config(write(tmp_path, "[conductor]\nmax_load_factor =\ntftp_address = ::1\n"))
+    assert config.conductor.max_load_factor is None
+    assert config.conductor.tftp_address == "::1"

@@ -257,3 +257,46 @@ def test_store_down_is_503() -> None:
     assert answer.header("retry-after") == "1"
     store.repository.available = True
     assert client.get("/latest/meta-data/instance-id").status == 200
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "PROPFIND"])
+def test_unlisted_methods_are_405_with_the_real_allow(method: str) -> None:
+    """Methods no route lists get 405 naming only what the site takes."""
+    client, _, _ = make_site()
+    answer = client.request(method, "/latest/meta-data/")
+    assert answer.status == 405
+    assert answer.header("allow") == "GET, HEAD"
+
+
+def test_ec2_listing_needs_no_identity() -> None:
+    """``/ec2`` lists versions for anyone, like ``/``."""
+    client, _, _ = make_site(nodes=())
+    assert client.get("/ec2").status == 200
+    assert client.get("/ec2/").text.splitlines()[-1] == "latest"
+
+
+def test_empty_password_is_refused() -> None:
+    """An empty POST does not lock the write-once password."""
+    client, _, _ = make_site()
+    path = "/openstack/latest/password"
+    assert client.request("POST", path, data=b"").status == 400
+    assert client.request("POST", path, data=b"pw").status == 200
+
+
+def test_signed_instance_id_in_upper_case() -> None:
+    """An upper-case X-Instance-ID (signed as sent) finds the node."""
+    client, _, _ = make_site(secret=SECRET)
+    answer = client.get(
+        "/openstack/latest/meta_data.json", headers=signed_headers(uuid=OTHER.uuid.upper())
+    )
+    assert answer.status == 200
+    assert json.loads(answer.body)["uuid"] == OTHER.uuid
+
+
+def test_generated_network_data_is_served_as_json() -> None:
+    """Without imported network data, the ports' DHCP config is served."""
+    node = make_node(0, network_data=None, ports=[{"mac": "52:54:00:00:00:01", "ip": "127.0.0.1"}])
+    client, _, _ = make_site(nodes=(node,))
+    document = json.loads(client.get("/openstack/latest/network_data.json").body)
+    assert document["networks"][0]["type"] == "ipv4_dhcp"
+    assert document["links"][0]["ethernet_mac_address"] == "52:54:00:00:00:01"

@@ -140,7 +140,7 @@ def test_identity_document() -> None:
 
 @pytest.mark.parametrize(
     ("zone", "region"),
-    [("az1a", "az1"), ("nova", "nov"), ("us-east-1b", "us-east-1"), ("z9", "z9")],
+    [("az1a", "az1"), ("nova", "nova"), ("us-east-1b", "us-east-1"), ("z9", "z9")],
 )
 def test_region_derivation(zone: str, region: str) -> None:
     """The region is the zone minus a trailing letter, as botocore derives it."""

@@ -92,6 +92,20 @@ def test_update_replaces_ports_and_bumps_revision(repository: Any, clock: Clock)
     assert repository.node_by_ip("10.9.9.9").node.uuid == node.uuid
 
 
+def test_node_by_mac(repository: Any) -> None:
+    """A node is found by any of its port MACs; a re-import moves the MAC with it."""
+    node = make_node(0, ports=[{"mac": "52:54:00:aa:00:01"}, {"mac": "52:54:00:aa:00:02"}])
+    repository.upsert_nodes([node, make_node(1)])
+    assert repository.node_by_mac("52:54:00:aa:00:02").node.uuid == node.uuid
+    assert repository.node_by_mac("52:54:00:aa:00:01").node == node
+    assert repository.node_by_mac("52:54:00:aa:00:03") is None
+    repository.upsert_nodes([make_node(0, ports=[{"mac": "52:54:00:aa:00:03"}])])
+    assert repository.node_by_mac("52:54:00:aa:00:01") is None
+    assert repository.node_by_mac("52:54:00:aa:00:03").node.uuid == node.uuid
+    repository.delete_node(node.uuid)
+    assert repository.node_by_mac("52:54:00:aa:00:03") is None
+
+
 def test_import_is_all_or_nothing(repository: Any) -> None:
     """A conflicting port anywhere in an import writes nothing at all."""
     first = make_node(0)

@@ -151,10 +151,17 @@ def test_extra_arguments_are_a_usage_error(tmp_path: Path, migrated_url: str) ->
 def test_named_services_in_order(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
-    """The daemon is a MultiService of store, metadata-http, admin-http, in that order."""
+    """The daemon is a MultiService of store, membership, boot-events, metadata-http,
+    admin-http."""
     root = build(write_conf(tmp_path, migrated_url), services)
     assert isinstance(root, MultiService)
-    assert [service.name for service in root] == ["store", "metadata-http", "admin-http"]
+    assert [service.name for service in root] == [
+        "store",
+        "membership",
+        "boot-events",
+        "metadata-http",
+        "admin-http",
+    ]
     assert isinstance(root.getServiceNamed("store"), Store)
     for name in ("metadata-http", "admin-http"):
         service = root.getServiceNamed(name)
@@ -168,7 +175,13 @@ def test_each_backend_composes(
 ) -> None:
     """makeService checks the schema and composes on every database backend."""
     root = build(write_conf(tmp_path, database_url), services)
-    assert [service.name for service in root] == ["store", "metadata-http", "admin-http"]
+    assert [service.name for service in root] == [
+        "store",
+        "membership",
+        "boot-events",
+        "metadata-http",
+        "admin-http",
+    ]
     assert root.getServiceNamed("store").repository.engine.pool.size() == 3
 
 
@@ -177,7 +190,12 @@ def test_without_admin_listen_there_is_no_admin_site(
 ) -> None:
     """An empty [admin] listen leaves out admin-http, and needs no token file."""
     root = build(write_conf(tmp_path, migrated_url, admin_listen="", token=None), services)
-    assert [service.name for service in root] == ["store", "metadata-http"]
+    assert [service.name for service in root] == [
+        "store",
+        "membership",
+        "boot-events",
+        "metadata-http",
+    ]
     with pytest.raises(KeyError):
         root.getServiceNamed("admin-http")
 
@@ -208,7 +226,7 @@ def test_start_listens_on_configured_addresses_and_stops(
     root.stopService().addBoth(results.append)
     assert len(results) == 1
     assert not isinstance(results[0], Failure), results[0]
-    assert stopped == ["admin-http", "metadata-http", "store"]
+    assert stopped == ["admin-http", "metadata-http", "boot-events", "membership", "store"]
     assert not root.running
 
 
@@ -235,7 +253,7 @@ def test_access_log_chooses_the_site(
 def test_unbindable_port_fails_start(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
-    """A port that cannot be bound makes startService raise instead of running half up."""
+    """A port that cannot be bound stops start-up with one line naming the service."""
 
     class BusyAdminPort(MemoryReactorClock):
         def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
@@ -244,9 +262,12 @@ def test_unbindable_port_fails_start(
             return super().listenTCP(port, factory, backlog, interface)
 
     root = build(write_conf(tmp_path, migrated_url), services, BusyAdminPort())
-    with pytest.raises(CannotListenError):
+    with pytest.raises(SystemExit) as excinfo:
         root.startService()
     root.getServiceNamed("store").stopService()
+    message = str(excinfo.value.code)
+    assert len(message.splitlines()) == 1
+    assert "admin-http" in message and "tcp:18776:interface=127.0.0.1" in message
 
 
 def test_store_guard_forbids_queries_on_the_building_thread(
@@ -384,3 +405,45 @@ def test_twistd_refuses_unmigrated_database(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert "metadatad-manage --config CONF db upgrade" in output
     assert "Traceback" not in output
+
+
+def test_systemd_endpoint_without_activation_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A systemd: listen address outside socket activation is one line, not a traceback."""
+    from twisted.web.resource import Resource
+
+    from metadatad.tap import _listen, make_site
+
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("LISTEN_PID", raising=False)
+    with pytest.raises(SystemExit) as excinfo:
+        _listen(
+            MultiService(),
+            "metadata-http",
+            MemoryReactorClock(),
+            "systemd:domain=INET:index=0",
+            make_site(Resource(), False),
+        )
+    assert "metadata-http" in str(excinfo.value.code)
+    assert len(str(excinfo.value.code).splitlines()) == 1
+
+
+def test_tftp_service_is_named_and_last(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """[tftp] listen adds the "tftp" service last (stopped first), one listener per
+    address; a broken template stops start-up with one line."""
+    conf = write_conf(tmp_path, migrated_url)
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    with open(conf, "a", encoding="utf-8") as f:
+        f.write(f"[tftp]\nlisten = 127.0.0.1:0 127.0.0.2:0\ntemplates = {templates}\n")
+    root = build(conf, services)
+    names = [service.name for service in root]
+    assert names == ["store", "membership", "boot-events", "metadata-http", "admin-http", "tftp"]
+    tftp = root.getServiceNamed("tftp")
+    assert [s.name for s in tftp] == ["tftp-127.0.0.1:0", "tftp-127.0.0.2:0"]
+    (templates / "grub.tmpl").write_text("$nope\n")
+    with pytest.raises(SystemExit) as excinfo:
+        build(conf, services)
+    message = str(excinfo.value.code)
+    assert len(message.splitlines()) == 1 and "$nope" in message and "[tftp] templates" in message

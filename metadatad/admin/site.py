@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from sqlalchemy.exc import SQLAlchemyError
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -31,14 +32,20 @@ class BadRequest(Exception):
 
 
 class AdminSite:
-    """``/v1/nodes...`` and ``/healthz``."""
+    """``/v1/nodes...``, ``/v1/conductors``, ``/v1/ring`` and ``/healthz``."""
 
     app = Klein()
     log = Logger()
 
-    def __init__(self, store: Store, token: str) -> None:
+    def __init__(
+        self, store: Store, token: str, boot_events: Any = None, cluster: Any = None
+    ) -> None:
         self._store = store
         self._token = token.encode("utf-8")
+        # A BootEventStore (or its fake): ``recent(uuid) -> Deferred[list[BootEvent]]``.
+        self._boot_events = boot_events
+        # The MembershipService: ``conductors()``, ``ring()``, ``node_boot(uuid, group)``.
+        self._cluster = cluster
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
@@ -68,8 +75,15 @@ class AdminSite:
         return result
 
     def _refused(self, failure: Failure, request: Request) -> bytes:
-        failure.trap(BadRequest, ConflictError)
+        failure.trap(BadRequest, ConflictError, SQLAlchemyError, ConnectionError)
         refusal = failure.value
+        if isinstance(refusal, (SQLAlchemyError, ConnectionError)):
+            # The database is down: the operator may retry; not a bug of ours.
+            self.log.warn("admin request failed on the store: {error}", error=refusal)
+            request.setHeader(b"Retry-After", b"5")
+            return _json(
+                request, 503, {"error": "unavailable", "message": "the database did not answer"}
+            )
         if isinstance(refusal, ConflictError):
             return _json(request, 409, refusal.as_json())
         assert isinstance(refusal, BadRequest)
@@ -84,11 +98,26 @@ class AdminSite:
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Request) -> Deferred[bytes]:
-        """Reachability of the store; no token needed (load balancers probe it)."""
+        """Reachability of the store, and whether this conductor is a live member of
+        the cluster; no token needed (load balancers probe it)."""
         request.setHeader(b"Content-Type", b"application/json")
 
         def ok(_: None) -> bytes:
-            return _json(request, 200, {"status": "ok", "database": "ok"})
+            if self._cluster is None:
+                return _json(request, 200, {"status": "ok", "database": "ok"})
+            # "starting" until the first sync, "stale" when the others no longer count
+            # this conductor live: not ready either way.
+            membership = self._cluster.health()
+            healthy = membership == "ok"
+            return _json(
+                request,
+                200 if healthy else 503,
+                {
+                    "status": "ok" if healthy else "unhealthy",
+                    "database": "ok",
+                    "membership": membership,
+                },
+            )
 
         def down(failure: Failure) -> bytes:
             self.log.warn("health check: database unreachable: {error}", error=failure.value)
@@ -153,7 +182,8 @@ class AdminSite:
             document = strip_read_only(_read_json(request))
             if isinstance(document, dict):
                 document.setdefault("uuid", canonical)
-                if document["uuid"] != canonical:
+                named = document["uuid"]
+                if not isinstance(named, str) or named.lower() != canonical:
                     raise BadRequest(
                         400,
                         NodeValidationError("uuid", "does not match the URL").as_json(),
@@ -173,6 +203,82 @@ class AdminSite:
 
         return self._guarded(request, run)
 
+    @app.route("/v1/nodes/<string:uuid>/boot", methods=["GET", "HEAD"])
+    def node_boot(self, request: Request, uuid: str) -> Any:
+        """How the node boots: who holds it (owner, standbys by the ring, claim time
+        and generation), and its recent TFTP boot events, newest first."""
+
+        def run() -> Deferred[bytes]:
+            canonical = _check_uuid(uuid)
+
+            def found(record: NodeRecord | None) -> Any:
+                if record is None:
+                    return _not_found(request, uuid)
+                ownership = (
+                    self._cluster.node_boot(canonical, record.node.conductor_group)
+                    if self._cluster is not None
+                    else succeed(dict(_NO_OWNER))
+                )
+
+                def with_events(document: dict[str, Any]) -> Deferred[bytes]:
+                    events = (
+                        self._boot_events.recent(canonical)
+                        if self._boot_events is not None
+                        else succeed([])
+                    )
+                    return events.addCallback(
+                        lambda recent: _json(
+                            request,
+                            200,
+                            {
+                                "uuid": canonical,
+                                "conductor_group": record.node.conductor_group,
+                                **document,
+                                "events": [e.to_document() for e in recent],
+                            },
+                        )
+                    )
+
+                return ownership.addCallback(with_events)
+
+            return self._store.get_node(canonical).addCallback(found)
+
+        return self._guarded(request, run)
+
+    @app.route("/v1/conductors", methods=["GET", "HEAD"])
+    def conductors(self, request: Request) -> Any:
+        """Every registered conductor: group, addresses, heartbeat age by the
+        database's clock, whether it is live, and how many nodes it holds."""
+
+        def run() -> Deferred[bytes]:
+            cluster = self._membership()
+            return cluster.conductors().addCallback(
+                lambda found: _json(
+                    request,
+                    200,
+                    {"conductors": found, "heartbeat_timeout": cluster.heartbeat_timeout},
+                )
+            )
+
+        return self._guarded(request, run)
+
+    @app.route("/v1/ring", methods=["GET", "HEAD"])
+    def ring(self, request: Request) -> Any:
+        """The ring generation and its members, and per conductor the nodes the ring
+        gives it and the nodes it holds; nodes unowned or not settled yet."""
+
+        def run() -> Deferred[bytes]:
+            return self._membership().ring().addCallback(lambda report: _json(request, 200, report))
+
+        return self._guarded(request, run)
+
+    def _membership(self) -> Any:
+        if self._cluster is None:
+            raise BadRequest(
+                503, {"error": "unavailable", "message": "conductor membership is not running"}
+            )
+        return self._cluster
+
     @app.route("/v1/nodes/<string:uuid>", methods=["DELETE"])
     def delete_node(self, request: Request, uuid: str) -> Any:
         """Forget a node."""
@@ -188,6 +294,17 @@ class AdminSite:
             return self._store.delete_node(_check_uuid(uuid)).addCallback(deleted)
 
         return self._guarded(request, run)
+
+
+# What /v1/nodes/<uuid>/boot says about ownership when membership is not running.
+_NO_OWNER: dict[str, Any] = {
+    "owner": None,
+    "ring_owner": None,
+    "standbys": [],
+    "claimed_at": None,
+    "generation": None,
+    "ring_generation": None,
+}
 
 
 def _json(request: Request, status: int, document: Any) -> bytes:

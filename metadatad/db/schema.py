@@ -1,10 +1,13 @@
 """SQLAlchemy Core tables.  Alembic migrations create them; this is the query-side view."""
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -54,4 +57,77 @@ ports = Table(
     ),
     Column("ip", String(45), nullable=True, unique=True),
     Column("pxe", Boolean, nullable=False),
+)
+
+# One row per TFTP request that reached a decision (migration 0003).  No foreign key
+# to nodes: events outlive a node's deletion, and static files are often fetched by
+# machines that are not (yet) registered (node_uuid NULL).
+boot_events = Table(
+    "boot_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("node_uuid", String(36), nullable=True),
+    Column("conductor", String(255), nullable=False),
+    Column("client", String(45), nullable=False),
+    Column("server", String(45), nullable=False),
+    Column("filename", String(512), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("outcome", String(32), nullable=False),
+    Column("error", String(255), nullable=True),
+    Column("size", BigInteger, nullable=True),
+    Column("bytes_sent", BigInteger, nullable=False),
+    Column("duration", Float, nullable=False),
+    Column("blksize", Integer, nullable=True),
+    Column("windowsize", Integer, nullable=True),
+    Column("retransmits", Integer, nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Index("ix_boot_events_node_uuid_started_at", "node_uuid", "started_at"),
+    Index("ix_boot_events_started_at", "started_at"),
+)
+
+# --- conductor membership and node claims (migration 0002) ---------------------------
+
+# Heartbeats are compared at sub-second precision: MySQL's DATETIME alone keeps seconds.
+PRECISE_DATETIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+# One row per conductor that ever heartbeated; times are the database's UTC clock.
+conductors = Table(
+    "conductors",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("conductor_group", String(255), nullable=False),
+    Column("tftp_address", String(255), nullable=False),
+    Column("http_address", String(255), nullable=False),
+    Column("online", Boolean, nullable=False),
+    # A random id per daemon process: two daemons under one name are noticed.
+    Column("instance", String(32), nullable=False),
+    Column("started_at", PRECISE_DATETIME, nullable=False),
+    Column("heartbeat_at", PRECISE_DATETIME, nullable=False),
+)
+
+# A single row (id 1): the fencing generation and the membership recorded for it.
+ring_state = Table(
+    "ring_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("members", LONG_TEXT, nullable=False),
+    Column("changed_at", PRECISE_DATETIME, nullable=False),
+)
+
+# Who holds each node (its DHCP mapping points there).  Deleting a node deletes its
+# claim; a conductor's row may go while its claims stay until taken over.
+node_claims = Table(
+    "node_claims",
+    metadata,
+    Column(
+        "node_uuid",
+        String(36),
+        ForeignKey("nodes.uuid", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("owner", String(255), nullable=False, index=True),
+    Column("conductor_group", String(255), nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("claimed_at", PRECISE_DATETIME, nullable=False),
 )

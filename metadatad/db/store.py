@@ -165,6 +165,15 @@ class NodeRepository:
             row = connection.execute(query).first()
         return _record(row) if row is not None else None
 
+    def node_by_mac(self, mac: str) -> NodeRecord | None:
+        """The node with a port of MAC ``mac`` (lower case, colon separated), or None."""
+        query = _SELECT_NODE.join_from(nodes, ports, ports.c.node_uuid == nodes.c.uuid).where(
+            ports.c.mac == mac
+        )
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return _record(row) if row is not None else None
+
     def list_nodes(self) -> list[NodeRecord]:
         """Every node, by uuid."""
         with self.engine.connect() as connection:
@@ -355,6 +364,9 @@ class Store(Service):
 
     def node_by_ip(self, ip: str) -> Deferred[NodeRecord | None]:
         return self._run(self.repository.node_by_ip, ip)
+
+    def node_by_mac(self, mac: str) -> Deferred[NodeRecord | None]:
+        return self._run(self.repository.node_by_mac, mac)
 
     def list_nodes(self) -> Deferred[list[NodeRecord]]:
         return self._run(self.repository.list_nodes)

@@ -50,10 +50,15 @@ def is_version(name: str) -> bool:
 
 
 def region_of(availability_zone: str, configured: str = "") -> str:
-    """The region: configured, else the zone minus its trailing letter (AWS convention)."""
+    """The region: configured, else the zone minus its trailing zone letter (AWS convention)."""
     if configured:
         return configured
-    if len(availability_zone) > 1 and availability_zone[-1].isalpha():
+    # Only a zone letter after a number is cut (us-east-1a): "nova" stays "nova".
+    if (
+        len(availability_zone) > 1
+        and availability_zone[-1].isalpha()
+        and (availability_zone[-2].isdigit())
+    ):
         return availability_zone[:-1]
     return availability_zone
 

@@ -108,9 +108,8 @@ def network_data(node: Node) -> Mapping[str, Any]:
     for index, port in enumerate(node.ports):
         link = f"port{index}"
         links.append({"id": link, "type": "phy", "ethernet_mac_address": port.mac, "mtu": None})
-        networks.append(
-            {"id": f"network{index}", "type": "ipv4_dhcp", "link": link, "network_id": link}
-        )
+        kind = "ipv6_dhcp" if port.ip is not None and ":" in port.ip else "ipv4_dhcp"
+        networks.append({"id": f"network{index}", "type": kind, "link": link, "network_id": link})
     return {"links": links, "networks": networks, "services": []}
 
 

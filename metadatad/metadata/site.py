@@ -7,7 +7,6 @@ matters, no redirects) and dispatches to the EC2 or OpenStack renderer.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +25,6 @@ from metadatad.metadata import ec2, openstack
 from metadatad.metadata.cache import CacheEntry, NodeCache
 from metadatad.metadata.reply import (
     BINARY,
-    JSON,
     NOT_FOUND,
     Reply,
     error,
@@ -68,7 +66,8 @@ class MetadataSite:
         """The twisted.web resource of this site."""
         return self.app.resource()
 
-    @app.route("/", branch=True, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+    # Every method reaches the handler, which answers 405 with the right Allow itself.
+    @app.route("/", branch=True)
     def handle(self, request: Request) -> Any:
         """Every request of the site."""
         parts = split_path(request.path)
@@ -80,6 +79,8 @@ class MetadataSite:
             return self._write(request, ec2.versions_listing())
         if parts == ["openstack"]:
             return self._write(request, openstack.versions_listing())
+        if parts == ["ec2"]:
+            return self._write(request, ec2.versions_listing())
         try:
             caller = self._identifier.identify(_peer(request), _header_getter(request))
         except IdentityError as e:
@@ -171,7 +172,7 @@ class MetadataSite:
         if name == "vendor_data2.json":
             return self._vendor_data2
         assert name == "network_data.json"
-        return Reply(200, json.dumps(openstack.network_data(node)).encode("utf-8"), JSON)
+        return json_reply(openstack.network_data(node))
 
     def _password(self, request: Request, record: NodeRecord) -> Any:
         uuid = record.node.uuid
@@ -191,6 +192,9 @@ class MetadataSite:
             password = body.decode("utf-8")
         except UnicodeDecodeError:
             return self._write(request, error(400, "Password must be UTF-8 text"))
+        if not password:
+            # An empty password would lock the write-once slot with nothing in it.
+            return self._write(request, error(400, "Password must not be empty"))
 
         def stored(result: bool | None) -> Any:
             if result is None:
