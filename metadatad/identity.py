@@ -6,6 +6,7 @@ or an :class:`IdentityError` out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -45,6 +46,7 @@ def sign_instance_id(secret: str, instance_id: str) -> str:
     return hmac.new(secret.encode("utf-8"), instance_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+@functools.lru_cache(maxsize=8192)
 def normalise_ip(address: str) -> str:
     """Canonical text of an address; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4."""
     parsed = ipaddress.ip_address(address.split("%", 1)[0])

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
+from metadatad.db.store import NodeRecord
 from metadatad.identity import Identifier, sign_instance_id
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
@@ -19,6 +29,8 @@ from tests.sites import Client
 SECRET = "proxy-secret"
 HERE = make_node(0, ports=[{"mac": "52:54:00:00:00:01", "ip": "127.0.0.1"}])
 OTHER = make_node(1, project_id="proj-b")  # 10.0.0.3
+NEW_YEAR = datetime(2026, 1, 1, tzinfo=UTC)
+HERE_RECORD = NodeRecord(HERE, 1, NEW_YEAR, NEW_YEAR)
 
 
 def make_site(
@@ -300,3 +312,86 @@ def test_generated_network_data_is_served_as_json() -> None:
     document = json.loads(client.get("/openstack/latest/network_data.json").body)
     assert document["networks"][0]["type"] == "ipv4_dhcp"
     assert document["links"][0]["ethernet_mac_address"] == "52:54:00:00:00:01"
+
+
+def _held_site() -> tuple[MetadataSite, list[Deferred[Any]]]:
+    """A site whose node lookups wait until the test fires them."""
+    held: list[Deferred[Any]] = []
+
+    def lookup(_: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append(d)
+        return d
+
+    store = MemoryStore()
+    cache = NodeCache(lookup, lookup, Clock(), 15)
+    return MetadataSite(cache, store, Identifier([], "")), held  # type: ignore[arg-type]
+
+
+def _dummy_request(path: bytes) -> DummyRequest:
+    request = DummyRequest(path.lstrip(b"/").split(b"/"))
+    request.path = path
+    request.client = IPv4Address("TCP", "127.0.0.1", 40000)
+    return request
+
+
+def test_a_caller_that_hangs_up_calls_off_its_answer() -> None:
+    """A caller gone while its lookup is pending gets nothing written and no error is
+    logged; the lookup's late result is dropped."""
+    site, held = _held_site()
+    request = _dummy_request(b"/latest/meta-data/instance-id")
+    assert site.resource().render(request) == NOT_DONE_YET
+    request.processingFailed(Failure(ConnectionDone()))
+    held[0].callback(HERE_RECORD)
+    assert request.written == [] and request.finished == 0
+
+
+def test_a_pending_answer_is_written_when_the_lookup_fires() -> None:
+    """A lookup that completes later answers the waiting caller and finishes it."""
+    site, held = _held_site()
+    request = _dummy_request(b"/latest/meta-data/instance-id")
+    assert site.resource().render(request) == NOT_DONE_YET
+    held[0].callback(HERE_RECORD)
+    assert b"".join(request.written) == HERE.uuid.encode()
+    assert request.finished == 1
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_a_bug_is_a_logged_500_without_a_traceback(later: bool) -> None:
+    """An exception in the site, at once or after a lookup, is a bare 500 and logged."""
+    site, held = _held_site()
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("renderer bug")
+
+    site._answer = broken  # type: ignore[method-assign]
+    if not later:
+        site.handle = broken  # type: ignore[method-assign]
+    request = _dummy_request(b"/latest/meta-data/instance-id")
+    with capturedLogs() as events:
+        rendered = site.resource().render(request)
+        if later:
+            held[0].callback(HERE_RECORD)
+    body = b"".join(request.written) if later else rendered
+    assert request.responseCode == 500
+    assert body == b"Internal Server Error\n"
+    assert any("log_failure" in event for event in events)
+
+
+def test_meta_data_json_seed_is_spliced_into_the_cached_document() -> None:
+    """The serialised document is reused, with a fresh seed each time, and a node's own
+    data that looks like a seed placeholder is left alone."""
+    sneaky = make_node(
+        0,
+        ports=[{"mac": "52:54:00:00:00:01", "ip": "127.0.0.1"}],
+        meta={"random_seed": "x", "note": '"random_seed":"'},
+    )
+    seeds = iter([b"\x01" * 512, b"\x02" * 512])
+    client, _, _ = make_site(nodes=(sneaky,), random_bytes=lambda n: next(seeds))
+    first = json.loads(client.get("/openstack/latest/meta_data.json").body)
+    second = json.loads(client.get("/openstack/latest/meta_data.json").body)
+    assert first["random_seed"] == base64.b64encode(b"\x01" * 512).decode()
+    assert second["random_seed"] == base64.b64encode(b"\x02" * 512).decode()
+    assert first["meta"] == second["meta"] == {"random_seed": "x", "note": '"random_seed":"'}
+    old = json.loads(client.get("/openstack/2012-08-10/meta_data.json").body)
+    assert "random_seed" not in old and old["uuid"] == sneaky.uuid

@@ -1,22 +1,28 @@
 # -*- test-case-name: tests.test_metadata_site -*-
-"""The metadata site: Klein glue around identity, the node cache and the renderers.
+"""The metadata site: twisted.web glue around identity, the node cache and the renderers.
 
-One catch-all route normalises the path the way Nova does (a trailing slash never
-matters, no redirects) and dispatches to the EC2 or OpenStack renderer.
+One leaf resource takes every request; :meth:`MetadataSite.handle` normalises the path
+the way Nova does (a trailing slash never matters, no redirects) and dispatches to the
+EC2 or OpenStack renderer.  The site does all of its own routing, so it is served by a
+plain ``isLeaf`` resource rather than a Klein catch-all route: Klein's per-request
+routing alone costs about as much as identity, lookup and rendering together
+(docs/benchmarks-http.md).
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from metadatad.db.store import NodeRecord, Store
 from metadatad.httputil import handle_failure
@@ -40,7 +46,6 @@ _ALLOWED = b"GET, HEAD, POST"
 class MetadataSite:
     """What booting machines talk to.  Collaborators are passed in, for tests."""
 
-    app = Klein()
     log = Logger()
 
     def __init__(
@@ -64,10 +69,8 @@ class MetadataSite:
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
-        return self.app.resource()
+        return MetadataResource(self)
 
-    # Every method reaches the handler, which answers 405 with the right Allow itself.
-    @app.route("/", branch=True)
     def handle(self, request: Request) -> Any:
         """Every request of the site."""
         parts = split_path(request.path)
@@ -99,6 +102,8 @@ class MetadataSite:
         return self._answer(found, request, caller, parts)
 
     def _store_failed(self, failure: Failure, request: Request) -> bytes:
+        if failure.check(CancelledError):
+            return b""  # the caller hung up (MetadataResource called the lookup off)
         # The database is down or slow: the caller may retry; it is not our bug.
         self.log.warn("store query failed: {error}", error=failure.getErrorMessage())
         reply = error(503, "Service Unavailable: the store did not answer, retry")
@@ -154,15 +159,31 @@ class MetadataSite:
         if name == "password":
             return self._password(request, record)
         if name == "meta_data.json":
-            # random_seed is fresh on every read, as Nova does: not memoised.
-            document = openstack.meta_data(node, version, self._random_bytes(512))
-            return self._write(request, json_reply(document))
+            return self._write(request, self._meta_data(entry, node, version))
         key = ("openstack", version, name)
         reply = entry.memo.get(key)
         if reply is None:
             reply = self._openstack_file(node, name)
             entry.memo[key] = reply
         return self._write(request, reply)
+
+    def _meta_data(self, entry: CacheEntry, node: Any, version: str) -> Reply:
+        # random_seed is fresh on every read, as Nova does; the rest of the document is
+        # serialised once per cache entry around an unguessable placeholder.
+        key = ("openstack", version, "meta_data.json")
+        template = entry.memo.get(key)
+        if template is None:
+            document = openstack.meta_data(node, version, b"")
+            if "random_seed" not in document:
+                template = entry.memo[key] = json_reply(document)
+                return template
+            document["random_seed"] = _SEED_PLACEHOLDER
+            template = entry.memo[key] = json_reply(document)
+        before, found, after = template.body.partition(_SEED_PLACEHOLDER_BYTES)
+        if not found:
+            return template
+        seed = base64.b64encode(self._random_bytes(512))
+        return attrs.evolve(template, body=b"".join((before, seed, after)))
 
     def _openstack_file(self, node: Any, name: str) -> Reply:
         if name == "user_data":
@@ -208,9 +229,8 @@ class MetadataSite:
             stored, self._store_failed, errbackArgs=(request,)
         )
 
-    @app.handle_errors(Exception)
     def failed(self, request: Request, failure: Failure) -> bytes:
-        """Routing errors keep their status; anything else is a bug: logged, a short 500."""
+        """Anything raised while answering is a bug: logged, a short 500."""
         return handle_failure(request, failure, self.log)
 
     @staticmethod
@@ -222,6 +242,48 @@ class MetadataSite:
         for name, value in reply.headers:
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
         return reply.body
+
+
+_SEED_PLACEHOLDER = secrets.token_hex(16)
+_SEED_PLACEHOLDER_BYTES = _SEED_PLACEHOLDER.encode("ascii")
+
+
+class MetadataResource(Resource):
+    """Every request of the site, whatever its path or method, to one handler."""
+
+    isLeaf = True
+
+    def __init__(self, site: MetadataSite) -> None:
+        super().__init__()
+        self._site = site
+
+    def render(self, request: Request) -> Any:
+        try:
+            result = self._site.handle(request)
+        except Exception:
+            return self._site.failed(request, Failure())
+        if not isinstance(result, Deferred):
+            return result
+        hung_up: list[bool] = []
+
+        def answer(body: bytes) -> None:
+            if not hung_up:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if hung_up and failure.check(CancelledError):
+                return  # the caller left and its answer was called off: nobody to tell
+            answer(self._site.failed(request, failure))
+
+        def leave(_: Failure) -> None:
+            # A caller that hangs up calls off whatever its answer still waits for.
+            hung_up.append(True)
+            result.cancel()
+
+        request.notifyFinish().addErrback(leave)
+        result.addCallbacks(answer, failed)
+        return NOT_DONE_YET
 
 
 def _is_password(parts: list[str]) -> bool:
