@@ -6,6 +6,10 @@ import base64
 import uuid as uuidlib
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from metadatad.metadata.cache import NodeCache
 from metadatad.nodes import Node, parse_node
 
 USER_DATA = b"#cloud-config\nruncmd: [echo hello]\n"
@@ -51,3 +55,15 @@ def node_document(index: int = 0, **overrides: Any) -> dict[str, Any]:
 def make_node(index: int = 0, **overrides: Any) -> Node:
     """A :class:`Node` from :func:`node_document`."""
     return parse_node(node_document(index, **overrides))
+
+
+def cache_with_pending_queries() -> tuple[NodeCache, list[Deferred[Any]]]:
+    """A cache whose queries wait until the test fires them."""
+    pending: list[Deferred[Any]] = []
+
+    def slow(key: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        return d
+
+    return NodeCache(slow, slow, Clock(), 10), pending

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 
 from metadatad.metadata.cache import NEGATIVE_TTL, CacheEntry, NodeCache
 from metadatad.testing import MemoryStore
-from tests.factories import make_node
+from tests.factories import cache_with_pending_queries, make_node
 
 
 def make_cache(ttl: float = 15.0) -> tuple[NodeCache, MemoryStore, Clock]:
@@ -65,18 +65,6 @@ def test_local_write_invalidates() -> None:
     assert resolve(cache.by_ip("10.0.0.7")).record is None
     store.upsert_nodes([make_node(5)])
     assert resolve(cache.by_ip("10.0.0.7")).record.node.uuid == make_node(5).uuid
-
-
-def cache_with_pending_queries() -> tuple[NodeCache, list[Deferred[Any]]]:
-    """A cache whose queries wait until the test fires them."""
-    pending: list[Deferred[Any]] = []
-
-    def slow(key: str) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        pending.append(d)
-        return d
-
-    return NodeCache(slow, slow, Clock(), 10), pending
 
 
 def test_concurrent_misses_share_one_query() -> None:

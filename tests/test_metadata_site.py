@@ -23,7 +23,7 @@ from metadatad.identity import Identifier, sign_instance_id
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
 from metadatad.testing import MemoryStore
-from tests.factories import USER_DATA, make_node
+from tests.factories import USER_DATA, cache_with_pending_queries, make_node
 from tests.sites import Client
 
 SECRET = "proxy-secret"
@@ -316,16 +316,8 @@ def test_generated_network_data_is_served_as_json() -> None:
 
 def _held_site() -> tuple[MetadataSite, list[Deferred[Any]]]:
     """A site whose node lookups wait until the test fires them."""
-    held: list[Deferred[Any]] = []
-
-    def lookup(_: str) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        held.append(d)
-        return d
-
-    store = MemoryStore()
-    cache = NodeCache(lookup, lookup, Clock(), 15)
-    return MetadataSite(cache, store, Identifier([], "")), held  # type: ignore[arg-type]
+    cache, held = cache_with_pending_queries()
+    return MetadataSite(cache, MemoryStore(), Identifier([], "")), held  # type: ignore[arg-type]
 
 
 def _dummy_request(path: bytes) -> DummyRequest:
