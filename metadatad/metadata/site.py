@@ -52,6 +52,7 @@ class MetadataSite:
         static_vendordata: Mapping[str, Any] | None = None,
         region: str = "",
         random_bytes: Callable[[int], bytes] = os.urandom,
+        vendordata: Any = None,
     ) -> None:
         self._cache = cache
         self._store = store
@@ -59,6 +60,8 @@ class MetadataSite:
         self._static_vendordata = dict(static_vendordata or {})
         self._region = region
         self._random_bytes = random_bytes
+        # A DynamicVendordata (metadata/vendordata.py) when dynamic targets are set.
+        self._vendordata = vendordata
         self._vendor_data = json_reply(self._static_vendordata)
         self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
 
@@ -157,6 +160,10 @@ class MetadataSite:
             # random_seed is fresh on every read, as Nova does: not memoised.
             document = openstack.meta_data(node, version, self._random_bytes(512))
             return self._write(request, json_reply(document))
+        if name == "vendor_data2.json" and self._vendordata is not None:
+            # Cached per node and target by the vendordata service, not memoised here.
+            d = self._vendordata.render(record, self._static_vendordata)
+            return d.addCallback(lambda reply: self._write(request, reply))
         key = ("openstack", version, name)
         reply = entry.memo.get(key)
         if reply is None:
