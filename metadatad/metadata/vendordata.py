@@ -238,9 +238,7 @@ class _BodyReader(TwistedProtocol):
             return
         self._size += len(data)
         if self._size > self._limit:
-            self.done.errback(
-                TargetFailure("too-large", f"answer larger than {self._limit} bytes")
-            )
+            self.done.errback(TargetFailure("too-large", f"answer larger than {self._limit} bytes"))
             self._cancel(self.done)
             return
         self._parts.append(data)
@@ -441,7 +439,22 @@ class DynamicVendordata(Service):
         def post(_: None) -> Deferred[tuple[Any, float, int]]:
             request = self._http.post(url, data=body, headers=headers, unbuffered=True)
             request.addCallback(self._read)
-            return request.addTimeout(self._timeout, self._clock)
+            # Cancelling surfaces as whatever the connection died of; remember why.
+            expired: list[bool] = []
+
+            def expire() -> None:
+                expired.append(True)
+                request.cancel()
+
+            timer = self._clock.callLater(self._timeout, expire)
+
+            def settled(result: Any) -> Any:
+                if expired:
+                    raise TargetFailure("timeout", f"no answer within {self._timeout:g} s")
+                timer.cancel()
+                return result
+
+            return request.addBoth(settled)
 
         return d.addCallback(post)
 
