@@ -337,7 +337,7 @@ class VendordataConfig:
 
     static_file: str = ""
     dynamic_targets: tuple[tuple[str, str], ...] = ()
-    connect_timeout: float = 5.0
+    connect_timeout: float = 3.0
     read_timeout: float = 5.0
     failure_fatal: bool = False
     ca_file: str = ""
@@ -569,8 +569,13 @@ def _load_static_vendordata(path: str, filename: str) -> Mapping[str, Any]:
 
 def read_admin_token(config: Config) -> str:
     """Read the admin bearer token; it must be a single non-empty line."""
-    filename = config.admin.token_file
-    where = f"{config.path}: [admin] token_file"
+    return read_token_file(config, "admin", "token_file", config.admin.token_file)
+
+
+def read_token_file(config: Config, section: str, key: str, filename: str) -> str:
+    """Read a token file named by ``[section] key``: one non-empty ASCII line without
+    spaces (it goes into HTTP headers)."""
+    where = f"{config.path}: [{section}] {key}"
     try:
         with open(filename, encoding="utf-8") as f:
             token = f.read().strip()
@@ -578,6 +583,6 @@ def read_admin_token(config: Config) -> str:
         raise ConfigError(f"{where}: cannot read {filename}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: {filename} is not UTF-8 text") from None
-    if not token or any(c.isspace() for c in token):
+    if not token or any(c.isspace() for c in token) or not token.isascii():
         raise ConfigError(f"{where}: {filename} must hold one token without spaces")
     return token

@@ -71,7 +71,7 @@ def test_without_targets_there_is_no_vendordata_service(
     ("extra", "detail"),
     [
         ("service_token_file = {missing}\n", "[vendordata] service_token_file: cannot read"),
-        ("service_token_file = {spaced}\n", "one ASCII token without spaces"),
+        ("service_token_file = {spaced}\n", "one token without spaces"),
         ("ca_file = {broken_ca}\n", "[vendordata] ca_file:"),
     ],
 )

@@ -47,7 +47,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 
-from metadatad.config import Config, ConfigError, VendordataConfig
+from metadatad.config import Config, ConfigError, VendordataConfig, read_token_file
 from metadatad.db.vendordata import VendordataError
 from metadatad.metadata import openstack
 from metadatad.metadata.reply import Reply, error, json_reply
@@ -274,17 +274,7 @@ class StaticToken:
 def read_service_token(config: Config) -> StaticToken:
     """The ``[vendordata] service_token_file`` token: one line without spaces."""
     filename = config.vendordata.service_token_file
-    where = f"{config.path}: [vendordata] service_token_file"
-    try:
-        with open(filename, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read {filename}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: {filename} is not UTF-8 text") from None
-    if not token or any(c.isspace() for c in token) or not token.isascii():
-        raise ConfigError(f"{where}: {filename} must hold one ASCII token without spaces")
-    return StaticToken(token)
+    return StaticToken(read_token_file(config, "vendordata", "service_token_file", filename))
 
 
 # --- the glue ------------------------------------------------------------------------
@@ -329,7 +319,7 @@ class DynamicVendordata(Service):
         clock: Clock,
         *,
         token_source: TokenSource | None = None,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 3.0,
         read_timeout: float = 5.0,
         cache_ttl: float = 60.0,
         failure_fatal: bool = False,
