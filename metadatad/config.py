@@ -209,6 +209,50 @@ def _json_object_file(raw: str) -> str:
     return raw.strip()
 
 
+_TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _vendordata_targets(raw: str) -> tuple[tuple[str, str], ...]:
+    """``name@url`` items, comma or space separated; split on the first ``@`` (Nova)."""
+    targets: list[tuple[str, str]] = []
+    for item in raw.replace(",", " ").split():
+        name, at, url = item.partition("@")
+        if not at:
+            raise _BadValue(f"{item!r}: expected name@url, such as testing@http://10.0.0.9/")
+        if not _TARGET_NAME.match(name):
+            raise _BadValue(
+                f"{item!r}: a target name is 1-64 letters, digits, '_', '.' or '-'"
+            )
+        if name == "static":
+            raise _BadValue(f"{item!r}: 'static' is the static vendordata's name")
+        if any(name == known for known, _ in targets):
+            raise _BadValue(f"{item!r}: the name {name!r} is used twice")
+        try:
+            checked = _optional_http_url(url)
+        except _BadValue as e:
+            raise _BadValue(f"{item!r}: {e}") from None
+        if not checked:
+            raise _BadValue(f"{item!r}: expected name@url, such as testing@http://10.0.0.9/")
+        # The URL is POSTed to as given (a trailing slash may matter to the target).
+        targets.append((name, url))
+    return tuple(targets)
+
+
+def _ca_file(raw: str) -> str:
+    """Empty (the system's trust store) or a readable file of PEM certificates."""
+    value = raw.strip()
+    if not value:
+        return ""
+    try:
+        with open(value, "rb") as f:
+            content = f.read()
+    except OSError as e:
+        raise _BadValue(f"cannot read {value}: {e.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in content:
+        raise _BadValue(f"{value} holds no PEM certificate")
+    return value
+
+
 def _udp_addresses(raw: str) -> tuple[tuple[str, int], ...]:
     """``ADDRESS[:PORT]`` items (``[IPv6]:PORT``), comma or space separated; port 69.
 
@@ -292,7 +336,27 @@ class VendordataConfig:
     """``[vendordata]``: extra configuration handed to every machine."""
 
     static_file: str = ""
+    dynamic_targets: tuple[tuple[str, str], ...] = ()
+    connect_timeout: float = 3.0
+    read_timeout: float = 5.0
+    failure_fatal: bool = False
+    ca_file: str = ""
+    cache_ttl: float = 60.0
+    service_token_file: str = ""
     static: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+
+@attrs.frozen
+class KeystoneConfig:
+    """``[keystone]``: the service user metadatad authenticates as (Keystone v3)."""
+
+    auth_url: str = ""
+    username: str = ""
+    password: str = attrs.field(default="", repr=False)
+    project_name: str = ""
+    user_domain_name: str = "Default"
+    project_domain_name: str = "Default"
+    ca_file: str = ""
 
 
 @attrs.frozen
@@ -324,6 +388,7 @@ class Config:
     conductor: ConductorConfig = attrs.field(factory=ConductorConfig)
     vendordata: VendordataConfig = VendordataConfig()
     tftp: TFTPConfig = TFTPConfig()
+    keystone: KeystoneConfig = KeystoneConfig()
 
 
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
@@ -354,7 +419,19 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "max_load_factor": _optional_load_factor,
         },
     ),
-    "vendordata": (VendordataConfig, {"static_file": _json_object_file}),
+    "vendordata": (
+        VendordataConfig,
+        {
+            "static_file": _json_object_file,
+            "dynamic_targets": _vendordata_targets,
+            "connect_timeout": _number(0.1, 600),
+            "read_timeout": _number(0.1, 600),
+            "failure_fatal": _boolean,
+            "ca_file": _ca_file,
+            "cache_ttl": _number(0, 86400),
+            "service_token_file": _string,
+        },
+    ),
     "tftp": (
         TFTPConfig,
         {
@@ -370,6 +447,18 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "max_transfers": _integer(1, 100_000),
             "max_transfers_per_source": _integer(1, 10_000),
             "event_retention": _number(0, 3650),
+        },
+    ),
+    "keystone": (
+        KeystoneConfig,
+        {
+            "auth_url": _optional_http_url,
+            "username": _string,
+            "password": _string,
+            "project_name": _string,
+            "user_domain_name": _nonempty_string,
+            "project_domain_name": _nonempty_string,
+            "ca_file": _ca_file,
         },
     ),
 }
@@ -436,6 +525,8 @@ def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config
         built[section] = cls(**values)
         if section == "conductor":
             _check_heartbeats(path, built[section], keys)
+        if section == "keystone":
+            _check_keystone(path, built[section])
     return Config(path=path, **built)
 
 
@@ -451,6 +542,15 @@ def _check_heartbeats(path: str, conductor: ConductorConfig, keys: Mapping[str, 
         f"({interval:g} s), got {shown}: one late heartbeat would hand this conductor's "
         "nodes to the others"
     )
+
+
+def _check_keystone(path: str, keystone: KeystoneConfig) -> None:
+    """With an auth_url, the service user must be named in full."""
+    if not keystone.auth_url:
+        return
+    for key in ("username", "password", "project_name"):
+        if not getattr(keystone, key):
+            raise ConfigError(f"{path}: [keystone] {key}: must be set when auth_url is set")
 
 
 def _load_static_vendordata(path: str, filename: str) -> Mapping[str, Any]:
@@ -469,8 +569,13 @@ def _load_static_vendordata(path: str, filename: str) -> Mapping[str, Any]:
 
 def read_admin_token(config: Config) -> str:
     """Read the admin bearer token; it must be a single non-empty line."""
-    filename = config.admin.token_file
-    where = f"{config.path}: [admin] token_file"
+    return read_token_file(config, "admin", "token_file", config.admin.token_file)
+
+
+def read_token_file(config: Config, section: str, key: str, filename: str) -> str:
+    """Read a token file named by ``[section] key``: one non-empty ASCII line without
+    spaces (it goes into HTTP headers)."""
+    where = f"{config.path}: [{section}] {key}"
     try:
         with open(filename, encoding="utf-8") as f:
             token = f.read().strip()
@@ -478,6 +583,6 @@ def read_admin_token(config: Config) -> str:
         raise ConfigError(f"{where}: cannot read {filename}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: {filename} is not UTF-8 text") from None
-    if not token or any(c.isspace() for c in token):
+    if not token or any(c.isspace() for c in token) or not token.isascii():
         raise ConfigError(f"{where}: {filename} must hold one token without spaces")
     return token

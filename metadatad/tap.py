@@ -21,9 +21,11 @@ from metadatad.db.bootevents import BootEventRepository, BootEventStore
 from metadatad.db.cluster import ClusterRepository, ConductorInfo, bound_waits
 from metadatad.db.migrate import SchemaError, check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
+from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorStore
 from metadatad.identity import Identifier
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
+from metadatad.metadata.vendordata import make_vendordata
 from metadatad.tftp.service import TFTPSetupError, make_tftp_service
 
 
@@ -85,6 +87,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         BootEventRepository(engine), reactor, retention_days=config.tftp.event_retention
     )
     boot_events.setServiceParent(root)
+    vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
+    vendordata_errors.setServiceParent(root)
+    try:
+        vendordata = make_vendordata(config, reactor, vendordata_errors)
+    except ConfigError as e:
+        raise SystemExit(f"metadatad: {e}") from None
+    if vendordata is not None:
+        vendordata.setServiceParent(root)
 
     cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
@@ -94,6 +104,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         Identifier(config.metadata.trusted_proxies, config.metadata.proxy_shared_secret),
         static_vendordata=config.vendordata.static,
         region=config.metadata.region,
+        vendordata=vendordata,
     )
     _listen(
         root,
@@ -103,7 +114,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         make_site(metadata_site.resource(), config.metadata.access_log),
     )
     if config.admin.listen:
-        admin_site = AdminSite(store, admin_token, boot_events=boot_events, cluster=membership)
+        admin_site = AdminSite(
+            store,
+            admin_token,
+            boot_events=boot_events,
+            cluster=membership,
+            vendordata_errors=vendordata_errors,
+        )
         _listen(
             root,
             "admin-http",

@@ -376,3 +376,50 @@ class MemoryClusterRepository:
             and (self._claims[uuid].owner, self._claims[uuid].generation, self._claims[uuid].group)
             == (owner, generation, group)
         ]
+
+
+class MemoryVendordataErrorRepository:
+    """VendordataErrorRepository's behaviour, in a dict.  With ``nodes`` (a
+    :class:`MemoryNodeRepository`), marks for unknown nodes are refused like the
+    foreign key does.  ``available = False`` makes it fail."""
+
+    def __init__(self, nodes: MemoryNodeRepository | None = None) -> None:
+        from metadatad.db.vendordata import VendordataError
+
+        self._nodes = nodes
+        self._errors: dict[tuple[str, str], VendordataError] = {}
+        self.available = True
+
+    def _check(self) -> None:
+        if not self.available:
+            raise ConnectionError("database unreachable")
+
+    def mark(self, error: Any) -> bool:
+        self._check()
+        if self._nodes is not None and self._nodes.get_node(error.node_uuid) is None:
+            return False
+        row = error.row()
+        self._errors[(error.node_uuid, error.target)] = attrs.evolve(
+            error, reason=row["reason"], conductor=row["conductor"]
+        )
+        return True
+
+    def clear(self, node_uuid: str, target: str) -> None:
+        self._check()
+        self._errors.pop((node_uuid, target), None)
+
+    def for_node(self, node_uuid: str) -> list[Any]:
+        self._check()
+        self._cascade()
+        return [e for (uuid, _), e in sorted(self._errors.items()) if uuid == node_uuid]
+
+    def all(self) -> list[Any]:
+        self._check()
+        self._cascade()
+        return [e for _, e in sorted(self._errors.items())]
+
+    def _cascade(self) -> None:
+        # ON DELETE CASCADE: a deleted node's failures go with it.
+        if self._nodes is not None:
+            for key in [k for k in self._errors if self._nodes.get_node(k[0]) is None]:
+                del self._errors[key]

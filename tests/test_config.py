@@ -19,6 +19,7 @@ from metadatad.config import (
     Config,
     ConfigError,
     DatabaseConfig,
+    KeystoneConfig,
     MetadataConfig,
     TFTPConfig,
     VendordataConfig,
@@ -165,7 +166,25 @@ EVERY_KEY = {
         "replicas": "3",
         "max_load_factor": "1.05",
     },
-    "vendordata": {"static_file": "VENDORDATA"},
+    "vendordata": {
+        "static_file": "VENDORDATA",
+        "dynamic_targets": "testing@http://10.0.0.9:8080/vd, ops@https://ops.example.org/a@b",
+        "connect_timeout": "3",
+        "read_timeout": "0.5",
+        "failure_fatal": "true",
+        "ca_file": "CAFILE",
+        "cache_ttl": "0",
+        "service_token_file": "/etc/metadatad/vendordata-token",
+    },
+    "keystone": {
+        "auth_url": "https://keystone.example.org:5000/v3/",
+        "username": "metadatad",
+        "password": SECRET,
+        "project_name": "service",
+        "user_domain_name": "svc",
+        "project_domain_name": "svc-projects",
+        "ca_file": "CAFILE",
+    },
     "tftp": {
         "listen": "10.0.0.1, 10.1.0.1:6969 [2001:db8::1]:69",
         "root": "/srv/boot",
@@ -187,11 +206,14 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     """A file setting every key yields every value, converted to its type."""
     vendordata = tmp_path / "vendordata.json"
     vendordata.write_text(json.dumps({"cloud-init": "#cloud-config\n", "n": 1}))
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n")
+    placeholders = {"VENDORDATA": str(vendordata), "CAFILE": str(ca_file)}
     text = ""
     for section, keys in EVERY_KEY.items():
         text += f"[{section}]\n"
         for key, raw in keys.items():
-            text += f"{key} = {str(vendordata) if raw == 'VENDORDATA' else raw}\n"
+            text += f"{key} = {placeholders.get(raw, raw)}\n"
     config = load_config(write(tmp_path, text))
     assert config.database == DatabaseConfig(
         url="postgresql+psycopg://metadatad:pw@db.example.org/metadatad", pool_size=12
@@ -222,6 +244,26 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     )
     assert config.vendordata.static_file == str(vendordata)
     assert config.vendordata.static == {"cloud-init": "#cloud-config\n", "n": 1}
+    assert config.vendordata.dynamic_targets == (
+        ("testing", "http://10.0.0.9:8080/vd"),
+        ("ops", "https://ops.example.org/a@b"),
+    )
+    assert config.vendordata.connect_timeout == 3.0
+    assert config.vendordata.read_timeout == 0.5
+    assert config.vendordata.failure_fatal is True
+    assert config.vendordata.ca_file == str(ca_file)
+    assert config.vendordata.cache_ttl == 0.0
+    assert config.vendordata.service_token_file == "/etc/metadatad/vendordata-token"
+    assert config.keystone == KeystoneConfig(
+        auth_url="https://keystone.example.org:5000/v3",
+        username="metadatad",
+        password=SECRET,
+        project_name="service",
+        user_domain_name="svc",
+        project_domain_name="svc-projects",
+        ca_file=str(ca_file),
+    )
+    assert SECRET not in repr(config.keystone)
     assert config.tftp == TFTPConfig(
         listen=(("10.0.0.1", 69), ("10.1.0.1", 6969), ("2001:db8::1", 69)),
         root="/srv/boot",
@@ -412,7 +454,43 @@ BAD_VALUES = [
     ("tftp", "max_transfers", "0", "1 to 100000"),
     ("tftp", "max_transfers_per_source", "many", "many"),
     ("tftp", "event_retention", "-1", "-1"),
+    # dynamic vendordata
+    ("vendordata", "dynamic_targets", "http://10.0.0.9/", "name@url"),
+    ("vendordata", "dynamic_targets", "testing@", "name@url"),
+    ("vendordata", "dynamic_targets", "testing@ftp://10.0.0.9/", "http://"),
+    ("vendordata", "dynamic_targets", "static@http://10.0.0.9/", "'static'"),
+    ("vendordata", "dynamic_targets", "a b@http://10.0.0.9/", "name@url"),
+    ("vendordata", "dynamic_targets", "x/y@http://10.0.0.9/", "target name"),
+    ("vendordata", "dynamic_targets", "a@http://h/, a@http://i/", "used twice"),
+    ("vendordata", "connect_timeout", "0", "0.1"),
+    ("vendordata", "read_timeout", "soon", "soon"),
+    ("vendordata", "failure_fatal", "perhaps", "perhaps"),
+    ("vendordata", "ca_file", "/nonexistent/ca.pem", "cannot read"),
+    ("vendordata", "cache_ttl", "-1", "-1"),
+    ("keystone", "auth_url", "keystone:5000", "http://"),
+    ("keystone", "user_domain_name", "", "empty"),
+    ("keystone", "ca_file", "/nonexistent/ca.pem", "cannot read"),
 ]
+
+
+def test_ca_file_must_hold_a_certificate(tmp_path: Path) -> None:
+    """A ca_file without a PEM certificate is refused at start, naming the key."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("hello\n")
+    path = write(tmp_path, f"[vendordata]\nca_file = {not_pem}\n")
+    assert "[vendordata] ca_file:" in one_line_error(path)
+    assert "no PEM certificate" in one_line_error(path)
+
+
+@pytest.mark.parametrize("missing", ["username", "password", "project_name"])
+def test_keystone_needs_the_whole_service_user(tmp_path: Path, missing: str) -> None:
+    """With auth_url set, username, password and project_name are required."""
+    keys = {"auth_url": "http://127.0.0.1:5000", "username": "u", "password": "p"}
+    keys["project_name"] = "service"
+    del keys[missing]
+    text = "[keystone]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    message = one_line_error(write(tmp_path, text))
+    assert f"[keystone] {missing}: must be set when auth_url is set" in message
 
 
 @pytest.mark.parametrize(("section", "key", "raw", "detail"), BAD_VALUES)

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from metadatad.db.store import ConflictError, NodeRecord, Store
+from metadatad.db.vendordata import with_vendordata_errors
 from metadatad.httputil import handle_failure
 from metadatad.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
 
@@ -38,7 +39,12 @@ class AdminSite:
     log = Logger()
 
     def __init__(
-        self, store: Store, token: str, boot_events: Any = None, cluster: Any = None
+        self,
+        store: Store,
+        token: str,
+        boot_events: Any = None,
+        cluster: Any = None,
+        vendordata_errors: Any = None,
     ) -> None:
         self._store = store
         self._token = token.encode("utf-8")
@@ -46,6 +52,8 @@ class AdminSite:
         self._boot_events = boot_events
         # The MembershipService: ``conductors()``, ``ring()``, ``node_boot(uuid, group)``.
         self._cluster = cluster
+        # A VendordataErrorStore: nodes then show ``vendordata_error`` (null or why).
+        self._vendordata_errors = vendordata_errors
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
@@ -129,13 +137,15 @@ class AdminSite:
     def list_nodes(self, request: Request) -> Any:
         """Every node, without user-data (fetch one node for that)."""
 
-        def listed(records: list[NodeRecord]) -> bytes:
+        def listed(records: list[NodeRecord]) -> Deferred[bytes]:
             documents = []
             for record in records:
                 document = record.to_document()
                 document.pop("user_data")
                 documents.append(document)
-            return _json(request, 200, {"nodes": documents})
+            return with_vendordata_errors(self._vendordata_errors, documents).addCallback(
+                lambda documents: _json(request, 200, {"nodes": documents})
+            )
 
         return self._guarded(request, lambda: self._store.list_nodes().addCallback(listed))
 
@@ -167,9 +177,14 @@ class AdminSite:
         """One node, with its user-data."""
 
         def run() -> Deferred[bytes]:
-            return self._store.get_node(_check_uuid(uuid)).addCallback(
-                lambda record: _found(request, uuid, record)
-            )
+            def found(record: NodeRecord | None) -> Any:
+                if record is None:
+                    return _not_found(request, uuid)
+                return with_vendordata_errors(
+                    self._vendordata_errors, [record.to_document()]
+                ).addCallback(lambda documents: _json(request, 200, documents[0]))
+
+            return self._store.get_node(_check_uuid(uuid)).addCallback(found)
 
         return self._guarded(request, run)
 

@@ -131,3 +131,21 @@ node_claims = Table(
     Column("generation", BigInteger, nullable=False),
     Column("claimed_at", PRECISE_DATETIME, nullable=False),
 )
+
+# A node whose dynamic vendordata failed under ``failure_fatal`` (migration 0006): one
+# row per (node, target), cleared when that target next answers for the node.
+vendordata_errors = Table(
+    "vendordata_errors",
+    metadata,
+    Column(
+        "node_uuid",
+        String(36),
+        ForeignKey("nodes.uuid", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("target", String(64), primary_key=True),
+    Column("reason", String(512), nullable=False),
+    Column("node_revision", Integer, nullable=False),
+    Column("conductor", String(255), nullable=False),
+    Column("failed_at", DateTime, nullable=False),
+)

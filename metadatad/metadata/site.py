@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -57,6 +57,7 @@ class MetadataSite:
         static_vendordata: Mapping[str, Any] | None = None,
         region: str = "",
         random_bytes: Callable[[int], bytes] = os.urandom,
+        vendordata: Any = None,
     ) -> None:
         self._cache = cache
         self._store = store
@@ -64,6 +65,8 @@ class MetadataSite:
         self._static_vendordata = dict(static_vendordata or {})
         self._region = region
         self._random_bytes = random_bytes
+        # A DynamicVendordata (metadata/vendordata.py) when dynamic targets are set.
+        self._vendordata = vendordata
         self._vendor_data = json_reply(self._static_vendordata)
         self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
 
@@ -102,8 +105,6 @@ class MetadataSite:
         return self._answer(found, request, caller, parts)
 
     def _store_failed(self, failure: Failure, request: Request) -> bytes:
-        if failure.check(CancelledError):
-            return b""  # the caller hung up (MetadataResource called the lookup off)
         # The database is down or slow: the caller may retry; it is not our bug.
         self.log.warn("store query failed: {error}", error=failure.getErrorMessage())
         reply = error(503, "Service Unavailable: the store did not answer, retry")
@@ -160,6 +161,10 @@ class MetadataSite:
             return self._password(request, record)
         if name == "meta_data.json":
             return self._write(request, self._meta_data(entry, node, version))
+        if name == "vendor_data2.json" and self._vendordata is not None:
+            # Cached per node and target by the vendordata service, not memoised here.
+            d = self._vendordata.render(record, self._static_vendordata)
+            return d.addCallback(lambda reply: self._write(request, reply))
         key = ("openstack", version, name)
         reply = entry.memo.get(key)
         if reply is None:
@@ -272,16 +277,11 @@ class MetadataResource(Resource):
                 request.finish()
 
         def failed(failure: Failure) -> None:
-            if hung_up and failure.check(CancelledError):
-                return  # the caller left and its answer was called off: nobody to tell
             answer(self._site.failed(request, failure))
 
-        def leave(_: Failure) -> None:
-            # A caller that hangs up calls off whatever its answer still waits for.
-            hung_up.append(True)
-            result.cancel()
-
-        request.notifyFinish().addErrback(leave)
+        # A caller that hangs up gets nothing written.  What its answer waits for is
+        # left to finish: lookups and upstream calls are shared with other callers.
+        request.notifyFinish().addErrback(lambda _: hung_up.append(True))
         result.addCallbacks(answer, failed)
         return NOT_DONE_YET
 
