@@ -421,7 +421,14 @@ def parse_node(document: Any, field: str = "") -> Node:
 
 
 # Bookkeeping fields the API and CLI show; an operator may feed them back, they are ignored.
-READ_ONLY_FIELDS = ("revision", "created_at", "updated_at", "password_set")
+READ_ONLY_FIELDS = (
+    "revision",
+    "created_at",
+    "updated_at",
+    "password_set",
+    "shared_keys",
+    "private_keys",
+)
 
 
 def strip_read_only(document: Any) -> Any:

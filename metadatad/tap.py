@@ -24,6 +24,7 @@ from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
 from metadatad.identity import Identifier
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
+from metadatad.metadata.wiring import make_peer_services
 from metadatad.tftp.service import TFTPSetupError, make_tftp_service
 
 
@@ -88,12 +89,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
+    peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
     metadata_site = MetadataSite(
         cache,
         store,
         Identifier(config.metadata.trusted_proxies, config.metadata.proxy_shared_secret),
         static_vendordata=config.vendordata.static,
         region=config.metadata.region,
+        peer_routes=peer_routes,
     )
     _listen(
         root,
@@ -103,7 +106,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         make_site(metadata_site.resource(), config.metadata.access_log),
     )
     if config.admin.listen:
-        admin_site = AdminSite(store, admin_token, boot_events=boot_events, cluster=membership)
+        admin_site = AdminSite(
+            store, admin_token, boot_events=boot_events, cluster=membership, peers=peer_store
+        )
         _listen(
             root,
             "admin-http",

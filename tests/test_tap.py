@@ -151,14 +151,15 @@ def test_extra_arguments_are_a_usage_error(tmp_path: Path, migrated_url: str) ->
 def test_named_services_in_order(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
-    """The daemon is a MultiService of store, membership, boot-events, metadata-http,
-    admin-http."""
+    """The daemon is a MultiService of store, membership, boot-events, peer-watch,
+    metadata-http, admin-http."""
     root = build(write_conf(tmp_path, migrated_url), services)
     assert isinstance(root, MultiService)
     assert [service.name for service in root] == [
         "store",
         "membership",
         "boot-events",
+        "peer-watch",
         "metadata-http",
         "admin-http",
     ]
@@ -179,6 +180,7 @@ def test_each_backend_composes(
         "store",
         "membership",
         "boot-events",
+        "peer-watch",
         "metadata-http",
         "admin-http",
     ]
@@ -194,6 +196,7 @@ def test_without_admin_listen_there_is_no_admin_site(
         "store",
         "membership",
         "boot-events",
+        "peer-watch",
         "metadata-http",
     ]
     with pytest.raises(KeyError):
@@ -226,7 +229,14 @@ def test_start_listens_on_configured_addresses_and_stops(
     root.stopService().addBoth(results.append)
     assert len(results) == 1
     assert not isinstance(results[0], Failure), results[0]
-    assert stopped == ["admin-http", "metadata-http", "boot-events", "membership", "store"]
+    assert stopped == [
+        "admin-http",
+        "metadata-http",
+        "peer-watch",
+        "boot-events",
+        "membership",
+        "store",
+    ]
     assert not root.running
 
 
@@ -439,7 +449,15 @@ def test_tftp_service_is_named_and_last(
         f.write(f"[tftp]\nlisten = 127.0.0.1:0 127.0.0.2:0\ntemplates = {templates}\n")
     root = build(conf, services)
     names = [service.name for service in root]
-    assert names == ["store", "membership", "boot-events", "metadata-http", "admin-http", "tftp"]
+    assert names == [
+        "store",
+        "membership",
+        "boot-events",
+        "peer-watch",
+        "metadata-http",
+        "admin-http",
+        "tftp",
+    ]
     tftp = root.getServiceNamed("tftp")
     assert [s.name for s in tftp] == ["tftp-127.0.0.1:0", "tftp-127.0.0.2:0"]
     (templates / "grub.tmpl").write_text("$nope\n")

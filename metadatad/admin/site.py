@@ -38,7 +38,12 @@ class AdminSite:
     log = Logger()
 
     def __init__(
-        self, store: Store, token: str, boot_events: Any = None, cluster: Any = None
+        self,
+        store: Store,
+        token: str,
+        boot_events: Any = None,
+        cluster: Any = None,
+        peers: Any = None,
     ) -> None:
         self._store = store
         self._token = token.encode("utf-8")
@@ -46,6 +51,8 @@ class AdminSite:
         self._boot_events = boot_events
         # The MembershipService: ``conductors()``, ``ring()``, ``node_boot(uuid, group)``.
         self._cluster = cluster
+        # A PeerStore (or its fake): what nodes posted, shown in node documents.
+        self._peers = peers
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
@@ -167,9 +174,33 @@ class AdminSite:
         """One node, with its user-data."""
 
         def run() -> Deferred[bytes]:
-            return self._store.get_node(_check_uuid(uuid)).addCallback(
-                lambda record: _found(request, uuid, record)
+            canonical = _check_uuid(uuid)
+            d = self._store.get_node(canonical)
+            if self._peers is None:
+                return d.addCallback(lambda record: _found(request, uuid, record))
+            return d.addCallback(
+                lambda record: with_peer_entries(self._peers, canonical, record).addCallback(
+                    lambda document: _found_document(request, uuid, document)
+                )
             )
+
+        return self._guarded(request, run)
+
+    @app.route("/v1/nodes/<string:uuid>/shared_keys", methods=["DELETE"])
+    def delete_shared_keys(self, request: Request, uuid: str) -> Any:
+        """Delete the keys the node shared with its project (it may post new ones)."""
+
+        def run() -> Deferred[bytes]:
+            if self._peers is None:
+                raise BadRequest(503, {"error": "unavailable", "message": "no peer store"})
+
+            def deleted(count: int | None) -> bytes:
+                if count is None:
+                    return _not_found(request, uuid)
+                self.log.info("deleted {count} shared keys of node {uuid}", count=count, uuid=uuid)
+                return _json(request, 200, {"deleted": count})
+
+            return self._peers.delete_shared(_check_uuid(uuid)).addCallback(deleted)
 
         return self._guarded(request, run)
 
@@ -321,6 +352,27 @@ def _found(request: Request, uuid: str, record: NodeRecord | None, status: int =
     if record is None:
         return _not_found(request, uuid)
     return _json(request, status, record.to_document())
+
+
+def with_peer_entries(peers: Any, uuid: str, record: NodeRecord | None) -> Deferred[Any]:
+    """The node's document with ``shared_keys`` and ``private_keys`` (None: no node)."""
+    if record is None:
+        return succeed(None)
+
+    def merged(entries: dict[str, dict[str, str]]) -> dict[str, Any]:
+        document = record.to_document()
+        document["shared_keys"] = entries["shared"]
+        document["private_keys"] = entries["private"]
+        return document
+
+    d: Deferred[Any] = peers.node_entries(uuid)
+    return d.addCallback(merged)
+
+
+def _found_document(request: Request, uuid: str, document: dict[str, Any] | None) -> bytes:
+    if document is None:
+        return _not_found(request, uuid)
+    return _json(request, 200, document)
 
 
 def _check_uuid(uuid: str) -> str:

@@ -23,6 +23,8 @@ from metadatad.httputil import handle_failure
 from metadatad.identity import Caller, Identifier, IdentityError
 from metadatad.metadata import ec2, openstack
 from metadatad.metadata.cache import CacheEntry, NodeCache
+from metadatad.metadata.peers import SHARED_NAMES
+from metadatad.metadata.peersite import PeerRoutes
 from metadatad.metadata.reply import (
     BINARY,
     NOT_FOUND,
@@ -52,6 +54,7 @@ class MetadataSite:
         static_vendordata: Mapping[str, Any] | None = None,
         region: str = "",
         random_bytes: Callable[[int], bytes] = os.urandom,
+        peer_routes: PeerRoutes | None = None,
     ) -> None:
         self._cache = cache
         self._store = store
@@ -59,6 +62,7 @@ class MetadataSite:
         self._static_vendordata = dict(static_vendordata or {})
         self._region = region
         self._random_bytes = random_bytes
+        self._peers = peer_routes
         self._vendor_data = json_reply(self._static_vendordata)
         self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
 
@@ -72,7 +76,9 @@ class MetadataSite:
         """Every request of the site."""
         parts = split_path(request.path)
         method = request.method
-        if method not in _READ_METHODS and not (method == b"POST" and _is_password(parts)):
+        if method not in _READ_METHODS and not (
+            method == b"POST" and (_is_password(parts) or _is_peer_post(parts))
+        ):
             request.setHeader(b"Allow", _ALLOWED if _is_password(parts) else b"GET, HEAD")
             return self._write(request, error(405, "Method Not Allowed"))
         if not parts:
@@ -118,6 +124,8 @@ class MetadataSite:
             return self._write(request, error(404, "Not Found: no node for this caller"))
         if parts[0] == "openstack":
             return self._openstack(entry, record, request, parts[1:])
+        if parts[0] == "service" and self._peers is not None:
+            return self._peers.service(request, record, parts[1:], self._write, self._store_failed)
         if parts[0] == "ec2":
             parts = parts[1:]
         if not parts:
@@ -149,6 +157,10 @@ class MetadataSite:
         if len(parts) == 1:
             return self._write(request, text("\n".join(names)))
         name = parts[1]
+        if self._peers is not None and name == "metadata":
+            return self._peers.post(request, record, self._write, self._store_failed)
+        if self._peers is not None and name in SHARED_NAMES:
+            return self._peers.shared(request, record, self._write, self._store_failed)
         if name not in names:
             return self._write(request, NOT_FOUND)
         if name == "password":
@@ -222,6 +234,10 @@ class MetadataSite:
         for name, value in reply.headers:
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
         return reply.body
+
+
+def _is_peer_post(parts: list[str]) -> bool:
+    return len(parts) == 3 and parts[0] == "openstack" and parts[2] == "metadata"
 
 
 def _is_password(parts: list[str]) -> bool:
