@@ -110,7 +110,7 @@ def test_shared_view_is_per_project(pair: Pair) -> None:
     index, entries = pair.peers.shared("proj-a")
     assert index == pair.peers.index("proj-a")
     assert entries == [(A0.uuid, {"ip": "10.0.0.2"}), (A1.uuid, {"a": "1", "b": "2"})]
-    index_b, entries_b = pair.peers.shared("proj-b")
+    _, entries_b = pair.peers.shared("proj-b")
     assert entries_b == [(B2.uuid, {"secret": "of b"})]
     assert pair.peers.shared("proj-none") == (0, [])
 
@@ -213,7 +213,9 @@ def test_concurrent_posts_from_two_conductors(
             barrier = threading.Barrier(2)
             outcomes: list[Any] = [None, None]
 
-            def run(which: int, key: str = key, barrier: Any = barrier) -> None:
+            def run(
+                which: int, key: str = key, barrier: Any = barrier, outcomes: Any = outcomes
+            ) -> None:
                 barrier.wait()
                 try:
                     outcomes[which] = repositories[which].post(
