@@ -167,6 +167,9 @@ class PeerRoutes:
                 return answer(result)
             timeout = peers.jittered(watch.wait, self._jitter())
             waiting = self._hub.wait(project, index, timeout, mark)
+            self.log.debug(
+                "holding a watch of {project} at index {index}", project=project, index=index
+            )
             return waiting.addCallback(lambda _: read(project)).addCallback(answer)
 
         def broken(failure: Any) -> Any:
