@@ -42,9 +42,8 @@ class Site:
         self.hub = WatchHub(self.clock)
         cache = NodeCache(self.store.node_by_ip, self.store.get_node, Clock(), 15)
         self.store.add_change_listener(cache.invalidate)
-        routes = PeerRoutes(
-            PeerStore(self.peers, self.store.run), self.hub, limits, jitter=lambda: jitter
-        )
+        self.peer_store = PeerStore(self.peers, self.store.run)
+        routes = PeerRoutes(self.peer_store, self.hub, limits, jitter=lambda: jitter)
         site = MetadataSite(
             cache,  # type: ignore[arg-type]
             self.store,  # type: ignore[arg-type]
@@ -423,3 +422,33 @@ def test_existing_trees_are_untouched(site: Site) -> None:
     assert site.get("/openstack/latest/").status == 200
     assert site.get("/openstack/latest/meta_data.json").status == 200
     assert site.request("POST", "/openstack/latest/password", data=b"pw").status == 200
+
+
+def test_watchers_woken_together_share_one_read(site: Site) -> None:
+    """One notification waking many watchers costs one query, not one per watcher."""
+    index = site.get("/openstack/latest/shared.json").header("X-Metadatad-Index")
+    pending = [
+        site.start("GET", f"/openstack/latest/shared.json?index={index}&wait=60")
+        for _ in range(10)
+    ]
+    assert site.hub.count() == 10
+    queued: list[tuple[Any, tuple[Any, ...], Any]] = []
+
+    def later(f: Any, *args: Any) -> Any:  # the threadpool, answering when drained
+        from twisted.internet.defer import Deferred
+
+        d: Any = Deferred()
+        queued.append((f, args, d))
+        return d
+
+    site.peer_store._run = later
+    site.start("POST", "/openstack/latest/metadata?shared=project", data=b'{"ip": "1"}')
+    queries = []
+    while queued:
+        f, args, d = queued.pop(0)
+        queries.append(f.__name__)
+        d.callback(f(*args))
+    site.treq.flush()
+    assert queries == ["post", "shared"]
+    answers = [site.finish(d) for d in pending]
+    assert all(a.status == 200 and b"from_server_ip" in a.body for a in answers)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from metadatad.db.store import NodeRecord
@@ -56,6 +57,8 @@ class PeerRoutes:
         self._hub = hub
         self._limits = limits
         self._jitter = jitter
+        # Reads shared by the watchers one notification woke (see _read_after_wake).
+        self._woken_reads: dict[tuple[Any, str, int], list[Deferred[Any]]] = {}
 
     # --- posting -----------------------------------------------------------------
 
@@ -170,7 +173,9 @@ class PeerRoutes:
             self.log.debug(
                 "holding a watch of {project} at index {index}", project=project, index=index
             )
-            return waiting.addCallback(lambda _: read(project)).addCallback(answer)
+            return waiting.addCallback(
+                lambda _: self._read_after_wake(read, project)
+            ).addCallback(answer)
 
         def broken(failure: Any) -> Any:
             if failure.check(CancelledError):
@@ -178,6 +183,34 @@ class PeerRoutes:
             return failed(failure, request)
 
         return read(project).addCallback(first).addErrback(broken)
+
+
+    def _read_after_wake(
+        self, read: Callable[[str], Deferred[tuple[int, X]]], project: str
+    ) -> Deferred[tuple[int, X]]:
+        """One read for all the watchers of a project that one notification woke:
+        a thousand watchers cost one query, not a thousand.  They are woken in the
+        same call, so they see the same mark; a read started after the wake sees the
+        change that caused it."""
+        key = (getattr(read, "__name__", read), project, self._hub.mark())
+        mine: Deferred[tuple[int, X]] = Deferred()
+        waiting = self._woken_reads.get(key)
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+        self._woken_reads[key] = [mine]
+
+        def done(result: Any) -> None:
+            for d in self._woken_reads.pop(key):
+                if d.called:  # cancelled: its client went away
+                    continue
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        read(project).addBoth(done)
+        return mine
 
 
 def _arg(request: Request, name: str) -> list[str] | None:

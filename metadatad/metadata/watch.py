@@ -92,11 +92,14 @@ class WatchHub:
 
     def notify(self, project: str, index: int) -> None:
         """The project's index is ``index`` (or more): wake its watchers below it."""
-        self._sequence += 1
         recent = self._recent.get(project)
         if recent is None:
             recent = self._recent[project] = collections.deque(maxlen=_RECENT)
-        recent.append((self._sequence, index))
+        # Only news moves the mark: reads and polls repeat indexes all the time, and
+        # the watchers one notification wakes share a read keyed by the mark.
+        if not recent or index > recent[-1][1]:
+            self._sequence += 1
+            recent.append((self._sequence, index))
         waiters = self._waiters.get(project)
         if not waiters:
             return
@@ -140,6 +143,8 @@ class WatchHub:
         waiter.timer = None
 
     def _finish(self, waiter: _Waiter, index: int | None, reason: str) -> None:
+        if waiter.deferred.called:
+            return  # woken already, by a notify nested in another watcher's answer
         self._forget(waiter)
         WAKEUPS.labels(reason).inc()
         waiter.deferred.callback(index)
