@@ -77,6 +77,14 @@ def sockets(pid: int) -> int:
     return found
 
 
+def established(port: int) -> int:
+    """Established TCP connections whose server side is 127.0.0.1:``port``."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp", encoding="ascii") as f:
+        next(f)
+        return sum(1 for line in f if line.split()[1] == local and line.split()[3] == "01")
+
+
 def wait_until(condition, what: str, deadline: float = DEADLINE) -> None:  # type: ignore[no-untyped-def]
     give_up = time.monotonic() + deadline
     while not condition():
@@ -129,11 +137,15 @@ def measure_idle(d: Daemon, count: int) -> float:
     """KiB of daemon RSS per idle connection."""
     assert d.process is not None
     pid = d.process.pid
-    base_sockets = sockets(pid)
     base = settle(pid)
     loop = asyncio.new_event_loop()
     writers = loop.run_until_complete(_open_idle(d.metadata_port, count))
-    wait_until(lambda: sockets(pid) >= base_sockets + count, "idle connections accepted")
+    # Connected (the kernel's count), and accepted: the daemon holds a socket for each,
+    # besides its two listening ports.
+    wait_until(
+        lambda: established(d.metadata_port) >= count and sockets(pid) >= count + 2,
+        "idle connections accepted",
+    )
     grown = settle(pid)
     for writer in writers:
         writer.close()

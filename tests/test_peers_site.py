@@ -452,3 +452,17 @@ def test_watchers_woken_together_share_one_read(site: Site) -> None:
     assert queries == ["post", "shared"]
     answers = [site.finish(d) for d in pending]
     assert all(a.status == 200 and b"from_server_ip" in a.body for a in answers)
+
+
+def test_a_form_encoded_json_body_is_still_json(site: Site) -> None:
+    """``curl --data`` sends JSON labelled form-encoded: the body stays the body, and
+    ``shared`` is read from the query string only."""
+    body = json.dumps({"note": "a&shared=world"}).encode()
+    answer = site.request(
+        "POST",
+        "/openstack/latest/metadata?shared=project",
+        data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status == 200, answer.text
+    assert site.peers.node_entries(A0.uuid)["shared"] == {"note": "a&shared=world"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -213,16 +214,15 @@ class PeerRoutes:
         return mine
 
 
-def _arg(request: Request, name: str) -> list[str] | None:
-    values = (request.args or {}).get(name.encode("ascii"))
-    return [v.decode("utf-8", "replace") for v in values] if values is not None else None
-
-
 def _args(request: Request) -> dict[str, list[str]]:
-    return {
-        k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
-        for k, vs in (request.args or {}).items()
-    }
+    """The URI's query arguments only: twisted.web also merges a form-encoded body into
+    ``request.args``, and ``curl --data`` labels a JSON body that way."""
+    query = request.uri.partition(b"?")[2].decode("latin-1")
+    return parse_qs(query, keep_blank_values=True)
+
+
+def _arg(request: Request, name: str) -> list[str] | None:
+    return _args(request).get(name)
 
 
 def _header(request: Request, name: bytes) -> str | None:

@@ -224,8 +224,13 @@ class PostgresListener:
         self._fileno = connection.pgconn.socket
         self._reactor.addReader(self)
         self.log.info("listening for peer changes on PostgreSQL")
+        # libpq may have buffered notifications while LISTEN ran: the socket will not
+        # say so.  Anything committed before LISTEN is found by the poll on_state asks.
+        failed = self.doRead()
+        if failed is not None:
+            self.connectionLost(failed)
+            return
         self._on_state(True)
-        # Anything committed while we connected is found by the caller's poll.
 
     def _failed(self, failure: Failure) -> None:
         self.log.warn(
