@@ -23,6 +23,7 @@ from metadatad.cluster.commands import run_command as run_cluster_command
 from metadatad.config import Config, ConfigError, load_config
 from metadatad.db.cluster import ClusterRepository
 from metadatad.db.migrate import SchemaError, check_schema, upgrade
+from metadatad.db.peers import PeerRepository
 from metadatad.db.store import ConflictError, NodeRepository, make_engine
 from metadatad.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
 
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     node_show.add_argument("uuid")
     node_delete = node.add_parser("delete", help="delete a node")
     node_delete.add_argument("uuid")
+    node_unshare = node.add_parser(
+        "delete-shared-keys", help="delete the keys a node shared with its project"
+    )
+    node_unshare.add_argument("uuid")
     add_cluster_commands(commands)
     return parser
 
@@ -137,8 +142,18 @@ def _run(args: argparse.Namespace, config: Config, stdout: TextIO, stdin: TextIO
         record = repository.get_node(uuid)
         if record is None:
             raise CommandError(f"no node {uuid}")
-        json.dump(record.to_document(), stdout, indent=2, sort_keys=True)
+        document = record.to_document()
+        entries = PeerRepository(engine).node_entries(uuid)
+        document["shared_keys"] = entries["shared"]
+        document["private_keys"] = entries["private"]
+        json.dump(document, stdout, indent=2, sort_keys=True)
         print(file=stdout)
+        return 0
+    if args.action == "delete-shared-keys":
+        count = PeerRepository(engine).delete_shared(uuid)
+        if count is None:
+            raise CommandError(f"no node {uuid}")
+        print(f"deleted {count} shared keys of node {uuid}", file=stdout)
         return 0
     assert args.action == "delete"
     if not repository.delete_node(uuid):

@@ -306,6 +306,9 @@ class MetadataConfig:
     cache_ttl: float = 15.0
     region: str = ""
     access_log: bool = False
+    peer_max_keys: int = 128
+    peer_max_bytes: int = 65536
+    watch_max_wait: float = 300.0
 
 
 @attrs.frozen
@@ -402,6 +405,9 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "cache_ttl": _number(0, 86400),
             "region": _string,
             "access_log": _boolean,
+            "peer_max_keys": _integer(1, 100_000),
+            "peer_max_bytes": _integer(1, 16 * 1024 * 1024),
+            "watch_max_wait": _number(1, 3600),
         },
     ),
     "admin": (AdminConfig, {"listen": _optional_endpoint, "token_file": _string}),

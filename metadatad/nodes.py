@@ -421,7 +421,15 @@ def parse_node(document: Any, field: str = "") -> Node:
 
 
 # Bookkeeping fields the API and CLI show; an operator may feed them back, they are ignored.
-READ_ONLY_FIELDS = ("revision", "created_at", "updated_at", "password_set", "vendordata_error")
+READ_ONLY_FIELDS = (
+    "revision",
+    "created_at",
+    "updated_at",
+    "password_set",
+    "vendordata_error",
+    "shared_keys",
+    "private_keys",
+)
 
 
 def strip_read_only(document: Any) -> Any:

@@ -26,6 +26,7 @@ from metadatad.identity import Identifier
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
+from metadatad.metadata.wiring import make_peer_services
 from metadatad.tftp.service import TFTPSetupError, make_tftp_service
 
 
@@ -98,6 +99,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
+    peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
     metadata_site = MetadataSite(
         cache,
         store,
@@ -105,6 +107,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         static_vendordata=config.vendordata.static,
         region=config.metadata.region,
         vendordata=vendordata,
+        peer_routes=peer_routes,
     )
     _listen(
         root,
@@ -120,6 +123,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             boot_events=boot_events,
             cluster=membership,
             vendordata_errors=vendordata_errors,
+            peers=peer_store,
         )
         _listen(
             root,

@@ -8,12 +8,14 @@ already fired, for driving the Klein sites with ``StubTreq`` without threads.
 :class:`~metadatad.db.bootevents.BootEventRepository`.
 :class:`MemoryClusterRepository` passes ``tests/test_cluster_repository.py`` beside
 :class:`~metadatad.db.cluster.ClusterRepository`.
+:class:`MemoryPeerRepository` passes ``tests/test_peers_repository.py`` beside
+:class:`~metadatad.db.peers.PeerRepository`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -22,7 +24,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.cluster import Claim, ConductorInfo, ConductorRecord, RingState
+from metadatad.db.peers import PeerConflict, PostResult
 from metadatad.db.store import ConflictError, NodeRecord
+from metadatad.metadata.peers import check_quota
 from metadatad.nodes import Node
 
 T = TypeVar("T")
@@ -46,6 +50,8 @@ class MemoryNodeRepository:
         self.available = True
         # Called with the uuid of each deleted node (the cluster fake's ON DELETE CASCADE).
         self.delete_listeners: list[Callable[[str], None]] = []
+        # Called with the projects each write touched (the peer fake bumps their index).
+        self.project_listeners: list[Callable[[set[str]], None]] = []
 
     def _check(self) -> None:
         if not self.available:
@@ -107,6 +113,11 @@ class MemoryNodeRepository:
                         )
         moment = self._moment()
         created = []
+        projects = {n.project_id for n in new_nodes} | {
+            self._nodes[n.uuid].node.project_id for n in new_nodes if n.uuid in self._nodes
+        }
+        for listener in self.project_listeners:
+            listener(projects)
         for node in new_nodes:
             old = self._nodes.get(node.uuid)
             created.append(old is None)
@@ -120,8 +131,11 @@ class MemoryNodeRepository:
 
     def delete_node(self, uuid: str) -> bool:
         self._check()
-        deleted = self._nodes.pop(uuid, None) is not None
-        if deleted:
+        gone = self._nodes.pop(uuid, None)
+        deleted = gone is not None
+        if gone is not None:
+            for project_listener in self.project_listeners:
+                project_listener({gone.node.project_id})
             for listener in self.delete_listeners:
                 listener(uuid)
         return deleted
@@ -172,6 +186,13 @@ class MemoryStore:
             for listener in self._change_listeners:
                 listener()
         return succeed(result)
+
+    def run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``f`` at once (the real store runs it on its threadpool)."""
+        try:
+            return succeed(f(*args))
+        except Exception as e:
+            return fail(e)
 
     def ping(self) -> Deferred[None]:
         return self._run("ping")
@@ -423,3 +444,109 @@ class MemoryVendordataErrorRepository:
         if self._nodes is not None:
             for key in [k for k in self._errors if self._nodes.get_node(k[0]) is None]:
                 del self._errors[key]
+
+
+class MemoryPeerRepository:
+    """PeerRepository's behaviour over a :class:`MemoryNodeRepository`."""
+
+    def __init__(self, nodes: MemoryNodeRepository) -> None:
+        self._nodes = nodes
+        self._entries: dict[str, dict[str, tuple[str, bool]]] = {}
+        self._indexes: dict[str, int] = {}
+        nodes.project_listeners.append(self._touched)
+        nodes.delete_listeners.append(self._cascade)
+
+    def _touched(self, projects: set[str]) -> None:
+        self._bump(projects)
+
+    def _cascade(self, uuid: str) -> None:
+        self._entries.pop(uuid, None)
+
+    def _bump(self, projects: Iterable[str]) -> dict[str, int]:
+        for project in projects:
+            self._indexes[project] = self._indexes.get(project, 0) + 1
+        return {p: self._indexes[p] for p in projects}
+
+    def _node(self, uuid: str) -> Node | None:
+        self._nodes._check()
+        stored = self._nodes._nodes.get(uuid)
+        return stored.node if stored is not None else None
+
+    def post(
+        self,
+        node_uuid: str,
+        entries: Mapping[str, str],
+        shared: bool,
+        max_keys: int,
+        max_bytes: int,
+    ) -> PostResult | None:
+        node = self._node(node_uuid)
+        if node is None:
+            return None
+        stored = self._entries.get(node_uuid, {})
+        new = {}
+        for key, value in entries.items():
+            if key not in stored:
+                new[key] = value
+                continue
+            old_value, old_shared = stored[key]
+            if old_shared != shared:
+                scope = "shared with the project" if old_shared else "private"
+                raise PeerConflict(key, f"key {key!r} is already set, {scope}")
+            if old_value != value:
+                raise PeerConflict(key, f"key {key!r} is already set to another value")
+        index = self._indexes.get(node.project_id, 0)
+        if not new:
+            return PostResult((), index)
+        check_quota({k: v for k, (v, _) in stored.items()}, new, max_keys, max_bytes)
+        self._entries.setdefault(node_uuid, {}).update((k, (v, shared)) for k, v in new.items())
+        if shared:
+            index = self._bump([node.project_id])[node.project_id]
+        return PostResult(tuple(sorted(new)), index)
+
+    def delete_shared(self, node_uuid: str) -> int | None:
+        node = self._node(node_uuid)
+        if node is None:
+            return None
+        stored = self._entries.get(node_uuid, {})
+        gone = [k for k, (_, shared) in stored.items() if shared]
+        for key in gone:
+            del stored[key]
+        if gone:
+            self._bump([node.project_id])
+        return len(gone)
+
+    def index(self, project: str) -> int:
+        return self.indexes([project]).get(project, 0)
+
+    def indexes(self, projects: Iterable[str]) -> dict[str, int]:
+        self._nodes._check()
+        return {p: self._indexes[p] for p in set(projects) if p in self._indexes}
+
+    def shared(self, project: str) -> tuple[int, list[tuple[str, dict[str, str]]]]:
+        self._nodes._check()
+        found = []
+        for uuid in sorted(self._entries):
+            node = self._node(uuid)
+            if node is None or node.project_id != project:
+                continue
+            meta = {k: v for k, (v, shared) in sorted(self._entries[uuid].items()) if shared}
+            if meta:
+                found.append((uuid, meta))
+        return self._indexes.get(project, 0), found
+
+    def project_nodes(self, project: str) -> tuple[int, list[Node]]:
+        self._nodes._check()
+        members = [
+            stored.node
+            for uuid, stored in sorted(self._nodes._nodes.items())
+            if stored.node.project_id == project
+        ]
+        return self._indexes.get(project, 0), members
+
+    def node_entries(self, node_uuid: str) -> dict[str, dict[str, str]]:
+        self._nodes._check()
+        found: dict[str, dict[str, str]] = {"shared": {}, "private": {}}
+        for key, (value, shared) in sorted(self._entries.get(node_uuid, {}).items()):
+            found["shared" if shared else "private"][key] = value
+        return found

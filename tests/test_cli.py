@@ -25,7 +25,14 @@ from metadatad.nodes import USER_DATA_MAX_BYTES
 from tests.databases import BACKENDS, SERVER_URLS, ScratchDatabase, empty_database, unavailable
 from tests.factories import make_node, node_document
 
-READ_ONLY = ("revision", "created_at", "updated_at", "password_set")
+READ_ONLY = (
+    "revision",
+    "created_at",
+    "updated_at",
+    "password_set",
+    "shared_keys",
+    "private_keys",
+)
 UNKNOWN_UUID = "0badc0de-0000-4000-8000-000000000001"
 
 

@@ -105,6 +105,8 @@ def test_empty_file_gives_every_default(tmp_path: Path) -> None:
     assert config.metadata.cache_ttl == 15.0
     assert config.metadata.region == ""
     assert config.metadata.access_log is False
+    assert (config.metadata.peer_max_keys, config.metadata.peer_max_bytes) == (128, 65536)
+    assert config.metadata.watch_max_wait == 300.0
     assert config.admin.listen == "tcp:8776:interface=127.0.0.1"
     assert config.admin.token_file == "/etc/metadatad/admin-token"
     assert config.conductor.hostname == socket.gethostname()
@@ -153,6 +155,9 @@ EVERY_KEY = {
         "cache_ttl": "2.5",
         "region": "eu-west-7",
         "access_log": "yes",
+        "peer_max_keys": "64",
+        "peer_max_bytes": "4096",
+        "watch_max_wait": "60",
     },
     "admin": {"listen": "unix:/run/metadatad/admin.sock", "token_file": "/srv/token"},
     "conductor": {
@@ -228,6 +233,9 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     assert config.metadata.cache_ttl == 2.5
     assert config.metadata.region == "eu-west-7"
     assert config.metadata.access_log is True
+    assert config.metadata.peer_max_keys == 64
+    assert config.metadata.peer_max_bytes == 4096
+    assert config.metadata.watch_max_wait == 60.0
     assert config.admin == AdminConfig(
         listen="unix:/run/metadatad/admin.sock", token_file="/srv/token"
     )
@@ -303,6 +311,10 @@ def test_schema_matches_the_config_classes() -> None:
         ("metadata", "access_log", "off", False),
         ("metadata", "cache_ttl", "0", 0.0),
         ("metadata", "cache_ttl", "86400", 86400.0),
+        ("metadata", "peer_max_keys", "1", 1),
+        ("metadata", "peer_max_bytes", "16777216", 16777216),
+        ("metadata", "watch_max_wait", "1", 1.0),
+        ("metadata", "watch_max_wait", "3600", 3600.0),
         ("database", "pool_size", "1", 1),
         ("database", "pool_size", "64", 64),
         (
@@ -399,6 +411,12 @@ BAD_VALUES = [
     ("metadata", "cache_ttl", "nan", "nan"),
     ("metadata", "cache_ttl", "inf", "inf"),
     ("metadata", "cache_ttl", "86401", "86401"),
+    ("metadata", "peer_max_keys", "0", "0"),
+    ("metadata", "peer_max_keys", "many", "many"),
+    ("metadata", "peer_max_bytes", "-5", "-5"),
+    ("metadata", "peer_max_bytes", "16777217", "16777217"),
+    ("metadata", "watch_max_wait", "0", "0"),
+    ("metadata", "watch_max_wait", "3601", "3601"),
     ("metadata", "cache_ttl", "15 ; seconds", "15 ; seconds"),
     # integers: not one, or out of range
     ("database", "pool_size", "five", "five"),

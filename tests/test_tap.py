@@ -152,7 +152,7 @@ def test_named_services_in_order(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
     """The daemon is a MultiService of store, membership, boot-events,
-    vendordata-errors, metadata-http, admin-http."""
+    vendordata-errors, peer-watch, metadata-http, admin-http."""
     root = build(write_conf(tmp_path, migrated_url), services)
     assert isinstance(root, MultiService)
     assert [service.name for service in root] == [
@@ -160,6 +160,7 @@ def test_named_services_in_order(
         "membership",
         "boot-events",
         "vendordata-errors",
+        "peer-watch",
         "metadata-http",
         "admin-http",
     ]
@@ -181,6 +182,7 @@ def test_each_backend_composes(
         "membership",
         "boot-events",
         "vendordata-errors",
+        "peer-watch",
         "metadata-http",
         "admin-http",
     ]
@@ -197,6 +199,7 @@ def test_without_admin_listen_there_is_no_admin_site(
         "membership",
         "boot-events",
         "vendordata-errors",
+        "peer-watch",
         "metadata-http",
     ]
     with pytest.raises(KeyError):
@@ -232,6 +235,7 @@ def test_start_listens_on_configured_addresses_and_stops(
     assert stopped == [
         "admin-http",
         "metadata-http",
+        "peer-watch",
         "vendordata-errors",
         "boot-events",
         "membership",
@@ -454,6 +458,7 @@ def test_tftp_service_is_named_and_last(
         "membership",
         "boot-events",
         "vendordata-errors",
+        "peer-watch",
         "metadata-http",
         "admin-http",
         "tftp",

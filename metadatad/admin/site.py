@@ -42,9 +42,11 @@ class AdminSite:
         self,
         store: Store,
         token: str,
+        *,
         boot_events: Any = None,
         cluster: Any = None,
         vendordata_errors: Any = None,
+        peers: Any = None,
     ) -> None:
         self._store = store
         self._token = token.encode("utf-8")
@@ -54,6 +56,8 @@ class AdminSite:
         self._cluster = cluster
         # A VendordataErrorStore: nodes then show ``vendordata_error`` (null or why).
         self._vendordata_errors = vendordata_errors
+        # A PeerStore (or its fake): what nodes posted, shown in node documents.
+        self._peers = peers
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
@@ -177,14 +181,40 @@ class AdminSite:
         """One node, with its user-data."""
 
         def run() -> Deferred[bytes]:
+            canonical = _check_uuid(uuid)
+
             def found(record: NodeRecord | None) -> Any:
                 if record is None:
                     return _not_found(request, uuid)
-                return with_vendordata_errors(
-                    self._vendordata_errors, [record.to_document()]
-                ).addCallback(lambda documents: _json(request, 200, documents[0]))
+                d: Deferred[Any] = (
+                    succeed(record.to_document())
+                    if self._peers is None
+                    else with_peer_entries(self._peers, canonical, record)
+                )
+                d.addCallback(
+                    lambda document: with_vendordata_errors(self._vendordata_errors, [document])
+                )
+                return d.addCallback(lambda documents: _json(request, 200, documents[0]))
 
-            return self._store.get_node(_check_uuid(uuid)).addCallback(found)
+            return self._store.get_node(canonical).addCallback(found)
+
+        return self._guarded(request, run)
+
+    @app.route("/v1/nodes/<string:uuid>/shared_keys", methods=["DELETE"])
+    def delete_shared_keys(self, request: Request, uuid: str) -> Any:
+        """Delete the keys the node shared with its project (it may post new ones)."""
+
+        def run() -> Deferred[bytes]:
+            if self._peers is None:
+                raise BadRequest(503, {"error": "unavailable", "message": "no peer store"})
+
+            def deleted(count: int | None) -> bytes:
+                if count is None:
+                    return _not_found(request, uuid)
+                self.log.info("deleted {count} shared keys of node {uuid}", count=count, uuid=uuid)
+                return _json(request, 200, {"deleted": count})
+
+            return self._peers.delete_shared(_check_uuid(uuid)).addCallback(deleted)
 
         return self._guarded(request, run)
 
@@ -336,6 +366,27 @@ def _found(request: Request, uuid: str, record: NodeRecord | None, status: int =
     if record is None:
         return _not_found(request, uuid)
     return _json(request, status, record.to_document())
+
+
+def with_peer_entries(peers: Any, uuid: str, record: NodeRecord | None) -> Deferred[Any]:
+    """The node's document with ``shared_keys`` and ``private_keys`` (None: no node)."""
+    if record is None:
+        return succeed(None)
+
+    def merged(entries: dict[str, dict[str, str]]) -> dict[str, Any]:
+        document = record.to_document()
+        document["shared_keys"] = entries["shared"]
+        document["private_keys"] = entries["private"]
+        return document
+
+    d: Deferred[Any] = peers.node_entries(uuid)
+    return d.addCallback(merged)
+
+
+def _found_document(request: Request, uuid: str, document: dict[str, Any] | None) -> bytes:
+    if document is None:
+        return _not_found(request, uuid)
+    return _json(request, 200, document)
 
 
 def _check_uuid(uuid: str) -> str:

@@ -132,7 +132,7 @@ node_claims = Table(
     Column("claimed_at", PRECISE_DATETIME, nullable=False),
 )
 
-# A node whose dynamic vendordata failed under ``failure_fatal`` (migration 0006): one
+# A node whose dynamic vendordata failed under ``failure_fatal`` (migration 0004): one
 # row per (node, target), cleared when that target next answers for the node.
 vendordata_errors = Table(
     "vendordata_errors",
@@ -148,4 +148,36 @@ vendordata_errors = Table(
     Column("node_revision", Integer, nullable=False),
     Column("conductor", String(255), nullable=False),
     Column("failed_at", DateTime, nullable=False),
+)
+
+# --- peer discovery (migration 0005) -------------------------------------------------
+
+# Keys compare byte for byte: MySQL's default collation would make ``Key`` equal ``key``.
+PEER_KEY = String(255).with_variant(mysql.VARCHAR(255, collation="utf8mb4_bin"), "mysql", "mariadb")
+
+# What nodes posted to /openstack/latest/metadata: write-once, one row per node and key.
+# ``shared`` rows are visible to the node's project (shared.json); the others are the
+# node's private callback data, shown to operators only.
+peer_entries = Table(
+    "peer_entries",
+    metadata,
+    Column(
+        "node_uuid",
+        String(36),
+        ForeignKey("nodes.uuid", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("key", PEER_KEY, primary_key=True),
+    Column("value", LONG_TEXT, nullable=False),
+    Column("shared", Boolean, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+# The watch index of each project: bumped by every change a project's peers or service
+# view can show (shared entries, node writes).  Its row is also the project's write lock.
+peer_index = Table(
+    "peer_index",
+    metadata,
+    Column("project_id", String(255), primary_key=True),
+    Column("counter", BigInteger, nullable=False),
 )

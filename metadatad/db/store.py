@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from metadatad.db.peers import bump_projects
 from metadatad.db.schema import nodes, ports
 from metadatad.nodes import Node, parse_node
 
@@ -199,12 +200,18 @@ class NodeRepository:
         try:
             with self.engine.begin() as connection:
                 existing: dict[str, int] = {}
+                projects = {n.project_id for n in new_nodes}
                 for chunk in _chunks(uuids):
-                    existing.update(
-                        connection.execute(
-                            select(nodes.c.uuid, nodes.c.revision).where(nodes.c.uuid.in_(chunk))
-                        ).all()
-                    )
+                    for found in connection.execute(
+                        select(nodes.c.uuid, nodes.c.revision, nodes.c.project_id).where(
+                            nodes.c.uuid.in_(chunk)
+                        )
+                    ):
+                        existing[found.uuid] = found.revision
+                        projects.add(found.project_id)
+                # Watchers of these projects' peers and services wake up (projects are
+                # locked before nodes: see metadatad.db.peers).
+                bump_projects(connection, projects)
                 for chunk in _chunks(uuids):
                     connection.execute(delete(ports).where(ports.c.node_uuid.in_(chunk)))
                 self._check_ports_free(connection, new_nodes, as_list)
@@ -266,6 +273,11 @@ class NodeRepository:
     def delete_node(self, uuid: str) -> bool:
         """Delete a node and its ports; False if there was none."""
         with self.engine.begin() as connection:
+            project = connection.execute(
+                select(nodes.c.project_id).where(nodes.c.uuid == uuid)
+            ).scalar()
+            if project is not None:
+                bump_projects(connection, [project])
             connection.execute(delete(ports).where(ports.c.node_uuid == uuid))
             return connection.execute(delete(nodes).where(nodes.c.uuid == uuid)).rowcount > 0
 
@@ -346,6 +358,10 @@ class Store(Service):
 
     def _run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        """Run another repository's synchronous ``f`` on this store's threadpool."""
+        return self._run(f, *args, **kwargs)
 
     def add_change_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` on the reactor thread after every node write here."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -29,6 +29,8 @@ from metadatad.httputil import handle_failure
 from metadatad.identity import Caller, Identifier, IdentityError
 from metadatad.metadata import ec2, openstack
 from metadatad.metadata.cache import CacheEntry, NodeCache
+from metadatad.metadata.peers import SHARED_NAMES
+from metadatad.metadata.peersite import PeerRoutes
 from metadatad.metadata.reply import (
     BINARY,
     NOT_FOUND,
@@ -58,6 +60,7 @@ class MetadataSite:
         region: str = "",
         random_bytes: Callable[[int], bytes] = os.urandom,
         vendordata: Any = None,
+        peer_routes: PeerRoutes | None = None,
     ) -> None:
         self._cache = cache
         self._store = store
@@ -67,6 +70,7 @@ class MetadataSite:
         self._random_bytes = random_bytes
         # A DynamicVendordata (metadata/vendordata.py) when dynamic targets are set.
         self._vendordata = vendordata
+        self._peers = peer_routes
         self._vendor_data = json_reply(self._static_vendordata)
         self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
 
@@ -78,7 +82,9 @@ class MetadataSite:
         """Every request of the site."""
         parts = split_path(request.path)
         method = request.method
-        if method not in _READ_METHODS and not (method == b"POST" and _is_password(parts)):
+        if method not in _READ_METHODS and not (
+            method == b"POST" and (_is_password(parts) or _is_peer_post(parts))
+        ):
             request.setHeader(b"Allow", _ALLOWED if _is_password(parts) else b"GET, HEAD")
             return self._write(request, error(405, "Method Not Allowed"))
         if not parts:
@@ -104,7 +110,9 @@ class MetadataSite:
             )
         return self._answer(found, request, caller, parts)
 
-    def _store_failed(self, failure: Failure, request: Request) -> bytes:
+    def _store_failed(self, failure: Failure, request: Request) -> bytes | Failure:
+        if failure.check(CancelledError):
+            return failure  # the caller hung up; not the store's fault
         # The database is down or slow: the caller may retry; it is not our bug.
         self.log.warn("store query failed: {error}", error=failure.getErrorMessage())
         reply = error(503, "Service Unavailable: the store did not answer, retry")
@@ -124,6 +132,8 @@ class MetadataSite:
             return self._write(request, error(404, "Not Found: no node for this caller"))
         if parts[0] == "openstack":
             return self._openstack(entry, record, request, parts[1:])
+        if parts[0] == "service" and self._peers is not None:
+            return self._peers.service(request, record, parts[1:], self._write, self._store_failed)
         if parts[0] == "ec2":
             parts = parts[1:]
         if not parts:
@@ -155,6 +165,10 @@ class MetadataSite:
         if len(parts) == 1:
             return self._write(request, text("\n".join(names)))
         name = parts[1]
+        if self._peers is not None and name == "metadata":
+            return self._peers.post(request, record, self._write, self._store_failed)
+        if self._peers is not None and name in SHARED_NAMES:
+            return self._peers.shared(request, record, self._write, self._store_failed)
         if name not in names:
             return self._write(request, NOT_FOUND)
         if name == "password":
@@ -271,19 +285,29 @@ class MetadataResource(Resource):
             return result
         hung_up: list[bool] = []
 
-        def answer(body: bytes) -> None:
-            if not hung_up:
+        def answer(body: bytes | None) -> None:
+            if not hung_up and body is not None:
                 request.write(body)
                 request.finish()
 
         def failed(failure: Failure) -> None:
+            if hung_up and failure.check(CancelledError):
+                return  # called off below: nobody is left to answer
             answer(self._site.failed(request, failure))
 
-        # A caller that hangs up gets nothing written.  What its answer waits for is
-        # left to finish: lookups and upstream calls are shared with other callers.
-        request.notifyFinish().addErrback(lambda _: hung_up.append(True))
+        def leave(_: Failure) -> None:
+            # As Klein does: a caller that hangs up calls off what its answer waits for
+            # (a held watch, a lookup); collaborators shield what other callers share.
+            hung_up.append(True)
+            result.cancel()
+
+        request.notifyFinish().addErrback(leave)
         result.addCallbacks(answer, failed)
         return NOT_DONE_YET
+
+
+def _is_peer_post(parts: list[str]) -> bool:
+    return len(parts) == 3 and parts[0] == "openstack" and parts[2] == "metadata"
 
 
 def _is_password(parts: list[str]) -> bool:

@@ -360,8 +360,11 @@ class DynamicVendordata(Service):
 
     def render(self, record: Any, static: Mapping[str, Any]) -> Deferred[Reply]:
         """``vendor_data2.json`` for the node of ``record`` (a NodeRecord): never
-        fails; a fatal failure is a 500 reply."""
-        return self.fetch(record).addCallback(self._reply, record, static)
+        fails; a fatal failure is a 500 reply.  Cancelling it (the caller hung up)
+        leaves the upstream calls, shared with other callers, running."""
+        answer: Deferred[Reply] = Deferred()
+        self.fetch(record).addCallback(self._reply, record, static).chainDeferred(answer)
+        return answer
 
     def fetch(self, record: Any) -> Deferred[list[Outcome]]:
         """Every target's outcome for the node, in target order."""
