@@ -180,6 +180,7 @@ EVERY_KEY = {
         "max_transfers_per_source": "4",
         "event_retention": "30",
     },
+    "logging": {"format": "JSON"},
 }
 
 
@@ -236,6 +237,7 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         max_transfers_per_source=4,
         event_retention=30.0,
     )
+    assert config.logging.format == "json"
 
 
 def test_every_key_test_covers_the_whole_schema() -> None:
@@ -279,6 +281,20 @@ def test_schema_matches_the_config_classes() -> None:
         ("tftp", "listen", "0.0.0.0", (("0.0.0.0", 69),)),
         ("tftp", "listen", "[::1]", (("::1", 69),)),
         ("tftp", "listen", "127.0.0.1:0", (("127.0.0.1", 0),)),
+        (
+            "tftp",
+            "listen",
+            "systemd:domain=INET:index=1, 10.0.0.1",
+            (("systemd:domain=INET:index=1", 0), ("10.0.0.1", 69)),
+        ),
+        (
+            "tftp",
+            "listen",
+            "systemd:domain=INET:name=tftp",
+            (("systemd:domain=INET:name=tftp", 0),),
+        ),
+        ("logging", "format", "json", "json"),
+        ("logging", "format", " Text ", "text"),
         ("tftp", "max_blksize", "65464", 65464),
         ("tftp", "event_retention", "0", 0.0),
     ],
@@ -412,6 +428,11 @@ BAD_VALUES = [
     ("tftp", "max_transfers", "0", "1 to 100000"),
     ("tftp", "max_transfers_per_source", "many", "many"),
     ("tftp", "event_retention", "-1", "-1"),
+    ("tftp", "listen", "systemd:domain=INET", "one of index= or name="),
+    ("tftp", "listen", "systemd:domain=UNIX:index=0", "domain=INET"),
+    ("tftp", "listen", "systemd:domain=INET:index=x", "index must be"),
+    ("tftp", "listen", "systemd:domain=INET:index=0:name=tftp", "one of index="),
+    ("logging", "format", "xml", "text or json"),
 ]
 
 

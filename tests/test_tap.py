@@ -152,7 +152,7 @@ def test_named_services_in_order(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
     """The daemon is a MultiService of store, membership, boot-events, metadata-http,
-    admin-http."""
+    admin-http, metrics and reload."""
     root = build(write_conf(tmp_path, migrated_url), services)
     assert isinstance(root, MultiService)
     assert [service.name for service in root] == [
@@ -161,6 +161,8 @@ def test_named_services_in_order(
         "boot-events",
         "metadata-http",
         "admin-http",
+        "metrics",
+        "reload",
     ]
     assert isinstance(root.getServiceNamed("store"), Store)
     for name in ("metadata-http", "admin-http"):
@@ -181,6 +183,8 @@ def test_each_backend_composes(
         "boot-events",
         "metadata-http",
         "admin-http",
+        "metrics",
+        "reload",
     ]
     assert root.getServiceNamed("store").repository.engine.pool.size() == 3
 
@@ -195,6 +199,8 @@ def test_without_admin_listen_there_is_no_admin_site(
         "membership",
         "boot-events",
         "metadata-http",
+        "metrics",
+        "reload",
     ]
     with pytest.raises(KeyError):
         root.getServiceNamed("admin-http")
@@ -226,7 +232,15 @@ def test_start_listens_on_configured_addresses_and_stops(
     root.stopService().addBoth(results.append)
     assert len(results) == 1
     assert not isinstance(results[0], Failure), results[0]
-    assert stopped == ["admin-http", "metadata-http", "boot-events", "membership", "store"]
+    assert stopped == [
+        "reload",
+        "metrics",
+        "admin-http",
+        "metadata-http",
+        "boot-events",
+        "membership",
+        "store",
+    ]
     assert not root.running
 
 
@@ -439,7 +453,16 @@ def test_tftp_service_is_named_and_last(
         f.write(f"[tftp]\nlisten = 127.0.0.1:0 127.0.0.2:0\ntemplates = {templates}\n")
     root = build(conf, services)
     names = [service.name for service in root]
-    assert names == ["store", "membership", "boot-events", "metadata-http", "admin-http", "tftp"]
+    assert names == [
+        "store",
+        "membership",
+        "boot-events",
+        "metadata-http",
+        "admin-http",
+        "tftp",
+        "metrics",
+        "reload",
+    ]
     tftp = root.getServiceNamed("tftp")
     assert [s.name for s in tftp] == ["tftp-127.0.0.1:0", "tftp-127.0.0.2:0"]
     (templates / "grub.tmpl").write_text("$nope\n")
