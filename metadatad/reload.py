@@ -2,8 +2,9 @@
 """SIGHUP: read the configuration file again, take the new static vendordata, and
 forget every cached node lookup.  Listening sockets and connections are untouched.
 
-Only ``[vendordata]`` takes effect this way; a change anywhere else is named in the
-log as needing a restart.  A file that no longer parses changes nothing.
+Only ``[vendordata] static_file`` (and the file's content) takes effect this way; a
+change anywhere else is named in the log as needing a restart.  A file that no
+longer parses changes nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             continue
         if getattr(old, field.name) != getattr(new, field.name):
             restart.append(field.name)
+    # Only the static document is reloaded; any other [vendordata] key waits too.
+    rest = attrs.evolve(
+        old.vendordata, static_file=new.vendordata.static_file, static=new.vendordata.static
+    )
+    if rest != new.vendordata:
+        restart.append("vendordata")
     # ``static`` is compared by content (the attrs field has eq=False).
     changed = old.vendordata.static != new.vendordata.static
     return ReloadPlan(dict(new.vendordata.static) if changed else None, tuple(restart))
@@ -98,7 +105,14 @@ class ReloadService(Service):
             self._set_vendordata(plan.vendordata)
         for invalidate in self._invalidate:
             invalidate()
-        self.config = attrs.evolve(self.config, vendordata=new.vendordata)
+        self.config = attrs.evolve(
+            self.config,
+            vendordata=attrs.evolve(
+                self.config.vendordata,
+                static_file=new.vendordata.static_file,
+                static=new.vendordata.static,
+            ),
+        )
         self.reloads += 1
         self.log.info(
             "reloaded {path}: node caches cleared, static vendordata {vendordata}",

@@ -47,13 +47,28 @@ HTTP_LATENCY = Histogram(
 )
 
 
+# Labelled children by label values: labels() builds and locks on every call, and
+# this runs once per request.  Bounded: sites x methods x status codes.
+_COUNTERS: dict[tuple[str, bytes, int | None], Any] = {}
+_HISTOGRAMS: dict[str, Any] = {}
+
+
 def observe_request(site: str, method: bytes, code: int | None, seconds: float) -> None:
     """Count one finished request (``code`` None: the caller went away first)."""
-    shown = method.decode("ascii", "replace").upper()
-    HTTP_REQUESTS.labels(
-        site, shown if shown in _METHODS else "other", str(code) if code else "aborted"
-    ).inc()
-    HTTP_LATENCY.labels(site).observe(max(0.0, seconds))
+    key = (site, method, code)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        shown = method.decode("ascii", "replace").upper()
+        counter = HTTP_REQUESTS.labels(
+            site, shown if shown in _METHODS else "other", str(code) if code else "aborted"
+        )
+        if len(_COUNTERS) < 10_000:  # odd methods from scanners: not remembered forever
+            _COUNTERS[key] = counter
+    counter.inc()
+    histogram = _HISTOGRAMS.get(site)
+    if histogram is None:
+        histogram = _HISTOGRAMS[site] = HTTP_LATENCY.labels(site)
+    histogram.observe(max(0.0, seconds))
 
 
 class MeasuredResource(Resource):
