@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONF ?= conf/metadatad.conf
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean deb
 
 $(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,16 @@ bench: $(BIN)/.installed
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# The Debian package, built from a copy of the committed and working-tree files (never
+# .venv or var), so the source tree stays clean; the .deb lands in $(DEB_OUT).
+DEB_OUT ?= $(abspath ..)/metadatad-deb
+deb:
+	rm -rf $(DEB_OUT)/src && mkdir -p $(DEB_OUT)/src/metadatad
+	git ls-files -z --cached --others --exclude-standard \
+		| tar --null --files-from=- --ignore-failed-read -cf - \
+		| tar -xf - -C $(DEB_OUT)/src/metadatad
+	cd $(DEB_OUT)/src/metadatad && dpkg-buildpackage -us -uc -b
+	mv $(DEB_OUT)/src/*.deb $(DEB_OUT)/src/*.buildinfo $(DEB_OUT)/src/*.changes $(DEB_OUT)/
+	rm -rf $(DEB_OUT)/src
+	@ls -1 $(DEB_OUT)/*.deb

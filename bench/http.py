@@ -1,7 +1,7 @@
 """HTTP throughput of the metadata site next to its limits, measured in one run.
 
     .venv/bin/python bench/http.py [--duration 10] [--connections 50] [--threads 1]
-                                   [--runs 3] [--warmup 2] [--branch-peer]
+                                   [--runs 3] [--warmup 2] [--branch-peer] [--measured-peer]
 
 Starts, each as its own process pinned to one core (``taskset -c 0``) on a free
 loopback port:
@@ -14,7 +14,9 @@ loopback port:
 * a Klein app with one route returning the same constant (the framework's own cost),
   both from bench/peers.py, served by the daemon's own Site factory (QuietSite);
 * with --branch-peer, also that constant behind a catch-all branch route like the
-  metadata site's (what the site's routing costs before any of its own work).
+  metadata site's (what the site's routing costs before any of its own work);
+* with --measured-peer, also that constant counted for /metrics the way the daemon
+  counts each request (metadatad.telemetry.MeasuredResource).
 
 Then, for each round, it runs wrk (pinned to the other core, ``taskset -c 1``) against
 each target in turn, a warm-up run first, and prints requests/s and latency p50/p99
@@ -471,6 +473,11 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
         targets.insert(3, Target(
             "klein constant (catch-all branch route)", "klein-branch", port, path, BODY
         ))
+    if args.measured_peer:
+        port = start_server(procs, "klein-measured", peer_argv("klein-measured"), "/constant")
+        targets.insert(3, Target(
+            "klein constant counted for /metrics", "klein-measured", port, "/constant", BODY
+        ))
     for t in targets:
         wait_until_up(procs, t.port, t.path)
 
@@ -547,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--branch-peer", action="store_true",
         help="also measure a Klein constant behind the daemon's catch-all branch route",
+    )
+    parser.add_argument(
+        "--measured-peer", action="store_true",
+        help="also measure the Klein constant behind the daemon's request metrics",
     )
     parser.add_argument("--server-cpu", default="0", help="core of the servers (0)")
     parser.add_argument("--client-cpu", default="1", help="core of wrk (1)")

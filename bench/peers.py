@@ -78,7 +78,21 @@ def klein_branch_resource(body: bytes) -> Any:
     return app.resource()
 
 
-RESOURCES = {"bare": bare_resource, "klein": klein_resource, "klein-branch": klein_branch_resource}
+def klein_measured_resource(body: bytes) -> Any:
+    """The Klein constant counted for /metrics, as the daemon counts each site."""
+    from twisted.internet import reactor
+
+    from metadatad.telemetry import MeasuredResource
+
+    return MeasuredResource(klein_resource(body), "bench", reactor)
+
+
+RESOURCES = {
+    "bare": bare_resource,
+    "klein": klein_resource,
+    "klein-branch": klein_branch_resource,
+    "klein-measured": klein_measured_resource,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

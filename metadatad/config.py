@@ -205,6 +205,16 @@ def _database_url(raw: str) -> str:
     return value
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise _BadValue(f"expected {' or '.join(choices)}, got {raw.strip()!r}")
+        return value
+
+    return parse
+
+
 def _json_object_file(raw: str) -> str:
     return raw.strip()
 
@@ -258,9 +268,20 @@ def _udp_addresses(raw: str) -> tuple[tuple[str, int], ...]:
 
     The wildcard ``0.0.0.0`` is allowed (the server learns which address each client
     contacted from IP_PKTINFO); ``::``, broadcast and multicast addresses are not.
+    ``systemd:domain=INET:index=N`` (or ``name=NAME``) is a socket passed by systemd,
+    kept as ``(description, 0)``.
     """
+    from metadatad.tftp.activation import PREFIX, parse
+
     found: list[tuple[str, int]] = []
     for item in raw.replace(",", " ").split():
+        if item.startswith(PREFIX):
+            try:
+                parse(item)
+            except ValueError as e:
+                raise _BadValue(str(e)) from None
+            found.append((item, 0))
+            continue
         host, port = item, "69"
         if item.startswith("["):
             host, sep, rest = item[1:].partition("]")
@@ -381,6 +402,13 @@ class TFTPConfig:
 
 
 @attrs.frozen
+class LoggingConfig:
+    """``[logging]``: how the daemon writes its log."""
+
+    format: str = "text"
+
+
+@attrs.frozen
 class Config:
     """The whole configuration of one daemon."""
 
@@ -392,6 +420,7 @@ class Config:
     vendordata: VendordataConfig = VendordataConfig()
     tftp: TFTPConfig = TFTPConfig()
     keystone: KeystoneConfig = KeystoneConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
@@ -467,6 +496,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "ca_file": _ca_file,
         },
     ),
+    "logging": (LoggingConfig, {"format": _choice("text", "json")}),
 }
 
 

@@ -23,10 +23,13 @@ from metadatad.db.migrate import SchemaError, check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
 from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorStore
 from metadatad.identity import Identifier
+from metadatad.logs import RootService
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
 from metadatad.metadata.wiring import make_peer_services
+from metadatad.reload import ReloadService
+from metadatad.telemetry import MeasuredResource, MetricsService, Sources
 from metadatad.tftp.service import TFTPSetupError, make_tftp_service
 
 
@@ -78,7 +81,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             f"metadatad: {config.path}: [database] url: cannot use the database: {reason}"
         ) from None
 
-    root = MultiService()
+    root = RootService(config.logging.format)
     store = Store(NodeRepository(engine), reactor)
     store.setServiceParent(root)
     membership = _membership(config, reactor)
@@ -100,6 +103,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
     peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
+    caches = {"metadata": cache}
     metadata_site = MetadataSite(
         cache,
         store,
@@ -114,7 +118,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         "metadata-http",
         reactor,
         config.metadata.listen,
-        make_site(metadata_site.resource(), config.metadata.access_log),
+        make_site(
+            MeasuredResource(metadata_site.resource(), "metadata", reactor),
+            config.metadata.access_log,
+        ),
     )
     if config.admin.listen:
         admin_site = AdminSite(
@@ -130,8 +137,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             "admin-http",
             reactor,
             config.admin.listen,
-            make_site(admin_site.resource(), config.metadata.access_log),
+            make_site(
+                MeasuredResource(admin_site.resource(), "admin", reactor),
+                config.metadata.access_log,
+            ),
         )
+    tftp_server = None
     if config.tftp.listen:
         try:
             tftp = make_tftp_service(
@@ -145,6 +156,17 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         except TFTPSetupError as e:
             raise SystemExit(f"metadatad: {e}") from None
         tftp.setServiceParent(root)
+        caches["tftp"] = tftp.mac_cache
+        tftp_server = tftp.server
+    MetricsService(
+        Sources(caches, membership, tftp_server, reactor)
+    ).setServiceParent(root)
+    ReloadService(
+        config,
+        reactor,
+        set_vendordata=metadata_site.set_static_vendordata,
+        invalidate=[cache.invalidate for cache in caches.values()],
+    ).setServiceParent(root)
     return root
 
 

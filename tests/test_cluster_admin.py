@@ -185,11 +185,18 @@ def test_healthz_follows_membership(setup: Setup) -> None:
     setup.clock.advance(0)
     answer = setup.client.get("/healthz")
     assert answer.status == 200
-    assert body(answer) == {"status": "ok", "database": "ok", "membership": "ok"}
+    assert body(answer) == {
+        "status": "ok",
+        "database": "ok",
+        "membership": "ok",
+        "heartbeat_age": 0.0,
+        "heartbeat_timeout": 5,
+    }
     setup.repository.available = False  # the cluster tables fail; the store answers
     for _ in range(70):
         setup.clock.advance(0.1)
     answer = setup.client.get("/healthz")
     assert (answer.status, body(answer)["membership"]) == (503, "stale")
+    assert body(answer)["heartbeat_age"] == pytest.approx(7.0, abs=0.01)
     service.stopService()
     assert body(setup.client.get("/healthz"))["membership"] == "stopped"

@@ -204,6 +204,7 @@ EVERY_KEY = {
         "max_transfers_per_source": "4",
         "event_retention": "30",
     },
+    "logging": {"format": "JSON"},
 }
 
 
@@ -286,6 +287,7 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         max_transfers_per_source=4,
         event_retention=30.0,
     )
+    assert config.logging.format == "json"
 
 
 def test_every_key_test_covers_the_whole_schema() -> None:
@@ -333,6 +335,20 @@ def test_schema_matches_the_config_classes() -> None:
         ("tftp", "listen", "0.0.0.0", (("0.0.0.0", 69),)),
         ("tftp", "listen", "[::1]", (("::1", 69),)),
         ("tftp", "listen", "127.0.0.1:0", (("127.0.0.1", 0),)),
+        (
+            "tftp",
+            "listen",
+            "systemd:domain=INET:index=1, 10.0.0.1",
+            (("systemd:domain=INET:index=1", 0), ("10.0.0.1", 69)),
+        ),
+        (
+            "tftp",
+            "listen",
+            "systemd:domain=INET:name=tftp",
+            (("systemd:domain=INET:name=tftp", 0),),
+        ),
+        ("logging", "format", "json", "json"),
+        ("logging", "format", " Text ", "text"),
         ("tftp", "max_blksize", "65464", 65464),
         ("tftp", "event_retention", "0", 0.0),
     ],
@@ -488,6 +504,11 @@ BAD_VALUES = [
     ("keystone", "auth_url", "keystone:5000", "http://"),
     ("keystone", "user_domain_name", "", "empty"),
     ("keystone", "ca_file", "/nonexistent/ca.pem", "cannot read"),
+    ("tftp", "listen", "systemd:domain=INET", "one of index= or name="),
+    ("tftp", "listen", "systemd:domain=UNIX:index=0", "domain=INET"),
+    ("tftp", "listen", "systemd:domain=INET:index=x", "index must be"),
+    ("tftp", "listen", "systemd:domain=INET:index=0:name=tftp", "one of index="),
+    ("logging", "format", "xml", "text or json"),
 ]
 
 

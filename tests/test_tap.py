@@ -152,7 +152,7 @@ def test_named_services_in_order(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
     """The daemon is a MultiService of store, membership, boot-events,
-    vendordata-errors, peer-watch, metadata-http, admin-http."""
+    vendordata-errors, peer-watch, metadata-http, admin-http, metrics and reload."""
     root = build(write_conf(tmp_path, migrated_url), services)
     assert isinstance(root, MultiService)
     assert [service.name for service in root] == [
@@ -163,6 +163,8 @@ def test_named_services_in_order(
         "peer-watch",
         "metadata-http",
         "admin-http",
+        "metrics",
+        "reload",
     ]
     assert isinstance(root.getServiceNamed("store"), Store)
     for name in ("metadata-http", "admin-http"):
@@ -185,6 +187,8 @@ def test_each_backend_composes(
         "peer-watch",
         "metadata-http",
         "admin-http",
+        "metrics",
+        "reload",
     ]
     assert root.getServiceNamed("store").repository.engine.pool.size() == 3
 
@@ -201,6 +205,8 @@ def test_without_admin_listen_there_is_no_admin_site(
         "vendordata-errors",
         "peer-watch",
         "metadata-http",
+        "metrics",
+        "reload",
     ]
     with pytest.raises(KeyError):
         root.getServiceNamed("admin-http")
@@ -233,6 +239,8 @@ def test_start_listens_on_configured_addresses_and_stops(
     assert len(results) == 1
     assert not isinstance(results[0], Failure), results[0]
     assert stopped == [
+        "reload",
+        "metrics",
         "admin-http",
         "metadata-http",
         "peer-watch",
@@ -462,6 +470,8 @@ def test_tftp_service_is_named_and_last(
         "metadata-http",
         "admin-http",
         "tftp",
+        "metrics",
+        "reload",
     ]
     tftp = root.getServiceNamed("tftp")
     assert [s.name for s in tftp] == ["tftp-127.0.0.1:0", "tftp-127.0.0.2:0"]

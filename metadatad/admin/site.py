@@ -19,6 +19,7 @@ from metadatad.db.store import ConflictError, NodeRecord, Store
 from metadatad.db.vendordata import with_vendordata_errors
 from metadatad.httputil import handle_failure
 from metadatad.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
+from metadatad.telemetry import METRICS_CONTENT_TYPE, render_metrics
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -33,7 +34,7 @@ class BadRequest(Exception):
 
 
 class AdminSite:
-    """``/v1/nodes...``, ``/v1/conductors``, ``/v1/ring`` and ``/healthz``."""
+    """``/v1/nodes...``, ``/v1/conductors``, ``/v1/ring``, ``/healthz`` and ``/metrics``."""
 
     app = Klein()
     log = Logger()
@@ -121,6 +122,7 @@ class AdminSite:
             # this conductor live: not ready either way.
             membership = self._cluster.health()
             healthy = membership == "ok"
+            age = self._cluster.heartbeat_age()
             return _json(
                 request,
                 200 if healthy else 503,
@@ -128,6 +130,8 @@ class AdminSite:
                     "status": "ok" if healthy else "unhealthy",
                     "database": "ok",
                     "membership": membership,
+                    "heartbeat_age": None if age is None else round(age, 3),
+                    "heartbeat_timeout": self._cluster.heartbeat_timeout,
                 },
             )
 
@@ -136,6 +140,17 @@ class AdminSite:
             return _json(request, 503, {"status": "unhealthy", "database": "unreachable"})
 
         return self._store.ping().addCallbacks(ok, down)
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: Request) -> Any:
+        """Prometheus text format of the daemon's registry (bearer token, like the
+        rest of the API: scrapers send it with ``authorization: credentials_file``)."""
+
+        def run() -> bytes:
+            request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode("ascii"))
+            return render_metrics()
+
+        return self._guarded(request, run)
 
     @app.route("/v1/nodes", methods=["GET", "HEAD"])
     def list_nodes(self, request: Request) -> Any:

@@ -224,6 +224,13 @@ class MembershipService(Service):
             return "stale"
         return "ok"
 
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the last heartbeat that reached the database (by this
+        process's clock), or None before the first one."""
+        if self._last_heartbeat is None:
+            return None
+        return max(0.0, self._clock.seconds() - self._last_heartbeat)
+
     def add_observer(self, observer: Callable[[ClaimEvent], None]) -> None:
         """Call ``observer(event)`` on the reactor thread after every successful claim."""
         self._observers.append(observer)

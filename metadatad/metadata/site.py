@@ -78,6 +78,12 @@ class MetadataSite:
         """The twisted.web resource of this site."""
         return MetadataResource(self)
 
+    def set_static_vendordata(self, static_vendordata: Mapping[str, Any]) -> None:
+        """Serve ``static_vendordata`` from now on (SIGHUP reloads it)."""
+        self._static_vendordata = dict(static_vendordata)
+        self._vendor_data = json_reply(self._static_vendordata)
+        self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
+
     def handle(self, request: Request) -> Any:
         """Every request of the site."""
         parts = split_path(request.path)

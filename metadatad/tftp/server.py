@@ -613,10 +613,13 @@ class TFTPListener(Service):
         self.port = port
         self._reactor = reactor
         self.listening: Any = None
-        self.setName(f"tftp-{host}:{port}")
+        self.setName(host if host.startswith("systemd:") else f"tftp-{host}:{port}")
 
     def _listen(self) -> None:
         if self.listening is not None:
+            return
+        if self.host.startswith("systemd:"):
+            self._adopt()
             return
         protocol = _RequestProtocol(self.server, self.host)
         try:
@@ -631,6 +634,20 @@ class TFTPListener(Service):
             raise SystemExit(
                 f"metadatad: tftp: cannot listen on {self.host}:{self.port}: {e.socketError}"
             ) from None
+
+    def _adopt(self) -> None:
+        # A socket passed by systemd (ListenDatagram=): bound already, maybe to port 69.
+        from metadatad.tftp import activation
+
+        try:
+            spec = activation.parse(self.host)
+            fd = activation.find_descriptor(spec)
+            family, host, _port = activation.inspect(fd, spec)
+            self.listening = activation.adopt(
+                self._reactor, fd, family, host, _RequestProtocol(self.server, host)
+            )
+        except (ValueError, activation.ActivationError) as e:
+            raise SystemExit(f"metadatad: tftp: {e}") from None
 
     def privilegedStartService(self) -> None:
         self._listen()
@@ -661,6 +678,7 @@ class TFTPService(MultiService):
     def __init__(self, server: TFTPServer, addresses: Iterable[Address], reactor: Any) -> None:
         super().__init__()
         self.server = server
+        self.mac_cache: Any = None  # the node cache of lookups by MAC, if any
         self.setName("tftp")
         self.listeners = [TFTPListener(server, host, port, reactor) for host, port in addresses]
         for listener in self.listeners:

@@ -76,4 +76,7 @@ def make_tftp_service(
         record=record,
         conductor=config.conductor.hostname,
     )
-    return TFTPService(server, tftp.listen, reactor)
+    service = TFTPService(server, tftp.listen, reactor)
+    # For /metrics and SIGHUP (which clears it with the site's cache).
+    service.mac_cache = mac_cache
+    return service

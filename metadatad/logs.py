@@ -1,0 +1,78 @@
+# -*- test-case-name: tests.test_logs -*-
+"""``[logging] format``: twistd's text lines (the default), or one JSON object a line.
+
+twistd asks the application for an ``ILogObserver`` component before it builds its
+own observer (the ``.tac`` file idiom); :class:`RootService` sets that component on the
+application it is attached to when the format is ``json``.  ``twistd --logger``, when
+given, still wins.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.application.service import MultiService
+from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+
+FORMATS = ("text", "json")
+
+# Event keys that are not the event's own fields.
+_OWN_KEYS = frozenset({"message", "format", "isError", "system", "time"})
+
+
+def event_as_json(event: dict[str, Any]) -> str:
+    """One JSON line for a twisted.logger event: time (UTC, ISO 8601), level,
+    namespace, the formatted message, the event's fields, and a failure's traceback.
+
+    Fields that JSON cannot hold are shown as their ``repr``; nothing raises, so a
+    strange field never loses the event.
+    """
+    level = event.get("log_level")
+    when = event.get("log_time")
+    document: dict[str, Any] = {
+        "time": (
+            datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
+            if isinstance(when, (int, float))
+            else None
+        ),
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _OWN_KEYS or key in document:
+            continue
+        document[key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            document["traceback"] = failure.getTraceback()
+        except Exception:  # a failure that cannot print itself still logs the event
+            document["traceback"] = repr(failure)
+    return json.dumps(document, default=repr, sort_keys=False) + "\n"
+
+
+def json_observer(out: IO[str] | None = None) -> FileLogObserver:
+    """An observer writing :func:`event_as_json` lines to ``out`` (standard output:
+    journald under systemd)."""
+    return FileLogObserver(out if out is not None else sys.stdout, event_as_json)
+
+
+class RootService(MultiService):
+    """The daemon's top service; sets the log observer of ``format`` on twistd's
+    application when it is attached to it."""
+
+    def __init__(self, format: str = "text", out: IO[str] | None = None) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"unknown log format {format!r}")
+        self.log_format = format
+        self._out = out
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_format == "json" and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, json_observer(self._out))
+        return super().setServiceParent(parent)

@@ -1,0 +1,238 @@
+# -*- test-case-name: tests.test_telemetry -*-
+"""What ``GET /metrics`` shows: HTTP requests and latency, node caches, heartbeat,
+ring and TFTP, on :data:`metadatad.metrics.REGISTRY`.
+
+HTTP requests are counted as they finish (:class:`MeasuredResource` wraps each site's
+resource).  Everything else already has a counter or a state somewhere in the daemon;
+:class:`DaemonCollector` reads those at scrape time instead of keeping copies, so a
+metric can never drift from what the daemon does.  The ``metrics`` service attaches
+the daemon's parts to the collector while it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+from prometheus_client import Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.application.service import Service
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from metadatad.metrics import REGISTRY
+
+# The classic text format, which generate_latest() writes and every scraper reads.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Methods beyond these are one label value: a scanner cannot grow the series.
+_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"})
+
+HTTP_REQUESTS = Counter(
+    "metadatad_http_requests",
+    "HTTP requests answered, by site, method and status code.",
+    ["site", "method", "code"],
+    registry=REGISTRY,
+)
+HTTP_LATENCY = Histogram(
+    "metadatad_http_request_duration_seconds",
+    "Time from the request's arrival to its last byte, by site.",
+    ["site"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+    registry=REGISTRY,
+)
+
+
+# Labelled children by label values: labels() builds and locks on every call, and
+# this runs once per request.  Bounded: sites x methods x status codes.
+_COUNTERS: dict[tuple[str, bytes, int | None], Any] = {}
+_HISTOGRAMS: dict[str, Any] = {}
+
+
+def observe_request(site: str, method: bytes, code: int | None, seconds: float) -> None:
+    """Count one finished request (``code`` None: the caller went away first)."""
+    key = (site, method, code)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        shown = method.decode("ascii", "replace").upper()
+        counter = HTTP_REQUESTS.labels(
+            site, shown if shown in _METHODS else "other", str(code) if code else "aborted"
+        )
+        if len(_COUNTERS) < 10_000:  # odd methods from scanners: not remembered forever
+            _COUNTERS[key] = counter
+    counter.inc()
+    histogram = _HISTOGRAMS.get(site)
+    if histogram is None:
+        histogram = _HISTOGRAMS[site] = HTTP_LATENCY.labels(site)
+    histogram.observe(max(0.0, seconds))
+
+
+class MeasuredResource(Resource):
+    """A leaf resource that serves ``inner`` (a Klein site's resource) and counts each
+    request and its duration under ``site`` once the response is finished."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any, site: str, clock: Any) -> None:
+        super().__init__()
+        self._inner = inner
+        self._site = site
+        self._clock = clock
+
+    def render(self, request: Request) -> Any:
+        started = self._clock.seconds()
+
+        def finished(result: object) -> None:
+            # An errback here is the caller hanging up: count it, swallow it.
+            code = None if isinstance(result, Failure) else request.code
+            observe_request(self._site, request.method, code, self._clock.seconds() - started)
+
+        request.notifyFinish().addBoth(finished)
+        return self._inner.render(request)
+
+
+@attrs.define
+class Sources:
+    """The parts of a running daemon that :class:`DaemonCollector` reads."""
+
+    caches: Mapping[str, Any] = attrs.field(factory=dict)  # name -> NodeCache
+    membership: Any = None  # MembershipService
+    tftp: Any = None  # TFTPServer
+    clock: Any = None
+
+
+class DaemonCollector(Collector):
+    """Reads counters and state of the attached daemon at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: Sources | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        sources = self.sources
+        if sources is None:
+            return
+        yield from _cache_metrics(sources.caches)
+        if sources.membership is not None:
+            yield from _membership_metrics(sources.membership)
+        if sources.tftp is not None:
+            yield from _tftp_metrics(sources.tftp)
+
+    def describe(self) -> Iterator[Metric]:
+        # Collected lazily: nothing to describe up front (the registry would call
+        # collect() otherwise, before any daemon is attached).
+        return iter(())
+
+
+COLLECTOR = DaemonCollector()
+REGISTRY.register(COLLECTOR)
+
+
+def _cache_metrics(caches: Mapping[str, Any]) -> Iterator[Metric]:
+    hits = CounterMetricFamily(
+        "metadatad_node_cache_hits", "Node lookups answered from memory.", labels=["cache"]
+    )
+    misses = CounterMetricFamily(
+        "metadatad_node_cache_misses", "Node lookups that went to the database.", labels=["cache"]
+    )
+    for name, cache in caches.items():
+        hits.add_metric([name], cache.hits)
+        misses.add_metric([name], cache.misses)
+    yield hits
+    yield misses
+
+
+_HEALTH_STATES = ("ok", "starting", "stale", "stopped")
+
+
+def _membership_metrics(membership: Any) -> Iterator[Metric]:
+    age = membership.heartbeat_age()
+    yield GaugeMetricFamily(
+        "metadatad_heartbeat_age_seconds",
+        "Seconds since this conductor's last heartbeat reached the database (NaN: none yet).",
+        value=math.nan if age is None else age,
+    )
+    yield GaugeMetricFamily(
+        "metadatad_heartbeat_timeout_seconds",
+        "Heartbeat age past which the other conductors take this one's nodes over.",
+        value=membership.heartbeat_timeout,
+    )
+    health = membership.health()
+    state = GaugeMetricFamily(
+        "metadatad_membership_state",
+        "1 for the membership state this conductor is in.",
+        labels=["state"],
+    )
+    for name in _HEALTH_STATES:
+        state.add_metric([name], 1.0 if health == name else 0.0)
+    yield state
+    ring = membership.state
+    yield GaugeMetricFamily(
+        "metadatad_ring_generation",
+        "Generation of the membership the ring was last built from.",
+        value=ring.generation if ring is not None else 0,
+    )
+    members = GaugeMetricFamily(
+        "metadatad_ring_members", "Live conductors on the ring, by group.", labels=["group"]
+    )
+    if ring is not None:
+        for group, names in sorted(ring.by_group().items()):
+            members.add_metric([group], len(names))
+    yield members
+    yield GaugeMetricFamily(
+        "metadatad_owned_nodes",
+        "Nodes this conductor holds the claim of.",
+        value=len(membership.owned),
+    )
+
+
+# TFTPServer.counters keys that are not outcomes of a request or transfer.
+_TFTP_TOTALS = {
+    "bytes_sent": ("metadatad_tftp_sent_bytes", "Bytes of file data sent over TFTP."),
+    "retransmits": ("metadatad_tftp_retransmits", "TFTP blocks sent again after a timeout."),
+    "requests": ("metadatad_tftp_requests", "TFTP requests received at the listeners."),
+}
+
+
+def _tftp_metrics(server: Any) -> Iterator[Metric]:
+    counters = dict(server.counters)
+    for key, (name, documentation) in _TFTP_TOTALS.items():
+        yield CounterMetricFamily(name, documentation, value=counters.pop(key, 0))
+    events = CounterMetricFamily(
+        "metadatad_tftp_events",
+        "TFTP outcomes and drops (transfers started and finished, refusals, errors).",
+        labels=["event"],
+    )
+    for key in sorted(counters):
+        events.add_metric([key], counters[key])
+    yield events
+    yield GaugeMetricFamily(
+        "metadatad_tftp_active_transfers", "TFTP transfers running now.", value=server.active
+    )
+
+
+class MetricsService(Service):
+    """The ``metrics`` service: shows ``sources`` on ``/metrics`` while running."""
+
+    name = "metrics"
+
+    def __init__(self, sources: Sources, collector: DaemonCollector = COLLECTOR) -> None:
+        self.sources = sources
+        self._collector = collector
+
+    def startService(self) -> None:
+        super().startService()
+        self._collector.sources = self.sources
+
+    def stopService(self) -> Any:
+        if self._collector.sources is self.sources:
+            self._collector.sources = None
+        return super().stopService()
+
+
+def render_metrics() -> bytes:
+    """The registry in Prometheus' text exposition format."""
+    return generate_latest(REGISTRY)
