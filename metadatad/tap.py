@@ -165,7 +165,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         config,
         reactor,
         set_vendordata=metadata_site.set_static_vendordata,
-        invalidate=[cache.invalidate for cache in caches.values()],
+        invalidate=[
+            *(cache.invalidate for cache in caches.values()),
+            *([vendordata.forget] if vendordata is not None else []),
+        ],
     ).setServiceParent(root)
     return root
 

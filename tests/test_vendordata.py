@@ -228,6 +228,19 @@ def test_cache_hit_miss_and_expiry_with_a_clock() -> None:
     assert len(target.seen) == 4
 
 
+def test_forget_drops_cached_answers() -> None:
+    """SIGHUP's forget(): the next read asks the target again."""
+    target = Target({"n": 1})
+    harness = Harness({"testing": target}, cache_ttl=300)
+    harness.document()
+    harness.document()
+    assert len(target.seen) == 1
+    harness.service.forget()
+    target.body = b'{"n": 2}'
+    assert harness.document()["testing"] == {"n": 2}
+    assert len(target.seen) == 2
+
+
 def test_cache_control_max_age_and_no_store() -> None:
     """A target's max-age replaces cache_ttl; no-store answers are never kept."""
     target = Target({"n": 1}, headers={"Cache-Control": "max-age=5"})

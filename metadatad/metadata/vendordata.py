@@ -173,6 +173,11 @@ class ResponseCache:
         while len(self._entries) > self._max_entries or self.bytes > self._max_bytes:
             self._drop(next(iter(self._entries)))
 
+    def clear(self) -> None:
+        """Forget every answer."""
+        self._entries.clear()
+        self.bytes = 0
+
     def _drop(self, key: Any) -> None:
         _expires, cost, _value = self._entries.pop(key)
         self.bytes -= cost
@@ -357,6 +362,10 @@ class DynamicVendordata(Service):
         return None
 
     # --- what the site calls ----------------------------------------------------
+
+    def forget(self) -> None:
+        """Drop the cached answers (SIGHUP): the next read asks the targets again."""
+        self._cache.clear()
 
     def render(self, record: Any, static: Mapping[str, Any]) -> Deferred[Reply]:
         """``vendor_data2.json`` for the node of ``record`` (a NodeRecord): never
