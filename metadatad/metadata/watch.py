@@ -20,6 +20,7 @@ mark: a change that commits between its read and its wait is not missed.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -221,7 +222,10 @@ class PostgresListener:
             connection.close()
             return
         self._connection = connection
-        self._fileno = connection.pgconn.socket
+        # The reactor watches a duplicate of libpq's socket: libpq closes its own
+        # descriptor when the server goes away, and the reactor must still be able to
+        # unregister ours (else epoll raises EBADF into the reactor).
+        self._fileno = os.dup(connection.pgconn.socket)
         self._reactor.addReader(self)
         self.log.info("listening for peer changes on PostgreSQL")
         # libpq may have buffered notifications while LISTEN ran: the socket will not
@@ -286,6 +290,8 @@ class PostgresListener:
         if connection is None:
             return
         self._reactor.removeReader(self)
+        os.close(self._fileno)
+        self._fileno = -1
         try:
             connection.close()
         except Exception:  # closing a broken connection may fail: nothing to do
