@@ -21,8 +21,10 @@ from metadatad.db.bootevents import BootEventRepository, BootEventStore
 from metadatad.db.cluster import ClusterRepository, ConductorInfo, bound_waits
 from metadatad.db.migrate import SchemaError, check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
+from metadatad.hardening import HardenedSite, Limits
 from metadatad.identity import Identifier
 from metadatad.metadata.cache import NodeCache
+from metadatad.metadata.guard import make_guard
 from metadatad.metadata.site import MetadataSite
 from metadatad.tftp.service import TFTPSetupError, make_tftp_service
 
@@ -94,13 +96,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         Identifier(config.metadata.trusted_proxies, config.metadata.proxy_shared_secret),
         static_vendordata=config.vendordata.static,
         region=config.metadata.region,
+        guard=make_guard(config.metadata, reactor),
     )
     _listen(
         root,
         "metadata-http",
         reactor,
         config.metadata.listen,
-        make_site(metadata_site.resource(), config.metadata.access_log),
+        _hardened_site(metadata_site.resource(), config, reactor),
     )
     if config.admin.listen:
         admin_site = AdminSite(store, admin_token, boot_events=boot_events, cluster=membership)
@@ -125,6 +128,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             raise SystemExit(f"metadatad: {e}") from None
         tftp.setServiceParent(root)
     return root
+
+
+def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
+    """The metadata site's Site: size limits, slow-client timeouts, connection caps."""
+    m = config.metadata
+    limits = Limits(
+        max_header_bytes=m.max_header_bytes,
+        max_body_bytes=m.max_body_bytes,
+        client_timeout=m.client_timeout,
+        idle_timeout=m.idle_timeout,
+        max_connections_per_source=m.max_connections_per_source,
+    )
+    return HardenedSite(resource, limits, "metadata", m.access_log, reactor=reactor)
 
 
 def _membership(config: Config, reactor: Any) -> MembershipService:

@@ -152,6 +152,18 @@ EVERY_KEY = {
         "cache_ttl": "2.5",
         "region": "eu-west-7",
         "access_log": "yes",
+        "token_secret": "token-secret-9c2e",
+        "token_secret_previous": "old-token-secret",
+        "require_tokens": "true",
+        "token_hop_limit": "2",
+        "rate_limit": "12.5",
+        "rate_burst": "40",
+        "require_header": "Metadata-Flavor: metadatad",
+        "max_header_bytes": "4096",
+        "max_body_bytes": "2048",
+        "client_timeout": "3",
+        "idle_timeout": "30",
+        "max_connections_per_source": "8",
     },
     "admin": {"listen": "unix:/run/metadatad/admin.sock", "token_file": "/srv/token"},
     "conductor": {
@@ -206,6 +218,22 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     assert config.metadata.cache_ttl == 2.5
     assert config.metadata.region == "eu-west-7"
     assert config.metadata.access_log is True
+    assert config.metadata == attrs.evolve(
+        config.metadata,
+        token_secret="token-secret-9c2e",
+        token_secret_previous="old-token-secret",
+        require_tokens=True,
+        token_hop_limit=2,
+        rate_limit=12.5,
+        rate_burst=40,
+        require_header=("Metadata-Flavor", "metadatad"),
+        max_header_bytes=4096,
+        max_body_bytes=2048,
+        client_timeout=3.0,
+        idle_timeout=30.0,
+        max_connections_per_source=8,
+    )
+    assert "token-secret-9c2e" not in repr(config)
     assert config.admin == AdminConfig(
         listen="unix:/run/metadatad/admin.sock", token_file="/srv/token"
     )

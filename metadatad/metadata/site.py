@@ -8,6 +8,7 @@ matters, no redirects) and dispatches to the EC2 or OpenStack renderer.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from metadatad.httputil import handle_failure
 from metadatad.identity import Caller, Identifier, IdentityError
 from metadatad.metadata import ec2, openstack
 from metadatad.metadata.cache import CacheEntry, NodeCache
+from metadatad.metadata.guard import Denied, Guard, Screened, audit_write, deny
 from metadatad.metadata.reply import (
     BINARY,
     NOT_FOUND,
@@ -52,8 +54,11 @@ class MetadataSite:
         static_vendordata: Mapping[str, Any] | None = None,
         region: str = "",
         random_bytes: Callable[[int], bytes] = os.urandom,
+        guard: Guard | None = None,
     ) -> None:
         self._cache = cache
+        # Tokens, rate, size and header rules: checked here for every path.
+        self._guard = guard if guard is not None else Guard(_SystemClock())
         self._store = store
         self._identifier = identifier
         self._static_vendordata = dict(static_vendordata or {})
@@ -72,15 +77,19 @@ class MetadataSite:
         """Every request of the site."""
         parts = split_path(request.path)
         method = request.method
-        if method not in _READ_METHODS and not (method == b"POST" and _is_password(parts)):
+        screened = self._guard.screen(request, parts)
+        if isinstance(screened, Denied):
+            return self._write(request, deny(request, screened, _peer(request)))
+        if (
+            not screened.token_request
+            and method not in _READ_METHODS
+            and not (method == b"POST" and _is_password(parts))
+        ):
             request.setHeader(b"Allow", _ALLOWED if _is_password(parts) else b"GET, HEAD")
             return self._write(request, error(405, "Method Not Allowed"))
-        if not parts:
-            return self._write(request, ec2.versions_listing())
-        if parts == ["openstack"]:
-            return self._write(request, openstack.versions_listing())
-        if parts == ["ec2"]:
-            return self._write(request, ec2.versions_listing())
+        listing = _listing(parts)
+        if screened.token_node is None and listing is not None:
+            return self._write(request, listing)
         try:
             caller = self._identifier.identify(_peer(request), _header_getter(request))
         except IdentityError as e:
@@ -88,15 +97,42 @@ class MetadataSite:
                 "refused metadata request from {peer}: {reason}", peer=_peer(request), reason=e
             )
             return self._write(request, error(e.status, e.message))
+        limited = self._guard.admit(caller)
+        if limited is not None:
+            return self._write(request, deny(request, limited, _peer(request)))
         found = self._lookup(caller)
         if isinstance(found, Deferred):
             return found.addCallbacks(
-                self._answer,
+                self._checked,
                 self._store_failed,
-                callbackArgs=(request, caller, parts),
+                callbackArgs=(request, caller, parts, screened),
                 errbackArgs=(request,),
             )
-        return self._answer(found, request, caller, parts)
+        return self._checked(found, request, caller, parts, screened)
+
+    def _checked(
+        self,
+        entry: CacheEntry,
+        request: Request,
+        caller: Caller,
+        parts: list[str],
+        screened: Screened,
+    ) -> Any:
+        """The gate's node checks, then the token PUT or the trees."""
+        record = entry.record
+        visible = _visible(record, caller)
+        denied = self._guard.authorise(screened, visible.node.uuid if visible else None)
+        if denied is not None:
+            node = visible.node.uuid if visible else None
+            return self._write(request, deny(request, denied, _peer(request), node))
+        if screened.token_request:
+            if visible is None:
+                return self._write(request, error(404, "Not Found: no node for this caller"))
+            return self._write(request, self._guard.issue(request, screened, visible.node.uuid))
+        listing = _listing(parts)
+        if listing is not None:
+            return self._write(request, listing)
+        return self._answer(entry, request, caller, parts)
 
     def _store_failed(self, failure: Failure, request: Request) -> bytes:
         # The database is down or slow: the caller may retry; it is not our bug.
@@ -111,10 +147,8 @@ class MetadataSite:
         return self._cache.by_ip(caller.ip)
 
     def _answer(self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]) -> Any:
-        record = entry.record
-        if record is None or (
-            caller.tenant_id is not None and record.node.project_id != caller.tenant_id
-        ):
+        record = _visible(entry.record, caller)
+        if record is None:
             return self._write(request, error(404, "Not Found: no node for this caller"))
         if parts[0] == "openstack":
             return self._openstack(entry, record, request, parts[1:])
@@ -201,7 +235,7 @@ class MetadataSite:
                 return self._write(request, NOT_FOUND)
             if not result:
                 return self._write(request, error(409, "Password already set"))
-            self.log.info("node {uuid} posted its password", uuid=uuid)
+            audit_write("its password", uuid, _peer(request))
             return self._write(request, text(""))
 
         return self._store.set_password(uuid, password).addCallbacks(
@@ -222,6 +256,29 @@ class MetadataSite:
         for name, value in reply.headers:
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
         return reply.body
+
+
+def _listing(parts: list[str]) -> Reply | None:
+    """The public version listings, which need no node."""
+    if not parts or parts == ["ec2"]:
+        return ec2.versions_listing()
+    if parts == ["openstack"]:
+        return openstack.versions_listing()
+    return None
+
+
+def _visible(record: NodeRecord | None, caller: Caller) -> NodeRecord | None:
+    """The caller's node, unless a signing proxy named another project."""
+    if record is None or (
+        caller.tenant_id is not None and record.node.project_id != caller.tenant_id
+    ):
+        return None
+    return record
+
+
+class _SystemClock:
+    def seconds(self) -> float:
+        return time.time()
 
 
 def _is_password(parts: list[str]) -> bool:
