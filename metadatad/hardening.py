@@ -9,7 +9,8 @@
 - answer ``408`` and close when a request is not complete ``client_timeout`` seconds
   after its first byte (slow clients: Twisted's idle timeout restarts on every byte);
 - close connections idle for ``idle_timeout`` seconds;
-- refuse a connection beyond ``max_connections_per_source`` open ones from one address;
+- refuse a connection beyond ``max_connections_per_source`` open ones from one address
+  (but from ``exempt`` networks: the trusted proxies, which speak for many machines);
 - can send one response with a low IP TTL (:func:`limit_response_hops`, for IMDSv2's
   token ``PUT``); the socket's own TTL is restored before the next response.
 
@@ -18,7 +19,9 @@ Each refusal is one short ``text/plain`` answer and the connection closes.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -29,9 +32,11 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from metadatad.config import IPNetwork
+from metadatad.identity import normalise_ip
 from metadatad.metrics import REGISTRY
 
-_log = Logger()
+_log = Logger(namespace="metadatad.audit")
 
 REFUSED_CONNECTIONS = Counter(
     "metadatad_http_refused_total",
@@ -221,6 +226,14 @@ def _host(address: Any) -> str:
     return str(getattr(address, "host", "") or "")
 
 
+def _in(host: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(normalise_ip(host))
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
 def limit_response_hops(request: Any, hops: int) -> bool:
     """Send ``request``'s response with IP TTL ``hops``, if its channel can."""
     channel = getattr(request, "channel", None)
@@ -235,7 +248,13 @@ class HardenedSite(Site):
     requestFactory = HardenedRequest
 
     def __init__(
-        self, resource: Any, limits: Limits, name: str = "", access_log: bool = False, **kwargs: Any
+        self,
+        resource: Any,
+        limits: Limits,
+        name: str = "",
+        access_log: bool = False,
+        exempt: Sequence[IPNetwork] = (),
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("timeout", limits.idle_timeout)
         # Form parsing of POST bodies is off: no route of ours reads forms.
@@ -244,7 +263,10 @@ class HardenedSite(Site):
         self.name = name
         self.access_log = access_log
         self.displayTracebacks = False
+        self._exempt = tuple(exempt)
         self._open: dict[str, int] = {}
+        # Sources being refused: logged once when refusing starts, not per connection.
+        self._refusing: set[str] = set()
 
     def protocol(self) -> HardenedChannel:  # type: ignore[override]
         """A new channel (HTTP/1.1 only: no HTTP/2 upgrade for metadata clients)."""
@@ -253,9 +275,17 @@ class HardenedSite(Site):
     def buildProtocol(self, addr: Any) -> Any:
         """A channel for ``addr``, or None (the connection is closed) past the cap."""
         host = _host(addr)
+        if host and self._exempt and _in(host, self._exempt):
+            host = ""
         if host and self._open.get(host, 0) >= self.limits.max_connections_per_source:
             REFUSED_CONNECTIONS.labels(self.name, "connections per source").inc()
-            _log.info("audit: refused a connection from {peer}: too many open", peer=host)
+            if host not in self._refusing and len(self._refusing) < 10_000:
+                self._refusing.add(host)
+                _log.info(
+                    "audit: refusing connections from {peer}: {count} open",
+                    peer=host,
+                    count=self._open[host],
+                )
             return None
         channel = super().buildProtocol(addr)
         if host:
@@ -265,6 +295,7 @@ class HardenedSite(Site):
 
     def released(self, host: str) -> None:
         """A connection from ``host`` closed."""
+        self._refusing.discard(host)
         count = self._open.get(host, 0) - 1
         if count > 0:
             self._open[host] = count

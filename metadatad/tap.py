@@ -140,7 +140,9 @@ def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
         idle_timeout=m.idle_timeout,
         max_connections_per_source=m.max_connections_per_source,
     )
-    return HardenedSite(resource, limits, "metadata", m.access_log, reactor=reactor)
+    return HardenedSite(
+        resource, limits, "metadata", m.access_log, exempt=m.trusted_proxies, reactor=reactor
+    )
 
 
 def _membership(config: Config, reactor: Any) -> MembershipService:

@@ -263,3 +263,25 @@ def test_one_response_leaves_with_the_hop_limit(
         yield port.stopListening()
     assert ttls == [3, expected_default]
     assert threading.current_thread() is threading.main_thread()
+
+
+def test_exempt_sources_are_not_capped_and_refusals_are_logged_once() -> None:
+    """A trusted proxy speaks for many machines: no cap.  A capped source is logged once
+    until one of its connections closes."""
+    import ipaddress
+
+    from twisted.logger import capturedLogs
+
+    site = HardenedSite(
+        Recorder(), LIMITS, "test", exempt=[ipaddress.ip_network("10.9.0.0/16")], reactor=Clock()
+    )
+    assert all(connect(site, "10.9.1.1") for _ in range(10))
+    held = [connect(site, "10.0.0.9") for _ in range(3)]
+    with capturedLogs() as events:
+        assert [connect(site, "10.0.0.9") for _ in range(5)] == [None] * 5
+        channel, _ = held[0]  # type: ignore[misc]
+        channel.connectionLost(None)  # type: ignore[arg-type]
+        assert connect(site, "10.0.0.9") is not None
+        assert connect(site, "10.0.0.9") is None
+    refusals = [e for e in events if e.get("log_namespace") == "metadatad.audit"]
+    assert [e["peer"] for e in refusals] == ["10.0.0.9", "10.0.0.9"]

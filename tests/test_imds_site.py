@@ -369,3 +369,17 @@ def test_denials_and_writes_are_audited_without_secrets() -> None:
     shown = repr(events)
     for secret in (token, token_b, "garbage-token", "hunter2"):
         assert secret not in shown
+
+
+def test_a_flood_is_logged_once() -> None:
+    """The first 429 of a flood is audit-logged; the repeats are only counted; after the
+    caller is served again, a new flood is logged again."""
+    setup = Setup(limiter=RateLimiter(rate=1, burst=1))
+    with capturedLogs() as events:
+        statuses = [setup.get("/latest/meta-data/instance-id").status for _ in range(50)]
+        setup.clock.advance(1)
+        statuses += [setup.get("/latest/meta-data/instance-id").status for _ in range(3)]
+    assert statuses == [200] + [429] * 49 + [200, 429, 429]
+    limited = [e for e in events if e.get("reason") == "rate limit"]
+    assert len(limited) == 2
+    assert limited[0]["node"] == "-" and limited[0]["peer"] == "127.0.0.1"

@@ -66,6 +66,8 @@ class Denied:
 
     reply: Reply
     reason: str
+    # False for the repeats of a flood: counted, but logged once.
+    logged: bool = True
 
 
 def is_public_listing(parts: list[str]) -> bool:
@@ -100,6 +102,8 @@ class Guard:
         self._limiter = limiter if limiter is not None else RateLimiter(0, 1)
         self._require_header = require_header
         self._max_body = max_body_bytes
+        # Callers being rate limited: their first 429 is logged, not every one.
+        self._limited: set[str] = set()
 
     def screen(self, request: Request, parts: list[str]) -> Screened | Denied:
         """Checks that need no identity (see the module docstring)."""
@@ -143,9 +147,14 @@ class Guard:
         key = f"id:{caller.instance_id}" if caller.instance_id is not None else f"ip:{caller.ip}"
         wait = self._limiter.take(key, self._clock.seconds())
         if wait <= 0:
+            self._limited.discard(key)
             return None
+        first = key not in self._limited
+        if first and len(self._limited) < 100_000:
+            self._limited.add(key)
         reply = error(429, "Too Many Requests")
-        return Denied(attrs.evolve(reply, headers=(("Retry-After", retry_after(wait)),)), "rate")
+        headers = (("Retry-After", retry_after(wait)),)
+        return Denied(attrs.evolve(reply, headers=headers), "rate limit", logged=first)
 
     def authorise(self, screened: Screened, node_uuid: str | None) -> Denied | None:
         """A supplied token must be the asking node's."""
@@ -195,6 +204,8 @@ def make_guard(config: Any, clock: Any) -> Guard:
 def deny(request: Request, denied: Denied, peer: str, node: str | None = None) -> Reply:
     """Audit-log a refusal (method, path, peer, node, reason; never a token or body)."""
     DENIED.labels(denied.reason).inc()
+    if not denied.logged:
+        return denied.reply
     audit.info(
         "audit: denied {method} {path} from {peer} node {node}: {status} {reason}",
         method=_shown(request.method),
