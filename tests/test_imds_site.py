@@ -383,3 +383,26 @@ def test_a_flood_is_logged_once() -> None:
     limited = [e for e in events if e.get("reason") == "rate limit"]
     assert len(limited) == 2
     assert limited[0]["node"] == "-" and limited[0]["peer"] == "127.0.0.1"
+
+
+def test_bad_tokens_count_against_the_rate_limit() -> None:
+    """A flood of bad tokens is a flood: 401 while the bucket lasts, then 429."""
+    setup = Setup(limiter=RateLimiter(rate=1, burst=2))
+    statuses = [setup.get("/latest/meta-data/instance-id", "junk").status for _ in range(4)]
+    assert statuses == [401, 401, 429, 429]
+    assert setup.get("/", "junk").status == 429
+    setup.clock.advance(1)
+    assert setup.get("/", "junk").status == 401
+
+
+def test_repeated_denials_are_logged_sparingly() -> None:
+    """One peer repeating one refusal: a few audit lines, then one per 10 s; every one
+    is still answered 401."""
+    setup = Setup()
+    with capturedLogs() as events:
+        statuses = [setup.get("/latest/meta-data/instance-id", "junk").status for _ in range(30)]
+        setup.clock.advance(10)
+        statuses.append(setup.get("/latest/meta-data/instance-id", "junk").status)
+    assert statuses == [401] * 31
+    logged = [e for e in events if e.get("reason") == "malformed token"]
+    assert len(logged) == 6

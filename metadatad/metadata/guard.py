@@ -6,14 +6,16 @@ later) is treated alike:
 
 1. :meth:`Guard.screen`, before identity: a body over the limit (413), the token path's
    method, version, ``X-Forwarded-For`` and TTL rules (405/403/403/400), the optional
-   required header (403), and the signature and expiry of a supplied token (401), or a
-   missing token under ``require_tokens`` (401).
-2. :meth:`Guard.admit`, once the caller is known: its token bucket (429).
+   required header (403); it also checks a supplied token's signature and expiry, and
+   notes a missing token under ``require_tokens``.
+2. :meth:`Guard.admit`, once the caller is known: its token bucket (429), then the
+   token refusal noted by ``screen`` (401), so that bad tokens count against the rate.
 3. :meth:`Guard.authorise`, once its node is known: a supplied token must be that
    node's (401).
 4. :meth:`Guard.issue` answers the token ``PUT`` (with the low IP TTL).
 
-Refusals are audit-logged with the node and the reason, never the token.
+Refusals are counted and audit-logged (:meth:`Guard.deny`) with the node and the
+reason, never the token; a flood of one refusal from one peer is logged sparingly.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class Screened:
     token_request: bool = False
     ttl: int = 0
     token_node: str | None = None
+    # A refusal that waits until the caller is known, so that it counts against the
+    # caller's rate limit (a flood of bad tokens is a flood like any other).
+    refusal: Denied | None = None
 
 
 @attrs.frozen
@@ -104,6 +109,8 @@ class Guard:
         self._max_body = max_body_bytes
         # Callers being rate limited: their first 429 is logged, not every one.
         self._limited: set[str] = set()
+        # Audit lines per peer and reason: a few at once, then one per 10 s.
+        self._log_budget = RateLimiter(0.1, 5, max_keys=10_000)
 
     def screen(self, request: Request, parts: list[str]) -> Screened | Denied:
         """Checks that need no identity (see the module docstring)."""
@@ -132,23 +139,27 @@ class Guard:
         tokens = _header(request, TOKEN_HEADER)
         if not tokens:
             if self.require_tokens and not token_request and not public:
-                return Denied(error(401, "Unauthorized: a session token is required"), "no token")
+                reply = error(401, "Unauthorized: a session token is required")
+                return Screened(token_request, ttl, refusal=Denied(reply, "no token"))
             return Screened(token_request, ttl)
         if len(tokens) != 1:
-            return Denied(error(401, "Unauthorized"), "several tokens")
+            refusal = Denied(error(401, "Unauthorized"), "several tokens")
+            return Screened(token_request, ttl, refusal=refusal)
         try:
             node, _ = self._signer.verify(tokens[0].strip(), self._clock.seconds())
         except TokenError as e:
-            return Denied(error(401, "Unauthorized"), e.reason)
+            refusal = Denied(error(401, "Unauthorized"), e.reason)
+            return Screened(token_request, ttl, refusal=refusal)
         return Screened(token_request, ttl, node)
 
-    def admit(self, caller: Caller) -> Denied | None:
-        """Spend one request of ``caller``'s bucket, or refuse with 429."""
+    def admit(self, caller: Caller, screened: Screened) -> Denied | None:
+        """Spend one request of ``caller``'s bucket, or refuse with 429; then the
+        refusal :meth:`screen` kept for a known caller, if any."""
         key = f"id:{caller.instance_id}" if caller.instance_id is not None else f"ip:{caller.ip}"
         wait = self._limiter.take(key, self._clock.seconds())
         if wait <= 0:
             self._limited.discard(key)
-            return None
+            return screened.refusal
         first = key not in self._limited
         if first and len(self._limited) < 100_000:
             self._limited.add(key)
@@ -169,6 +180,17 @@ class Guard:
         TOKENS_ISSUED.inc()
         headers = (("X-aws-ec2-metadata-token-ttl-seconds", str(screened.ttl)),)
         return attrs.evolve(text(token), headers=headers)
+
+    def deny(self, request: Request, denied: Denied, peer: str, node: str | None = None) -> Reply:
+        """Count a refusal and audit-log it (method, path, peer, node, reason; never a
+        token or a body); repeats from one peer for one reason are logged sparingly."""
+        DENIED.labels(denied.reason).inc()
+        if (
+            denied.logged
+            and self._log_budget.take(f"{peer} {denied.reason}", self._clock.seconds()) == 0
+        ):
+            _audit_denied(request, denied, peer, node)
+        return denied.reply
 
     def _has_required(self, request: Request) -> bool:
         assert self._require_header is not None
@@ -201,11 +223,7 @@ def make_guard(config: Any, clock: Any) -> Guard:
     )
 
 
-def deny(request: Request, denied: Denied, peer: str, node: str | None = None) -> Reply:
-    """Audit-log a refusal (method, path, peer, node, reason; never a token or body)."""
-    DENIED.labels(denied.reason).inc()
-    if not denied.logged:
-        return denied.reply
+def _audit_denied(request: Request, denied: Denied, peer: str, node: str | None) -> None:
     audit.info(
         "audit: denied {method} {path} from {peer} node {node}: {status} {reason}",
         method=_shown(request.method),
@@ -215,7 +233,6 @@ def deny(request: Request, denied: Denied, peer: str, node: str | None = None) -
         status=denied.reply.status,
         reason=denied.reason,
     )
-    return denied.reply
 
 
 def audit_write(what: str, node: str, peer: str) -> None:

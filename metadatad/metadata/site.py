@@ -24,7 +24,7 @@ from metadatad.httputil import handle_failure
 from metadatad.identity import Caller, Identifier, IdentityError
 from metadatad.metadata import ec2, openstack
 from metadatad.metadata.cache import CacheEntry, NodeCache
-from metadatad.metadata.guard import Denied, Guard, Screened, audit_write, deny
+from metadatad.metadata.guard import Denied, Guard, Screened, audit_write
 from metadatad.metadata.reply import (
     BINARY,
     NOT_FOUND,
@@ -79,7 +79,7 @@ class MetadataSite:
         method = request.method
         screened = self._guard.screen(request, parts)
         if isinstance(screened, Denied):
-            return self._write(request, deny(request, screened, _peer(request)))
+            return self._write(request, self._guard.deny(request, screened, _peer(request)))
         if (
             not screened.token_request
             and method not in _READ_METHODS
@@ -88,7 +88,7 @@ class MetadataSite:
             request.setHeader(b"Allow", _ALLOWED if _is_password(parts) else b"GET, HEAD")
             return self._write(request, error(405, "Method Not Allowed"))
         listing = _listing(parts)
-        if screened.token_node is None and listing is not None:
+        if listing is not None and screened.token_node is None and screened.refusal is None:
             return self._write(request, listing)
         try:
             caller = self._identifier.identify(_peer(request), _header_getter(request))
@@ -97,9 +97,9 @@ class MetadataSite:
                 "refused metadata request from {peer}: {reason}", peer=_peer(request), reason=e
             )
             return self._write(request, error(e.status, e.message))
-        limited = self._guard.admit(caller)
-        if limited is not None:
-            return self._write(request, deny(request, limited, _peer(request)))
+        refused = self._guard.admit(caller, screened)
+        if refused is not None:
+            return self._write(request, self._guard.deny(request, refused, _peer(request)))
         found = self._lookup(caller)
         if isinstance(found, Deferred):
             return found.addCallbacks(
@@ -124,7 +124,7 @@ class MetadataSite:
         denied = self._guard.authorise(screened, visible.node.uuid if visible else None)
         if denied is not None:
             node = visible.node.uuid if visible else None
-            return self._write(request, deny(request, denied, _peer(request), node))
+            return self._write(request, self._guard.deny(request, denied, _peer(request), node))
         if screened.token_request:
             if visible is None:
                 return self._write(request, error(404, "Not Found: no node for this caller"))
