@@ -25,6 +25,8 @@ MIN_TTL = 1
 MAX_TTL = 21600
 _VERSION = "v1"
 _MAX_TOKEN_CHARS = 512
+# Tokens already verified, remembered until they expire (clients reuse one for hours).
+_CACHE_SIZE = 10_000
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -82,13 +84,15 @@ class TokenSigner:
         self._key = _key(secret)
         self._previous = _key(previous) if previous and previous != secret else None
         self._previous_until = previous_until
+        # token -> (node, expiry, usable until): a hit skips the decoding and the HMAC.
+        self._verified: dict[str, tuple[str, int, float]] = {}
 
     def issue(self, node_uuid: str, ttl: int, now: float) -> str:
         """A token for ``node_uuid`` valid for ``ttl`` seconds from ``now``."""
         if not MIN_TTL <= ttl <= MAX_TTL:
             raise ValueError(f"ttl must be {MIN_TTL}..{MAX_TTL}, got {ttl}")
         payload = f"{_VERSION}:{node_uuid}:{int(now) + ttl}".encode("ascii")
-        mac = hmac.new(self._key, payload, hashlib.sha256).digest()
+        mac = hmac.digest(self._key, payload, "sha256")
         return f"{_b64(payload)}.{_b64(mac)}"
 
     def verify(self, token: str, now: float) -> tuple[str, int]:
@@ -97,6 +101,19 @@ class TokenSigner:
         The node is the one the token was issued to: the caller must still check that
         it is the node asking.
         """
+        known = self._verified.get(token)
+        if known is not None:
+            node, expiry, until = known
+            if now < until and expiry <= now + MAX_TTL + 1:
+                return node, expiry
+            del self._verified[token]
+        node, expiry, until = self._check(token, now)
+        if len(self._verified) >= _CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (node, expiry, until)
+        return node, expiry
+
+    def _check(self, token: str, now: float) -> tuple[str, int, float]:
         if not token or len(token) > _MAX_TOKEN_CHARS or token.count(".") != 1:
             raise TokenError("malformed token")
         encoded_payload, encoded_mac = token.split(".")
@@ -106,7 +123,7 @@ class TokenSigner:
             keys.append(self._previous)
         signed_by = None
         for index, key in enumerate(keys):
-            if hmac.compare_digest(hmac.new(key, payload, hashlib.sha256).digest(), mac):
+            if hmac.compare_digest(hmac.digest(key, payload, "sha256"), mac):
                 signed_by = index
                 break
         if signed_by is None:
@@ -123,4 +140,6 @@ class TokenSigner:
         if expiry > now + MAX_TTL + 1 or (signed_by == 1 and expiry > self._previous_until):
             # Signed, but no signer of ours issues such a token: refuse it all the same.
             raise TokenError("token expiry out of range")
-        return node, expiry
+        # A token of the previous secret is usable only while that secret is.
+        until = float(expiry) if signed_by == 0 else min(float(expiry), self._previous_until)
+        return node, expiry, until

@@ -147,3 +147,27 @@ def test_bad_ttl_header_values(values: list[str] | None) -> None:
     """Missing, repeated, non-numeric or out-of-range TTLs are refused."""
     with pytest.raises(TTLError):
         parse_ttl(values)
+
+
+def test_remembered_tokens_still_expire() -> None:
+    """A token verified once (and remembered) is refused all the same once expired, and
+    a previous-secret token stops at the end of the rotation window."""
+    signer = TokenSigner("secret")
+    token = signer.issue(NODE_A, 10, NOW)
+    assert signer.verify(token, NOW)[0] == NODE_A
+    assert signer.verify(token, NOW + 9)[0] == NODE_A
+    with pytest.raises(TokenError, match="expired"):
+        signer.verify(token, NOW + 10)
+    rotated = TokenSigner("new", previous="old", previous_until=NOW + 100)
+    old_token = TokenSigner("old").issue(NODE_A, 90, NOW)
+    assert rotated.verify(old_token, NOW + 50)[0] == NODE_A
+    with pytest.raises(TokenError):
+        rotated.verify(old_token, NOW + 100)
+
+
+def test_the_memory_of_verified_tokens_is_bounded() -> None:
+    """However many tokens are shown, at most 10,000 are remembered."""
+    signer = TokenSigner("secret")
+    for i in range(10_050):
+        signer.verify(signer.issue(NODE_A, 1 + i % 21600, NOW), NOW)
+    assert len(signer._verified) <= 10_000
