@@ -133,10 +133,20 @@ def test_botocore_token_flow_and_reads(
     assert (response.status_code, response.text) == (200, NODE_UUID)
     user_data = imds._get_request("latest/user-data", None, token)
     assert user_data.content == USER_DATA
-    # Another conductor's token (same secret) is as good: stateless tokens.
-    # A token from another daemon with another secret is not.
     status, _, _ = daemon.get("/latest/meta-data/instance-id", {"X-aws-ec2-metadata-token": "x.y"})
     assert status == 401
+
+
+def test_a_token_is_good_on_every_conductor_sharing_the_secret(
+    optional: Daemon, required: Daemon
+) -> None:
+    """Stateless tokens: one daemon's token reads from another daemon (its own process
+    and database) that has the same token_secret and the same node."""
+    status, _, token = optional.request("PUT", "/latest/api/token", headers=TTL)
+    assert status == 200
+    header = {"X-aws-ec2-metadata-token": token.decode()}
+    assert required.get("/latest/meta-data/instance-id", header)[::2] == (200, NODE_UUID.encode())
+    assert required.get("/latest/meta-data/instance-id")[0] == 401
 
 
 def test_botocore_with_imdsv1_disabled_uses_tokens_in_optional_mode(
