@@ -9,10 +9,15 @@ loopback port:
 * the real daemon, ``twistd -n --pidfile= metadatad --config <tmp conf>``, on a fresh
   SQLite database (``metadatad-manage db upgrade`` + ``node import
   conf/demo-nodes.json``, whose node has the port address 127.0.0.1) and the default
-  settings otherwise (cache_ttl 15, access_log false);
+  settings otherwise (cache_ttl 15, access_log false), but for the rate limit: wrk's
+  connections are all one node, so ``rate_limit`` is set far above what it can send
+  (the per-node bucket is still kept on every request, never refusing);
 * a bare ``twisted.web`` leaf resource returning a constant (the limit), and
 * a Klein app with one route returning the same constant (the framework's own cost),
   both from bench/peers.py, served by the daemon's own Site factory (QuietSite);
+* the daemon's instance-id read with an IMDSv2 session token (``PUT /latest/api/token``
+  once, then every request carries ``X-aws-ec2-metadata-token``), next to the same read
+  without one: what checking a token costs;
 * with --branch-peer, also that constant behind a catch-all branch route like the
   metadata site's (what the site's routing costs before any of its own work);
 * with --measured-peer, also that constant counted for /metrics the way the daemon
@@ -89,6 +94,7 @@ class Target:
     path: str
     expect_body: bytes | None = None  # exact body, when it is constant
     expect_size: int = 0  # bytes of a whole 200 response, from the probe
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request
     runs: list[dict[str, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -228,10 +234,19 @@ def start_server(
     raise AssertionError("unreachable")
 
 
-def probe(port: int, path: str, timeout: float = 5.0) -> tuple[int, int, bytes]:
-    """One GET over a fresh connection: (status, bytes of the whole response, body)."""
+def probe(
+    port: int,
+    path: str,
+    timeout: float = 5.0,
+    headers: tuple[tuple[str, str], ...] = (),
+    method: str = "GET",
+) -> tuple[int, int, bytes]:
+    """One request over a fresh connection: (status, bytes of the whole response, body)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     with socket.create_connection((HOST, port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode("ascii"))
+        s.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}\r\n".encode("ascii")
+        )
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = s.recv(65536)
@@ -281,6 +296,8 @@ def write_config(tmp: Path, port: int, admin_port: int) -> Path:
         f"url = sqlite:///{tmp / 'metadatad.sqlite'}\n"
         "[metadata]\n"
         f"listen = tcp:{port}:interface={HOST}\n"
+        "rate_limit = 1000000\n"
+        "rate_burst = 1000000\n"
         "[admin]\n"
         f"listen = tcp:{admin_port}:interface={HOST}\n"
         f"token_file = {token}\n"
@@ -309,7 +326,9 @@ def run_wrk(
     argv = [
         "taskset", "-c", args.client_cpu, "wrk",
         "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s",
-        "--timeout", "5s", "-s", str(lua), target.url,
+        "--timeout", "5s", "-s", str(lua),
+        *[arg for name, value in target.headers for arg in ("-H", f"{name}: {value}")],
+        target.url,
     ]
     server = procs.pid(target.server)
     cpu_before, wall_before = cpu_seconds(server), time.monotonic()
@@ -341,7 +360,7 @@ def run_wrk(
 
 
 def check_probe(target: Target, when: str) -> None:
-    status, size, body = probe(target.port, target.path)
+    status, size, body = probe(target.port, target.path, headers=target.headers)
     if status != 200:
         target.problems.append(f"{when}: probe answered {status}: {body[:200]!r}")
     elif target.expect_body is not None and body != target.expect_body:
@@ -464,9 +483,20 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
                          "/latest/meta-data/instance-id", DEMO_INSTANCE_ID)
     meta_data = Target("metadatad /openstack/latest/meta_data.json", "metadatad", daemon_port,
                        "/openstack/latest/meta_data.json")
+    status, _, token = probe(
+        daemon_port,
+        "/latest/api/token",
+        headers=(("X-aws-ec2-metadata-token-ttl-seconds", "21600"),),
+        method="PUT",
+    )
+    if status != 200:
+        raise BenchError(f"the token PUT answered {status}: {token[:200]!r}")
+    with_token = Target("metadatad instance-id, IMDSv2 token", "metadatad", daemon_port,
+                        "/latest/meta-data/instance-id", DEMO_INSTANCE_ID,
+                        headers=(("X-aws-ec2-metadata-token", token.decode("ascii")),))
     klein = Target("klein constant (one route)", "klein", klein_port, "/constant", BODY)
     bare = Target("bare twisted.web constant (leaf resource)", "bare", bare_port, "/constant", BODY)
-    targets = [instance_id, meta_data, klein, bare]
+    targets = [instance_id, with_token, meta_data, klein, bare]
     if args.branch_peer:
         path = "/latest/meta-data/instance-id"
         port = start_server(procs, "klein-branch", peer_argv("klein-branch"), path)
@@ -523,6 +553,12 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
             "per response (x klein cpu) is the steadier comparison.  Rerun on an idle "
             "machine.  " + "; ".join(shared) + "\n"
         )
+    token_cost = median(with_token, "cpu_us") - median(instance_id, "cpu_us")
+    token_ratio = median(with_token, "rps") / median(instance_id, "rps")
+    print(
+        f"IMDSv2 token read vs IMDSv1 read: {token_ratio:.2f}x in req/s, "
+        f"{token_cost:+.1f} us of server CPU per response"
+    )
     for t in (instance_id, meta_data):
         ratio = median(t, "rps") / median(klein, "rps")
         by_cpu = median(klein, "cpu_us") / median(t, "cpu_us")

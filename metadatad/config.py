@@ -168,6 +168,18 @@ def _optional_load_factor(raw: str) -> float | None:
     return _number(1.0, 100.0)(raw)
 
 
+def _required_header(raw: str) -> tuple[str, str | None] | None:
+    """``Name`` or ``Name: value`` (e.g. ``Metadata-Flavor: metadatad``); empty: none."""
+    value = raw.strip()
+    if not value:
+        return None
+    name, sep, expected = value.partition(":")
+    name = name.strip()
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+        raise _BadValue(f"expected a header name, or 'Name: value', got {value!r}")
+    return name, (expected.strip() if sep else None)
+
+
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
     networks = []
     for item in raw.replace(",", " ").split():
@@ -330,6 +342,18 @@ class MetadataConfig:
     peer_max_keys: int = 128
     peer_max_bytes: int = 65536
     watch_max_wait: float = 300.0
+    token_secret: str = attrs.field(default="", repr=False)
+    token_secret_previous: str = attrs.field(default="", repr=False)
+    require_tokens: bool = False
+    token_hop_limit: int = 1
+    rate_limit: float = 100.0
+    rate_burst: int = 1000
+    require_header: tuple[str, str | None] | None = None
+    max_header_bytes: int = 8192
+    max_body_bytes: int = 65536
+    client_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections_per_source: int = 64
 
 
 @attrs.frozen
@@ -437,6 +461,18 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "peer_max_keys": _integer(1, 100_000),
             "peer_max_bytes": _integer(1, 16 * 1024 * 1024),
             "watch_max_wait": _number(1, 3600),
+            "token_secret": _string,
+            "token_secret_previous": _string,
+            "require_tokens": _boolean,
+            "token_hop_limit": _integer(1, 255),
+            "rate_limit": _number(0, 1_000_000),
+            "rate_burst": _integer(1, 1_000_000),
+            "require_header": _required_header,
+            "max_header_bytes": _integer(1024, 1_048_576),
+            "max_body_bytes": _integer(1024, 67_108_864),
+            "client_timeout": _number(0.1, 3600),
+            "idle_timeout": _number(1, 86400),
+            "max_connections_per_source": _integer(1, 100_000),
         },
     ),
     "admin": (AdminConfig, {"listen": _optional_endpoint, "token_file": _string}),

@@ -22,9 +22,11 @@ from metadatad.db.cluster import ClusterRepository, ConductorInfo, bound_waits
 from metadatad.db.migrate import SchemaError, check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
 from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorStore
+from metadatad.hardening import HardenedSite, Limits
 from metadatad.identity import Identifier
 from metadatad.logs import RootService
 from metadatad.metadata.cache import NodeCache
+from metadatad.metadata.guard import make_guard
 from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
 from metadatad.metadata.wiring import make_peer_services
@@ -112,15 +114,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         region=config.metadata.region,
         vendordata=vendordata,
         peer_routes=peer_routes,
+        guard=make_guard(config.metadata, reactor),
     )
     _listen(
         root,
         "metadata-http",
         reactor,
         config.metadata.listen,
-        make_site(
-            MeasuredResource(metadata_site.resource(), "metadata", reactor),
-            config.metadata.access_log,
+        _hardened_site(
+            MeasuredResource(metadata_site.resource(), "metadata", reactor), config, reactor
         ),
     )
     if config.admin.listen:
@@ -171,6 +173,21 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ],
     ).setServiceParent(root)
     return root
+
+
+def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
+    """The metadata site's Site: size limits, slow-client timeouts, connection caps."""
+    m = config.metadata
+    limits = Limits(
+        max_header_bytes=m.max_header_bytes,
+        max_body_bytes=m.max_body_bytes,
+        client_timeout=m.client_timeout,
+        idle_timeout=m.idle_timeout,
+        max_connections_per_source=m.max_connections_per_source,
+    )
+    return HardenedSite(
+        resource, limits, "metadata", m.access_log, exempt=m.trusted_proxies, reactor=reactor
+    )
 
 
 def _membership(config: Config, reactor: Any) -> MembershipService:

@@ -310,7 +310,8 @@ def run_ec2(base, job):
     sys_cfg = {"datasource": {"Ec2": {"metadata_urls": [base],
                                       "max_wait": job.get("max_wait", 10), "timeout": 5}}}
     ds = DataSourceEc2.DataSourceEc2(sys_cfg, None, paths())
-    ds._cloud_name = "unknown"  # not AWS: IMDSv1, no token PUT, no DMI
+    # Not AWS by default: IMDSv1, no token PUT, no DMI.  "aws": IMDSv2 tokens.
+    ds._cloud_name = job.get("cloud", "unknown")
     found = ds._get_data()
     result = {"found": bool(found)}
     if not found:
@@ -326,6 +327,7 @@ def run_ec2(base, job):
         region=ds.region,
         launch_index=ds.launch_index,
         userdata=b64(ds.userdata_raw),
+        used_token=bool(getattr(ds, "_api_token", None)),
     )
     return result
 

@@ -158,6 +158,18 @@ EVERY_KEY = {
         "peer_max_keys": "64",
         "peer_max_bytes": "4096",
         "watch_max_wait": "60",
+        "token_secret": "token-secret-9c2e",
+        "token_secret_previous": "old-token-secret",
+        "require_tokens": "true",
+        "token_hop_limit": "2",
+        "rate_limit": "12.5",
+        "rate_burst": "40",
+        "require_header": "Metadata-Flavor: metadatad",
+        "max_header_bytes": "4096",
+        "max_body_bytes": "2048",
+        "client_timeout": "3",
+        "idle_timeout": "30",
+        "max_connections_per_source": "8",
     },
     "admin": {"listen": "unix:/run/metadatad/admin.sock", "token_file": "/srv/token"},
     "conductor": {
@@ -237,6 +249,22 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     assert config.metadata.peer_max_keys == 64
     assert config.metadata.peer_max_bytes == 4096
     assert config.metadata.watch_max_wait == 60.0
+    assert config.metadata == attrs.evolve(
+        config.metadata,
+        token_secret="token-secret-9c2e",
+        token_secret_previous="old-token-secret",
+        require_tokens=True,
+        token_hop_limit=2,
+        rate_limit=12.5,
+        rate_burst=40,
+        require_header=("Metadata-Flavor", "metadatad"),
+        max_header_bytes=4096,
+        max_body_bytes=2048,
+        client_timeout=3.0,
+        idle_timeout=30.0,
+        max_connections_per_source=8,
+    )
+    assert "token-secret-9c2e" not in repr(config)
     assert config.admin == AdminConfig(
         listen="unix:/run/metadatad/admin.sock", token_file="/srv/token"
     )
@@ -421,6 +449,19 @@ BAD_VALUES = [
     ("metadata", "listen", "systemd:index=0", "domain="),
     ("metadata", "listen", "systemd:domain=INET", "index="),
     ("admin", "listen", "tcp:8776:backlog=many", "many"),
+    # IMDSv2 and hardening
+    ("metadata", "require_tokens", "maybe", "maybe"),
+    ("metadata", "token_hop_limit", "0", "1 to 255"),
+    ("metadata", "token_hop_limit", "256", "1 to 255"),
+    ("metadata", "rate_limit", "-1", "-1"),
+    ("metadata", "rate_burst", "0", "0"),
+    ("metadata", "require_header", "Bad Header: x", "header name"),
+    ("metadata", "require_header", ": value", "header name"),
+    ("metadata", "max_header_bytes", "100", "1024"),
+    ("metadata", "max_body_bytes", "lots", "lots"),
+    ("metadata", "client_timeout", "0", "0"),
+    ("metadata", "idle_timeout", "0", "0"),
+    ("metadata", "max_connections_per_source", "0", "0"),
     # bad numbers
     ("metadata", "cache_ttl", "fifteen", "fifteen"),
     ("metadata", "cache_ttl", "-1", "-1"),

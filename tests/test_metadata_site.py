@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import ipaddress
 import json
 from datetime import UTC, datetime
@@ -324,6 +325,7 @@ def _dummy_request(path: bytes) -> DummyRequest:
     request = DummyRequest(path.lstrip(b"/").split(b"/"))
     request.path = path
     request.client = IPv4Address("TCP", "127.0.0.1", 40000)
+    request.content = io.BytesIO(b"")
     return request
 
 

@@ -22,6 +22,7 @@ from twisted.web.server import Site
 import metadatad.tap
 from metadatad.config import Config
 from metadatad.db.store import ReactorThreadError, Store
+from metadatad.hardening import HardenedSite
 from metadatad.tap import Options, QuietSite, makeService
 from tests.databases import ScratchDatabase, empty_database
 
@@ -260,14 +261,20 @@ def test_access_log_chooses_the_site(
     access_log: str,
     site_class: type,
 ) -> None:
-    """[metadata] access_log = false serves through QuietSite, true through a logging Site."""
+    """[metadata] access_log = false serves through QuietSite, true through a logging Site
+    (the metadata site's HardenedSite logs only when asked to)."""
     reactor = MemoryReactorClock()
     conf = write_conf(tmp_path, migrated_url, metadata=f"access_log = {access_log}\n")
     root = build(conf, services, reactor)
     root.startService()
     try:
-        for _port, factory, _backlog, _interface in reactor.tcpServers:
-            assert type(factory) is site_class
+        factories = [factory for _port, factory, _backlog, _interface in reactor.tcpServers]
+        hardened = [f for f in factories if isinstance(f, HardenedSite)]
+        assert len(hardened) == 1
+        assert hardened[0].access_log is (access_log == "true")
+        for factory in factories:
+            if factory not in hardened:
+                assert type(factory) is site_class
     finally:
         root.stopService()
 

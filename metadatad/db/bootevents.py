@@ -61,8 +61,8 @@ class BootEvent:
     def to_document(self) -> dict[str, Any]:
         """The JSON form the admin API shows."""
         document = attrs.asdict(self)
-        document["started_at"] = self.started_at.replace(tzinfo=UTC).isoformat().replace(
-            "+00:00", "Z"
+        document["started_at"] = (
+            self.started_at.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
         )
         document["duration"] = round(self.duration, 6)
         return document

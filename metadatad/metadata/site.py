@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from metadatad.httputil import handle_failure
 from metadatad.identity import Caller, Identifier, IdentityError
 from metadatad.metadata import ec2, openstack
 from metadatad.metadata.cache import CacheEntry, NodeCache
+from metadatad.metadata.guard import Denied, Guard, Screened, audit_write
 from metadatad.metadata.peers import SHARED_NAMES
 from metadatad.metadata.peersite import PeerRoutes
 from metadatad.metadata.reply import (
@@ -61,8 +63,11 @@ class MetadataSite:
         random_bytes: Callable[[int], bytes] = os.urandom,
         vendordata: Any = None,
         peer_routes: PeerRoutes | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self._cache = cache
+        # Tokens, rate, size and header rules: checked here for every path.
+        self._guard = guard if guard is not None else Guard(_SystemClock())
         self._store = store
         self._identifier = identifier
         self._static_vendordata = dict(static_vendordata or {})
@@ -88,17 +93,19 @@ class MetadataSite:
         """Every request of the site."""
         parts = split_path(request.path)
         method = request.method
-        if method not in _READ_METHODS and not (
-            method == b"POST" and (_is_password(parts) or _is_peer_post(parts))
+        screened = self._guard.screen(request, parts)
+        if isinstance(screened, Denied):
+            return self._write(request, self._guard.deny(request, screened, _peer(request)))
+        if (
+            not screened.token_request
+            and method not in _READ_METHODS
+            and not (method == b"POST" and (_is_password(parts) or _is_peer_post(parts)))
         ):
             request.setHeader(b"Allow", _ALLOWED if _is_password(parts) else b"GET, HEAD")
             return self._write(request, error(405, "Method Not Allowed"))
-        if not parts:
-            return self._write(request, ec2.versions_listing())
-        if parts == ["openstack"]:
-            return self._write(request, openstack.versions_listing())
-        if parts == ["ec2"]:
-            return self._write(request, ec2.versions_listing())
+        listing = _listing(parts)
+        if listing is not None and screened.token_node is None and screened.refusal is None:
+            return self._write(request, listing)
         try:
             caller = self._identifier.identify(_peer(request), _header_getter(request))
         except IdentityError as e:
@@ -106,15 +113,42 @@ class MetadataSite:
                 "refused metadata request from {peer}: {reason}", peer=_peer(request), reason=e
             )
             return self._write(request, error(e.status, e.message))
+        refused = self._guard.admit(caller, screened)
+        if refused is not None:
+            return self._write(request, self._guard.deny(request, refused, _peer(request)))
         found = self._lookup(caller)
         if isinstance(found, Deferred):
             return found.addCallbacks(
-                self._answer,
+                self._checked,
                 self._store_failed,
-                callbackArgs=(request, caller, parts),
+                callbackArgs=(request, caller, parts, screened),
                 errbackArgs=(request,),
             )
-        return self._answer(found, request, caller, parts)
+        return self._checked(found, request, caller, parts, screened)
+
+    def _checked(
+        self,
+        entry: CacheEntry,
+        request: Request,
+        caller: Caller,
+        parts: list[str],
+        screened: Screened,
+    ) -> Any:
+        """The gate's node checks, then the token PUT or the trees."""
+        record = entry.record
+        visible = _visible(record, caller)
+        denied = self._guard.authorise(screened, visible.node.uuid if visible else None)
+        if denied is not None:
+            node = visible.node.uuid if visible else None
+            return self._write(request, self._guard.deny(request, denied, _peer(request), node))
+        if screened.token_request:
+            if visible is None:
+                return self._write(request, error(404, "Not Found: no node for this caller"))
+            return self._write(request, self._guard.issue(request, screened, visible.node.uuid))
+        listing = _listing(parts)
+        if listing is not None:
+            return self._write(request, listing)
+        return self._answer(entry, request, caller, parts)
 
     def _store_failed(self, failure: Failure, request: Request) -> bytes | Failure:
         if failure.check(CancelledError):
@@ -131,10 +165,8 @@ class MetadataSite:
         return self._cache.by_ip(caller.ip)
 
     def _answer(self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]) -> Any:
-        record = entry.record
-        if record is None or (
-            caller.tenant_id is not None and record.node.project_id != caller.tenant_id
-        ):
+        record = _visible(entry.record, caller)
+        if record is None:
             return self._write(request, error(404, "Not Found: no node for this caller"))
         if parts[0] == "openstack":
             return self._openstack(entry, record, request, parts[1:])
@@ -247,7 +279,7 @@ class MetadataSite:
                 return self._write(request, NOT_FOUND)
             if not result:
                 return self._write(request, error(409, "Password already set"))
-            self.log.info("node {uuid} posted its password", uuid=uuid)
+            audit_write("its password", uuid, _peer(request))
             return self._write(request, text(""))
 
         return self._store.set_password(uuid, password).addCallbacks(
@@ -314,6 +346,29 @@ class MetadataResource(Resource):
 
 def _is_peer_post(parts: list[str]) -> bool:
     return len(parts) == 3 and parts[0] == "openstack" and parts[2] == "metadata"
+
+
+def _listing(parts: list[str]) -> Reply | None:
+    """The public version listings, which need no node."""
+    if not parts or parts == ["ec2"]:
+        return ec2.versions_listing()
+    if parts == ["openstack"]:
+        return openstack.versions_listing()
+    return None
+
+
+def _visible(record: NodeRecord | None, caller: Caller) -> NodeRecord | None:
+    """The caller's node, unless a signing proxy named another project."""
+    if record is None or (
+        caller.tenant_id is not None and record.node.project_id != caller.tenant_id
+    ):
+        return None
+    return record
+
+
+class _SystemClock:
+    def seconds(self) -> float:
+        return time.time()
 
 
 def _is_password(parts: list[str]) -> bool:

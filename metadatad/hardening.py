@@ -1,0 +1,312 @@
+# -*- test-case-name: tests.test_hardening -*-
+"""HTTP connections that untrusted machines cannot abuse.
+
+:class:`HardenedSite` is a twisted.web ``Site`` whose channels
+
+- answer ``431`` to a request line plus headers longer than ``max_header_bytes``;
+- answer ``413`` to a body longer than ``max_body_bytes`` (by ``Content-Length``
+  before reading it, or while reading a chunked body), without buffering it;
+- answer ``408`` and close when a request is not complete ``client_timeout`` seconds
+  after its first byte (slow clients: Twisted's idle timeout restarts on every byte);
+- close connections idle for ``idle_timeout`` seconds;
+- refuse a connection beyond ``max_connections_per_source`` open ones from one address
+  (but from ``exempt`` networks: the trusted proxies, which speak for many machines);
+- can send one response with a low IP TTL (:func:`limit_response_hops`, for IMDSv2's
+  token ``PUT``); the socket's own TTL is restored before the next response.
+
+Each refusal is one short ``text/plain`` answer and the connection closes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from prometheus_client import Counter
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from metadatad.config import IPNetwork
+from metadatad.identity import normalise_ip
+from metadatad.metrics import REGISTRY
+
+_log = Logger(namespace="metadatad.audit")
+
+REFUSED_CONNECTIONS = Counter(
+    "metadatad_http_refused_total",
+    "HTTP requests or connections refused before reaching a site, by reason.",
+    ["site", "reason"],
+    registry=REGISTRY,
+)
+
+_PHRASES = {
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+}
+
+
+@attrs.frozen
+class Limits:
+    """What one connection may send, and for how long."""
+
+    max_header_bytes: int = 8192
+    max_body_bytes: int = 65536
+    client_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections_per_source: int = 64
+
+
+class HardenedRequest(Request):
+    """A request whose body stops being read past the channel's body limit."""
+
+    _body_bytes = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel = self.channel
+        if isinstance(channel, HardenedChannel):
+            if channel.refused:
+                return
+            self._body_bytes += len(data)
+            if self._body_bytes > channel.limits.max_body_bytes:
+                channel.refuse(413, "request body")
+                return
+        super().handleContentChunk(data)
+
+
+class HardenedChannel(HTTPChannel):
+    """An HTTP/1.1 channel enforcing :class:`Limits` (see the module docstring)."""
+
+    refused = False
+    _deadline: Any = None
+    _saved_hops: tuple[int, int, int] | None = None
+    _source: str | None = None
+
+    def __init__(self, limits: Limits, name: str = "") -> None:
+        super().__init__()
+        self.limits = limits
+        self.name = name
+        # LineReceiver drops a longer line silently; lineLengthExceeded answers 431.
+        self.MAX_LENGTH = limits.max_header_bytes
+        self.totalHeadersSize = limits.max_header_bytes
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self._deadline is None and not self._handlingRequest:
+            self._deadline = self.callLater(self.limits.client_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return
+        if self._receivedHeaderSize + len(line) > self.limits.max_header_bytes:
+            self.refuse(431, "request headers")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(431, "request headers")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self.refused:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > self.limits.max_body_bytes:
+            self.refuse(413, "request body")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self.refused:
+            return
+        self._cancel_deadline()
+        self._restore_hops()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        factory = getattr(self, "factory", None)
+        if isinstance(factory, HardenedSite) and self._source is not None:
+            factory.released(self._source)
+            self._source = None
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.refuse(408, "slow client")
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` with a short text body and close the connection."""
+        if self.refused:
+            return
+        self.refused = True
+        self._cancel_deadline()
+        REFUSED_CONNECTIONS.labels(self.name, reason).inc()
+        transport: Any = self.transport
+        _log.info(
+            "audit: refused {reason} from {peer}: {status}",
+            reason=reason,
+            peer=_host(transport.getPeer()),
+            status=status,
+        )
+        body = f"{_PHRASES[status]}\n".encode()
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, _PHRASES[status].encode(), len(body), body)
+        )
+        self.loseConnection()
+
+    # --- IP TTL for one response ----------------------------------------------------
+
+    def limit_hops(self, hops: int) -> bool:
+        """Send what is written from now on with IP TTL (hop limit) ``hops``, until the
+        next request arrives.  False if this transport has no IP socket."""
+        sock = _socket_of(self.transport)
+        if sock is None:
+            return False
+        level, option = _hops_option(sock)
+        if self._saved_hops is None:
+            self._saved_hops = (level, option, sock.getsockopt(level, option))
+        sock.setsockopt(level, option, hops)
+        if level == socket.IPPROTO_IPV6:
+            # An IPv4 client of a dual-stack socket gets IPv4 packets: IP_TTL rules those.
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+            except OSError:
+                pass
+        return True
+
+    def _restore_hops(self) -> None:
+        if self._saved_hops is None:
+            return
+        level, option, value = self._saved_hops
+        self._saved_hops = None
+        sock = _socket_of(self.transport)
+        if sock is not None:
+            try:
+                sock.setsockopt(level, option, value)
+                if level == socket.IPPROTO_IPV6:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, -1)
+            except OSError:
+                pass
+
+
+def _socket_of(transport: Any) -> socket.socket | None:
+    try:
+        handle = transport.getHandle()
+    except Exception:
+        return None
+    if isinstance(handle, socket.socket) and handle.family in (socket.AF_INET, socket.AF_INET6):
+        return handle
+    return None
+
+
+def _hops_option(sock: socket.socket) -> tuple[int, int]:
+    if sock.family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS
+    return socket.IPPROTO_IP, socket.IP_TTL
+
+
+def _host(address: Any) -> str:
+    return str(getattr(address, "host", "") or "")
+
+
+def _in(host: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(normalise_ip(host))
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def limit_response_hops(request: Any, hops: int) -> bool:
+    """Send ``request``'s response with IP TTL ``hops``, if its channel can."""
+    channel = getattr(request, "channel", None)
+    if isinstance(channel, HardenedChannel):
+        return channel.limit_hops(hops)
+    return False
+
+
+class HardenedSite(Site):
+    """A ``Site`` of :class:`HardenedChannel` connections, capped per source address."""
+
+    requestFactory = HardenedRequest
+
+    def __init__(
+        self,
+        resource: Any,
+        limits: Limits,
+        name: str = "",
+        access_log: bool = False,
+        exempt: Sequence[IPNetwork] = (),
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("timeout", limits.idle_timeout)
+        # Form parsing of POST bodies is off: no route of ours reads forms.
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.limits = limits
+        self.name = name
+        self.access_log = access_log
+        self.displayTracebacks = False
+        self._exempt = tuple(exempt)
+        self._open: dict[str, int] = {}
+        # Sources being refused: logged once when refusing starts, not per connection.
+        self._refusing: set[str] = set()
+
+    def protocol(self) -> HardenedChannel:  # type: ignore[override]
+        """A new channel (HTTP/1.1 only: no HTTP/2 upgrade for metadata clients)."""
+        return HardenedChannel(self.limits, self.name)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel for ``addr``, or None (the connection is closed) past the cap."""
+        host = _host(addr)
+        if host and self._exempt and _in(host, self._exempt):
+            host = ""
+        if host and self._open.get(host, 0) >= self.limits.max_connections_per_source:
+            REFUSED_CONNECTIONS.labels(self.name, "connections per source").inc()
+            if host not in self._refusing and len(self._refusing) < 10_000:
+                self._refusing.add(host)
+                _log.info(
+                    "audit: refusing connections from {peer}: {count} open",
+                    peer=host,
+                    count=self._open[host],
+                )
+            return None
+        channel = super().buildProtocol(addr)
+        if host:
+            self._open[host] = self._open.get(host, 0) + 1
+            channel._source = host
+        return channel
+
+    def released(self, host: str) -> None:
+        """A connection from ``host`` closed."""
+        self._refusing.discard(host)
+        count = self._open.get(host, 0) - 1
+        if count > 0:
+            self._open[host] = count
+        else:
+            self._open.pop(host, None)
+
+    def open_connections(self, host: str) -> int:
+        """How many connections from ``host`` are open."""
+        return self._open.get(host, 0)
+
+    def log(self, request: Any) -> None:
+        """An access-log line only when asked for (metrics count requests)."""
+        if self.access_log:
+            super().log(request)

@@ -1,0 +1,287 @@
+"""The hardened HTTP channel: size limits, slow clients, idle connections, connection
+caps per source and the per-response IP TTL.
+
+Channels are driven byte by byte over ``StringTransport`` with a ``Clock``; the IP TTL
+is read back from a real socket on loopback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from metadatad.hardening import HardenedChannel, HardenedSite, Limits, limit_response_hops
+
+LIMITS = Limits(
+    max_header_bytes=1024,
+    max_body_bytes=2048,
+    client_timeout=10.0,
+    idle_timeout=60.0,
+    max_connections_per_source=3,
+)
+
+
+class Recorder(Resource):
+    """Answers ``ok <body length>``; remembers every request it saw."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bytes] = []
+
+    def render(self, request: Request) -> bytes:
+        body = request.content.read() if request.content else b""
+        self.seen.append(request.path)
+        if request.path == b"/hops":
+            limit_response_hops(request, 3)
+        return b"ok %d" % len(body)
+
+
+def connect(
+    site: HardenedSite, host: str = "10.0.0.9"
+) -> tuple[HardenedChannel, StringTransport] | None:
+    address = IPv4Address("TCP", host, 40000)
+    channel = site.buildProtocol(address)
+    if channel is None:
+        return None
+    transport = StringTransport(peerAddress=address)
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def make(limits: Limits = LIMITS) -> tuple[HardenedSite, Recorder, Clock]:
+    clock = Clock()
+    resource = Recorder()
+    return HardenedSite(resource, limits, "test", reactor=clock), resource, clock
+
+
+def status_of(transport: StringTransport) -> int:
+    return int(transport.value().split(b" ", 2)[1])
+
+
+def test_a_normal_request_is_served() -> None:
+    """Within the limits nothing changes."""
+    site, resource, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert status_of(transport) == 200
+    assert transport.value().endswith(b"ok 5")
+    assert resource.seen == [b"/x"]
+    assert not transport.disconnecting
+
+
+def test_oversize_headers_are_431_and_close() -> None:
+    """Many headers past max_header_bytes: 431, closed, the resource never called."""
+    site, resource, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 50) for i in range(30))
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
+    assert status_of(transport) == 431
+    assert b"Request Header Fields Too Large" in transport.value()
+    assert transport.disconnecting
+    assert resource.seen == []
+
+
+def test_one_endless_header_line_is_431() -> None:
+    """A line longer than the limit, never ended, is 431 too (not a silent close)."""
+    site, resource, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"GET /" + b"a" * 5000)
+    assert status_of(transport) == 431
+    assert transport.disconnecting
+    assert resource.seen == []
+
+
+def test_oversize_content_length_is_413_before_the_body() -> None:
+    """A Content-Length past max_body_bytes is 413 without reading the body."""
+    site, resource, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2049\r\n\r\n")
+    assert status_of(transport) == 413
+    assert transport.disconnecting
+    channel.dataReceived(b"x" * 2049)
+    assert resource.seen == []
+    assert transport.value().count(b"HTTP/1.1") == 1
+
+
+def test_oversize_chunked_body_is_413_while_reading() -> None:
+    """A chunked body is counted as it arrives; past the limit 413, nothing buffered on."""
+    site, resource, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(3):
+        channel.dataReceived(b"400\r\n" + b"y" * 0x400 + b"\r\n")
+    channel.dataReceived(b"0\r\n\r\n")
+    assert status_of(transport) == 413
+    assert transport.disconnecting
+    assert resource.seen == []
+
+
+def test_a_body_at_the_limit_is_served() -> None:
+    """Exactly max_body_bytes is allowed."""
+    site, _, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2048\r\n\r\n" + b"z" * 2048
+    )
+    assert status_of(transport) == 200
+    assert transport.value().endswith(b"ok 2048")
+
+
+def test_a_slow_client_gets_408_however_it_drips() -> None:
+    """Bytes trickling in do not extend the deadline: client_timeout after the first
+    byte the request must be complete."""
+    site, resource, clock = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")
+    for _ in range(9):
+        clock.advance(1)
+        channel.dataReceived(b"X")
+    assert transport.value() == b""
+    clock.advance(1)
+    assert status_of(transport) == 408
+    assert transport.disconnecting
+    assert resource.seen == []
+
+
+def test_the_deadline_is_per_request_not_per_connection() -> None:
+    """A keep-alive connection gets a fresh deadline for each request, and none while
+    idle (the idle timeout closes it instead)."""
+    site, resource, clock = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    clock.advance(30)
+    assert not transport.disconnecting
+    channel.dataReceived(b"GET /2 HTTP/1.1\r\n")
+    clock.advance(9)
+    channel.dataReceived(b"Host: a\r\n\r\n")
+    assert resource.seen == [b"/1", b"/2"]
+    assert transport.value().count(b"HTTP/1.1 200") == 2
+    clock.advance(59)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting  # idle_timeout
+
+
+def test_connections_per_source_are_capped() -> None:
+    """Past the cap a source's connection is refused; others are not; a closed
+    connection frees its slot."""
+    site, _, _ = make()
+    opened = [connect(site, "10.0.0.9") for _ in range(3)]
+    assert all(opened)
+    assert connect(site, "10.0.0.9") is None
+    assert connect(site, "10.0.0.10") is not None
+    assert site.open_connections("10.0.0.9") == 3
+    channel, _ = opened[0]  # type: ignore[misc]
+    channel.connectionLost(None)  # type: ignore[arg-type]
+    assert site.open_connections("10.0.0.9") == 2
+    assert connect(site, "10.0.0.9") is not None
+
+
+def test_hop_limit_needs_a_socket() -> None:
+    """Over a transport without a socket, limiting hops is a no-op that says so."""
+    site, _, _ = make()
+    channel, _ = connect(site)  # type: ignore[misc]
+    assert channel.limit_hops(1) is False
+
+
+# --- IP TTL on a real socket ------------------------------------------------------------
+
+
+def _exchange(port: int, family: int, host: str, probe: Any) -> list[int]:
+    """On one keep-alive connection: PUT /hops, probe; GET /after, probe."""
+    ttls = []
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        for method, path in (("PUT", "/hops"), ("GET", "/after")):
+            connection.request(method, path)
+            response = connection.getresponse()
+            assert response.status == 200
+            response.read()
+            ttls.append(probe())
+    finally:
+        connection.close()
+    return ttls
+
+
+@pytest.mark.parametrize(
+    ("family", "host", "level", "option"),
+    [
+        (socket.AF_INET, "127.0.0.1", socket.IPPROTO_IP, socket.IP_TTL),
+        (socket.AF_INET6, "::1", socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_one_response_leaves_with_the_hop_limit(
+    family: int, host: str, level: int, option: int
+) -> Any:
+    """The server socket carries TTL 3 for the /hops response, and its own default
+    again for the next request on the same connection."""
+    from twisted.internet import reactor, threads
+    from twisted.internet.threads import blockingCallFromThread
+
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    channels: list[HardenedChannel] = []
+
+    class Watching(HardenedSite):
+        def buildProtocol(self, addr: Any) -> Any:
+            channel = super().buildProtocol(addr)
+            channels.append(channel)
+            return channel
+
+    site = Watching(Recorder(), LIMITS, "test")
+    try:
+        port = reactor.listenTCP(0, site, interface=host)  # type: ignore[attr-defined]
+    except Exception as e:  # no ::1 configured
+        pytest.skip(f"cannot listen on {host}: {e}")
+    default = socket.socket(family, socket.SOCK_STREAM)
+    expected_default = default.getsockopt(level, option)
+    default.close()
+
+    def probe() -> int:
+        return int(
+            blockingCallFromThread(
+                reactor, lambda: channels[0].transport.getHandle().getsockopt(level, option)
+            )
+        )
+
+    try:
+        ttls = yield threads.deferToThread(_exchange, port.getHost().port, family, host, probe)
+    finally:
+        yield port.stopListening()
+    assert ttls == [3, expected_default]
+    assert threading.current_thread() is threading.main_thread()
+
+
+def test_exempt_sources_are_not_capped_and_refusals_are_logged_once() -> None:
+    """A trusted proxy speaks for many machines: no cap.  A capped source is logged once
+    until one of its connections closes."""
+    import ipaddress
+
+    from twisted.logger import capturedLogs
+
+    site = HardenedSite(
+        Recorder(), LIMITS, "test", exempt=[ipaddress.ip_network("10.9.0.0/16")], reactor=Clock()
+    )
+    assert all(connect(site, "10.9.1.1") for _ in range(10))
+    held = [connect(site, "10.0.0.9") for _ in range(3)]
+    with capturedLogs() as events:
+        assert [connect(site, "10.0.0.9") for _ in range(5)] == [None] * 5
+        channel, _ = held[0]  # type: ignore[misc]
+        channel.connectionLost(None)  # type: ignore[arg-type]
+        assert connect(site, "10.0.0.9") is not None
+        assert connect(site, "10.0.0.9") is None
+    refusals = [e for e in events if e.get("log_namespace") == "metadatad.audit"]
+    assert [e["peer"] for e in refusals] == ["10.0.0.9", "10.0.0.9"]
