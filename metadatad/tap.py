@@ -21,6 +21,7 @@ from metadatad.db.bootevents import BootEventRepository, BootEventStore
 from metadatad.db.cluster import ClusterRepository, ConductorInfo, bound_waits
 from metadatad.db.migrate import SchemaError, check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
+from metadatad.dhcp.service import DhcpSetupError, make_dhcp_service
 from metadatad.identity import Identifier
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
@@ -80,6 +81,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     store.setServiceParent(root)
     membership = _membership(config, reactor)
     membership.setServiceParent(root)
+    # After membership: stopped before it, so in-flight pushes finish while it still
+    # holds its nodes.
+    try:
+        dhcp = make_dhcp_service(config, reactor)
+    except DhcpSetupError as e:
+        raise SystemExit(f"metadatad: {e}") from None
+    if dhcp is not None:
+        dhcp.setServiceParent(root)
+        membership.add_observer(dhcp.claimed)
+        store.add_change_listener(dhcp.nodes_changed)
     # Added before the TFTP service: stopped after it, so its last events are written.
     boot_events = BootEventStore(
         BootEventRepository(engine), reactor, retention_days=config.tftp.event_retention
@@ -103,7 +114,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         make_site(metadata_site.resource(), config.metadata.access_log),
     )
     if config.admin.listen:
-        admin_site = AdminSite(store, admin_token, boot_events=boot_events, cluster=membership)
+        admin_site = AdminSite(
+            store, admin_token, boot_events=boot_events, cluster=membership, dhcp=dhcp
+        )
         _listen(
             root,
             "admin-http",

@@ -38,7 +38,12 @@ class AdminSite:
     log = Logger()
 
     def __init__(
-        self, store: Store, token: str, boot_events: Any = None, cluster: Any = None
+        self,
+        store: Store,
+        token: str,
+        boot_events: Any = None,
+        cluster: Any = None,
+        dhcp: Any = None,
     ) -> None:
         self._store = store
         self._token = token.encode("utf-8")
@@ -46,6 +51,8 @@ class AdminSite:
         self._boot_events = boot_events
         # The MembershipService: ``conductors()``, ``ring()``, ``node_boot(uuid, group)``.
         self._cluster = cluster
+        # The DhcpPusher: ``state(uuid)`` (None when no provider is configured).
+        self._dhcp = dhcp
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
@@ -220,6 +227,10 @@ class AdminSite:
                     else succeed(dict(_NO_OWNER))
                 )
 
+                def with_dhcp(document: dict[str, Any]) -> Deferred[dict[str, Any]]:
+                    state = self._dhcp.state(canonical) if self._dhcp is not None else succeed(None)
+                    return state.addCallback(lambda push: {**document, **_dhcp_fields(push)})
+
                 def with_events(document: dict[str, Any]) -> Deferred[bytes]:
                     events = (
                         self._boot_events.recent(canonical)
@@ -239,7 +250,7 @@ class AdminSite:
                         )
                     )
 
-                return ownership.addCallback(with_events)
+                return ownership.addCallback(with_dhcp).addCallback(with_events)
 
             return self._store.get_node(canonical).addCallback(found)
 
@@ -305,6 +316,15 @@ _NO_OWNER: dict[str, Any] = {
     "generation": None,
     "ring_generation": None,
 }
+
+
+def _dhcp_fields(push: dict[str, Any] | None) -> dict[str, Any]:
+    """The DHCP part of /v1/nodes/<uuid>/boot: the desired mapping, and its push state
+    (``status`` pushed, pending or failed; attempts, last error, next attempt)."""
+    if push is None:
+        return {"mapping": None, "push": None}
+    push = dict(push)
+    return {"mapping": push.pop("mapping"), "push": push}
 
 
 def _json(request: Request, status: int, document: Any) -> bytes:
