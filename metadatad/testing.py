@@ -458,6 +458,7 @@ class NeutronStub:
         self.faults: list[Any] = []
         self.puts: list[tuple[str, dict[str, Any]]] = []
         self.accepted: list[tuple[str, dict[str, Any]]] = []
+        self.accepted_at: dict[str, float] = {}  # port id -> time of its last update
         self.auth_requests = 0
         self.hanging: list[Any] = []
 
@@ -563,6 +564,7 @@ class NeutronStub:
             else:
                 options[key] = option["opt_value"]
         self.accepted.append((port, body))
+        self.accepted_at[port] = self.now()
         return _json.dumps(
             {
                 "port": {
