@@ -126,6 +126,7 @@ class DhcpPusher(Service):
         self._cycle: Deferred[None] | None = None
         self._want_full = False
         self._want_nodes: set[str] = set()
+        self._want_generations: set[int] = set()  # of the claim events in _want_nodes
         self._timer: Any = None
         self._starting: Any = None
         self._in_flight = 0
@@ -137,6 +138,7 @@ class DhcpPusher(Service):
     def claimed(self, event: ClaimEvent) -> None:
         """Observer of :class:`MembershipService`: push the nodes just claimed."""
         if event.conductor == self.info.name:
+            self._want_generations.add(event.generation)
             self._kick(nodes=event.nodes)
 
     def nodes_changed(self) -> None:
@@ -226,11 +228,11 @@ class DhcpPusher(Service):
         first = True
         while self.running and (first or self._want_full or self._want_nodes):
             first = False
-            full, nodes = self._want_full, self._want_nodes
-            self._want_full, self._want_nodes = False, set()
+            full, nodes, generations = self._want_full, self._want_nodes, self._want_generations
+            self._want_full, self._want_nodes, self._want_generations = False, set(), set()
             try:
                 if full or nodes:
-                    yield self._refresh(full, nodes)
+                    yield self._refresh(full, nodes, generations)
                 yield self._drain()
                 next_due = yield self._run(self.repository.next_due, self.info.name)
                 depth = yield self._run(self.repository.pending_count, self.info.name)
@@ -240,6 +242,7 @@ class DhcpPusher(Service):
                 # Nothing is lost: what was asked for is asked again.
                 self._want_full = self._want_full or full
                 self._want_nodes.update(nodes)
+                self._want_generations.update(generations)
                 retry_in = self.retry_min
                 break
             if next_due is not None:
@@ -247,13 +250,19 @@ class DhcpPusher(Service):
         if self.running and retry_in is not None:
             self._timer = self._clock.callLater(max(retry_in, 0.01), self._due_again)
 
-    def _refresh(self, full: bool, nodes: set[str]) -> Deferred[None]:
+    def _refresh(self, full: bool, nodes: set[str], generations: set[int]) -> Deferred[None]:
         now = self._clock.seconds()
-        return self._run(self._refresh_on_pool, full, frozenset(nodes), now)
+        return self._run(self._refresh_on_pool, full, frozenset(nodes), frozenset(generations), now)
 
-    def _refresh_on_pool(self, full: bool, nodes: frozenset[str], now: float) -> None:
-        """(On the pool.)  Desired mappings of the nodes this conductor holds."""
-        owned = self.repository.owned_nodes(self.info.name, None if full else nodes)
+    def _refresh_on_pool(
+        self, full: bool, nodes: frozenset[str], generations: frozenset[int], now: float
+    ) -> None:
+        """(On the pool.)  Desired mappings of the nodes this conductor holds (all of
+        them, or those just claimed: at the claim events' generations)."""
+        if full:
+            owned = self.repository.owned_nodes(self.info.name)
+        else:
+            owned = self.repository.owned_nodes(self.info.name, nodes, generations or None)
         wanted: list[tuple[BootMapping, int]] = []
         problems: list[str] = []
         for node, generation in owned:

@@ -28,7 +28,14 @@ def make_provider(config: Config, reactor: Any) -> Provider:
     if dhcp.provider == "dnsmasq":
         from metadatad.dhcp.dnsmasq import DnsmasqProvider
 
-        return DnsmasqProvider(dhcp.dnsmasq_hostsdir, dhcp.dnsmasq_optsdir, owner, reactor)
+        # fsync waits on the disk, not the CPU: more threads than cores pay off.
+        return DnsmasqProvider(
+            dhcp.dnsmasq_hostsdir,
+            dhcp.dnsmasq_optsdir,
+            owner,
+            reactor,
+            threads=max(1, min(dhcp.concurrency, 16)),
+        )
     if dhcp.provider == "script":
         from metadatad.dhcp.script import ScriptProvider
 
