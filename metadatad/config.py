@@ -563,14 +563,19 @@ def _check_dhcp(path: str, config: Config) -> None:
                 f"{path}: [dhcp] provider: neutron needs [dhcp] neutron_token_file or "
                 "[keystone] auth_url"
             )
-        missing = [k for k in ("username", "password", "project_name")
-                   if not getattr(config.keystone, k)]
+        missing = [
+            k for k in ("username", "password", "project_name") if not getattr(config.keystone, k)
+        ]
         if missing:
-            raise ConfigError(f"{path}: [keystone] {missing[0]}: required by [dhcp] provider "
-                              "neutron without neutron_token_file")
+            raise ConfigError(
+                f"{path}: [keystone] {missing[0]}: required by [dhcp] provider "
+                "neutron without neutron_token_file"
+            )
     elif dhcp.provider == "neutron" and not dhcp.neutron_url:
-        raise ConfigError(f"{path}: [dhcp] neutron_url: required with neutron_token_file "
-                          "(no Keystone catalog to find Neutron in)")
+        raise ConfigError(
+            f"{path}: [dhcp] neutron_url: required with neutron_token_file "
+            "(no Keystone catalog to find Neutron in)"
+        )
     if needed:
         raise ConfigError(f"{path}: [dhcp] {needed[0]}: required by provider {dhcp.provider}")
     if dhcp.provider != "none" and not config.conductor.tftp_address:

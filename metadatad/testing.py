@@ -392,12 +392,16 @@ class RecordingProvider:
         self.held: list[Deferred[None]] = []
         self.started = False
         self.stopped = False
+        self.flushes = 0
 
     def start(self) -> None:
         self.started = True
 
     def stop(self) -> None:
         self.stopped = True
+
+    def flush(self) -> None:
+        self.flushes += 1
 
     def push(self, mapping: Any, previous: Any, generation: int) -> Deferred[None]:
         self.pushes.append((mapping, previous, generation))

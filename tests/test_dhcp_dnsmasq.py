@@ -248,6 +248,7 @@ def test_written_files_are_what_dnsmasq_reads(tmp_path: Path) -> None:
     hosts.mkdir()
     opts.mkdir()
     provider = DnsmasqProvider(str(hosts), str(opts), "a", None, run=lambda f, *a: f(*a))
+    provider.sync()  # syncfs works on these directories
     node = make_node(1)
     mapping = boot_mapping(node, "10.0.0.5", "", BootDefaults())
     provider.write(mapping, None, 3)

@@ -157,16 +157,26 @@ class DhcpPushRepository:
     ) -> int:
         changed = 0
         by_uuid = {mapping.node_uuid: (mapping, generation) for mapping, generation in wanted}
+        claims = select(node_claims.c.node_uuid, node_claims.c.generation).where(
+            node_claims.c.owner == owner
+        )
         with self.engine.begin() as connection:
-            for chunk in _chunks(sorted(by_uuid)):
-                held = {
-                    row.node_uuid: int(row.generation)
-                    for row in connection.execute(
-                        select(node_claims.c.node_uuid, node_claims.c.generation).where(
-                            node_claims.c.node_uuid.in_(chunk), node_claims.c.owner == owner
-                        )
-                    )
+            all_held: dict[str, int] | None = None
+            if len(by_uuid) > _SMALL:
+                # The owner's claims in one scan (see owned_nodes).
+                all_held = {
+                    row.node_uuid: int(row.generation) for row in connection.execute(claims)
                 }
+            for chunk in _chunks(sorted(by_uuid)):
+                if all_held is not None:
+                    held = {uuid: all_held[uuid] for uuid in chunk if uuid in all_held}
+                else:
+                    held = {
+                        row.node_uuid: int(row.generation)
+                        for row in connection.execute(
+                            claims.where(node_claims.c.node_uuid.in_(chunk))
+                        )
+                    }
                 chunk_wanted = [
                     by_uuid[uuid] for uuid in chunk if held.get(uuid) == by_uuid[uuid][1]
                 ]

@@ -80,6 +80,9 @@ class NeutronProvider:
     def start(self) -> None:
         pass
 
+    def flush(self) -> None:
+        pass  # every push is complete when its Deferred fires
+
     def stop(self) -> Deferred[None] | None:
         pool = getattr(getattr(self._http, "_agent", None), "_pool", None)
         if pool is not None:

@@ -42,5 +42,9 @@ class Provider(Protocol):
     def start(self) -> None:
         """Acquire resources (threads, connection pools)."""
 
+    def flush(self) -> Deferred[None] | None:
+        """Make every push done so far durable; the pusher calls it before recording
+        a batch as pushed (optional: providers without it push durably)."""
+
     def stop(self) -> Deferred[None] | None:
         """Release them; in-flight pushes have finished."""

@@ -302,6 +302,8 @@ class DhcpPusher(Service):
             pushes = [semaphore.run(self._push, job) for job in jobs]
             outcomes = yield DeferredList(pushes, consumeErrors=True)
             results = [result for ok, result in outcomes if ok]
+            # Durable before recorded (a provider may defer its syncs to here).
+            yield self.provider.flush()
             yield self._run(self.repository.record, self.info.name, results, self._clock.seconds())
 
     def _push(self, job: PushJob) -> Deferred[PushResult]:

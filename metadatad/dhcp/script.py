@@ -84,6 +84,9 @@ class ScriptProvider:
     def start(self) -> None:
         pass
 
+    def flush(self) -> None:
+        pass  # every push is complete when its Deferred fires
+
     def stop(self) -> None:
         pass
 
