@@ -213,7 +213,8 @@ class AdminSite:
     @app.route("/v1/nodes/<string:uuid>/boot", methods=["GET", "HEAD"])
     def node_boot(self, request: Request, uuid: str) -> Any:
         """How the node boots: who holds it (owner, standbys by the ring, claim time
-        and generation), and its recent TFTP boot events, newest first."""
+        and generation), its DHCP boot mapping and push state (status, attempts, last
+        error), and its recent TFTP boot events, newest first."""
 
         def run() -> Deferred[bytes]:
             canonical = _check_uuid(uuid)
