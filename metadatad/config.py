@@ -218,10 +218,13 @@ def _database_url(raw: str) -> str:
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
+    """One of ``choices``, in any case."""
+    expected = " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+
     def parse(raw: str) -> str:
         value = raw.strip().lower()
         if value not in choices:
-            raise _BadValue(f"expected {' or '.join(choices)}, got {raw.strip()!r}")
+            raise _BadValue(f"expected {expected}, got {raw.strip()!r}")
         return value
 
     return parse
@@ -316,6 +319,36 @@ def _udp_addresses(raw: str) -> tuple[tuple[str, int], ...]:
     if len(set(found)) != len(found):
         raise _BadValue("an address is listed twice")
     return tuple(found)
+
+
+def _boot_option(raw: str) -> str:
+    from metadatad.dhcp.mapping import MAX_OPTION_VALUE
+
+    value = raw.strip()
+    if not value or len(value) > MAX_OPTION_VALUE or any(c.isspace() or c in ",#" for c in value):
+        raise _BadValue(
+            f"expected a file name of 1 to {MAX_OPTION_VALUE} characters (Neutron's limit) "
+            f"without spaces, commas or #, got {value[:80]!r}"
+        )
+    return value
+
+
+def _ipxe_url(raw: str) -> str:
+    from metadatad.dhcp.mapping import MAX_OPTION_VALUE, URL_FIELDS, longest_url
+
+    value = raw.strip()
+    if not value:
+        return ""
+    try:
+        longest_url(value, "")
+    except (KeyError, IndexError, ValueError):
+        fields = ", ".join("{" + f + "}" for f in URL_FIELDS)
+        raise _BadValue(f"bad template {value!r}: the placeholders are {fields}") from None
+    if any(c.isspace() or c in ",#" for c in value):
+        raise _BadValue(f"{value!r}: no spaces, commas or # (dnsmasq option syntax)")
+    if len(value) > 4 * MAX_OPTION_VALUE:
+        raise _BadValue(f"{value[:80]!r}...: far over the {MAX_OPTION_VALUE}-character limit")
+    return value
 
 
 # --- the configuration objects -------------------------------------------------------
@@ -433,6 +466,28 @@ class LoggingConfig:
 
 
 @attrs.frozen
+class DhcpConfig:
+    """``[dhcp]``: where boot mappings are pushed (see docs/dhcp.md)."""
+
+    provider: str = "none"
+    bios_boot_file: str = "undionly.kpxe"
+    uefi_boot_file: str = "snponly.efi"
+    ipxe_script_url: str = "tftp://{tftp_address}/{uuid}.ipxe"
+    concurrency: int = 50
+    retry_min: float = 1.0
+    retry_max: float = 300.0
+    reconcile_interval: float = 300.0
+    dnsmasq_hostsdir: str = ""
+    dnsmasq_optsdir: str = ""
+    neutron_url: str = ""
+    neutron_token_file: str = ""
+    neutron_timeout: float = 10.0
+    neutron_retries: int = 3
+    script_command: str = ""
+    script_timeout: float = 30.0
+
+
+@attrs.frozen
 class Config:
     """The whole configuration of one daemon."""
 
@@ -443,6 +498,7 @@ class Config:
     conductor: ConductorConfig = attrs.field(factory=ConductorConfig)
     vendordata: VendordataConfig = VendordataConfig()
     tftp: TFTPConfig = TFTPConfig()
+    dhcp: DhcpConfig = DhcpConfig()
     keystone: KeystoneConfig = KeystoneConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -518,6 +574,27 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "max_transfers": _integer(1, 100_000),
             "max_transfers_per_source": _integer(1, 10_000),
             "event_retention": _number(0, 3650),
+        },
+    ),
+    "dhcp": (
+        DhcpConfig,
+        {
+            "provider": _choice("none", "dnsmasq", "neutron", "script"),
+            "bios_boot_file": _boot_option,
+            "uefi_boot_file": _boot_option,
+            "ipxe_script_url": _ipxe_url,
+            "concurrency": _integer(1, 10_000),
+            "retry_min": _number(0.01, 3600),
+            "retry_max": _number(0.01, 86400),
+            "reconcile_interval": _number(1, 86400),
+            "dnsmasq_hostsdir": _string,
+            "dnsmasq_optsdir": _string,
+            "neutron_url": _optional_http_url,
+            "neutron_token_file": _string,
+            "neutron_timeout": _number(0.1, 600),
+            "neutron_retries": _integer(0, 20),
+            "script_command": _string,
+            "script_timeout": _number(0.1, 3600),
         },
     ),
     "keystone": (
@@ -599,7 +676,57 @@ def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config
             _check_heartbeats(path, built[section], keys)
         if section == "keystone":
             _check_keystone(path, built[section])
-    return Config(path=path, **built)
+    config = Config(path=path, **built)
+    _check_dhcp(path, config)
+    return config
+
+
+def _check_dhcp(path: str, config: Config) -> None:
+    """The keys the chosen ``[dhcp] provider`` needs."""
+    dhcp = config.dhcp
+    needed: list[str] = []
+    if dhcp.provider == "dnsmasq":
+        needed = [k for k in ("dnsmasq_hostsdir", "dnsmasq_optsdir") if not getattr(dhcp, k)]
+    elif dhcp.provider == "script" and not dhcp.script_command:
+        needed = ["script_command"]
+    elif dhcp.provider == "neutron" and not dhcp.neutron_token_file:
+        if not config.keystone.auth_url:
+            raise ConfigError(
+                f"{path}: [dhcp] provider: neutron needs [dhcp] neutron_token_file or "
+                "[keystone] auth_url"
+            )
+        missing = [
+            k for k in ("username", "password", "project_name") if not getattr(config.keystone, k)
+        ]
+        if missing:
+            raise ConfigError(
+                f"{path}: [keystone] {missing[0]}: required by [dhcp] provider "
+                "neutron without neutron_token_file"
+            )
+    elif dhcp.provider == "neutron" and not dhcp.neutron_url:
+        raise ConfigError(
+            f"{path}: [dhcp] neutron_url: required with neutron_token_file "
+            "(no Keystone catalog to find Neutron in)"
+        )
+    if needed:
+        raise ConfigError(f"{path}: [dhcp] {needed[0]}: required by provider {dhcp.provider}")
+    if dhcp.provider != "none" and not config.conductor.tftp_address:
+        raise ConfigError(
+            f"{path}: [conductor] tftp_address: required by [dhcp] provider {dhcp.provider} "
+            "(the TFTP server the boot mappings point at)"
+        )
+    if dhcp.ipxe_script_url:
+        from metadatad.dhcp.mapping import MAX_OPTION_VALUE, longest_url
+
+        # The longest IPv4 owner address and this conductor's HTTP address.
+        longest = longest_url(dhcp.ipxe_script_url, config.conductor.http_address)
+        if len(longest) > MAX_OPTION_VALUE:
+            raise ConfigError(
+                f"{path}: [dhcp] ipxe_script_url: can expand to {len(longest)} characters "
+                f"({longest!r}); the limit is {MAX_OPTION_VALUE} (Neutron's)"
+            )
+    if dhcp.retry_max < dhcp.retry_min:
+        raise ConfigError(f"{path}: [dhcp] retry_max: must be >= retry_min ({dhcp.retry_min:g})")
 
 
 def _check_heartbeats(path: str, conductor: ConductorConfig, keys: Mapping[str, str]) -> None:

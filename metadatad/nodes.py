@@ -21,6 +21,9 @@ USER_DATA_MAX_BYTES = 64 * 1024
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FIRMWARES = ("bios", "uefi")
+# DHCP option values a node may set (boot file, iPXE script URL): Ironic's 64-character
+# limit, which Neutron imposes; checked here so a bad node is refused at import.
+BOOT_OPTION_MAX = 64
 
 
 class NodeValidationError(ValueError):
@@ -340,13 +343,37 @@ def _boot(field: str, value: Any) -> dict[str, str]:
     fields = _object(
         field,
         value,
-        {"arch": _text(32, allow_empty=False), "firmware": _text(16, allow_empty=False)},
+        {
+            "arch": _text(32, allow_empty=False),
+            "firmware": _text(16, allow_empty=False),
+            "boot_file": _boot_option(allow_empty=False),
+            "ipxe_script_url": _boot_option(allow_empty=True),
+        },
         required=(),
     )
     firmware = fields.get("firmware")
     if firmware is not None and firmware not in _FIRMWARES:
         raise _fail(f"{field}.firmware", f"must be one of {', '.join(_FIRMWARES)}")
     return fields
+
+
+def _boot_option(allow_empty: bool) -> Callable[[str, Any], str]:
+    text = _text(BOOT_OPTION_MAX, allow_empty=allow_empty)
+
+    def check(field: str, value: Any) -> str:
+        if isinstance(value, str) and len(value) > BOOT_OPTION_MAX:
+            raise _fail(
+                field,
+                f"must be at most {BOOT_OPTION_MAX} characters (a DHCP boot option; "
+                f"Neutron's limit), got {len(value)}",
+            )
+        value = text(field, value)
+        if any(c.isspace() or c in ",#" for c in value):
+            # dnsmasq option files split on commas and treat # as a comment.
+            raise _fail(field, "must not contain spaces, commas or #")
+        return value
+
+    return check
 
 
 def _object(

@@ -22,6 +22,7 @@ from metadatad.db.cluster import ClusterRepository, ConductorInfo, bound_waits
 from metadatad.db.migrate import SchemaError, check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
 from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorStore
+from metadatad.dhcp.service import DhcpSetupError, make_dhcp_service
 from metadatad.hardening import HardenedSite, Limits
 from metadatad.identity import Identifier
 from metadatad.logs import RootService
@@ -88,6 +89,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     store.setServiceParent(root)
     membership = _membership(config, reactor)
     membership.setServiceParent(root)
+    # After membership: stopped before it, so in-flight pushes finish while it still
+    # holds its nodes.
+    try:
+        dhcp = make_dhcp_service(config, reactor)
+    except DhcpSetupError as e:
+        raise SystemExit(f"metadatad: {e}") from None
+    if dhcp is not None:
+        dhcp.setServiceParent(root)
+        membership.add_observer(dhcp.claimed)
+        store.add_change_listener(dhcp.nodes_changed)
     # Added before the TFTP service: stopped after it, so its last events are written.
     boot_events = BootEventStore(
         BootEventRepository(engine), reactor, retention_days=config.tftp.event_retention
@@ -133,6 +144,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             cluster=membership,
             vendordata_errors=vendordata_errors,
             peers=peer_store,
+            dhcp=dhcp,
         )
         _listen(
             root,

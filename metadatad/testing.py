@@ -550,3 +550,229 @@ class MemoryPeerRepository:
         for key, (value, shared) in sorted(self._entries.get(node_uuid, {}).items()):
             found["shared" if shared else "private"][key] = value
         return found
+
+
+class RecordingProvider:
+    """A DHCP provider that records pushes (``pushes``: ``(mapping, previous,
+    generation)``) and answers from ``outcomes``: a queue of None (success),
+    :class:`~metadatad.dhcp.provider.PushError` instances (failure) or ``"hold"``
+    (an unfired Deferred, kept in ``held`` for the test to fire); success when empty."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[Any, Any, int]] = []
+        self.outcomes: list[Any] = []
+        self.held: list[Deferred[None]] = []
+        self.started = False
+        self.stopped = False
+        self.flushes = 0
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def push(self, mapping: Any, previous: Any, generation: int) -> Deferred[None]:
+        self.pushes.append((mapping, previous, generation))
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome == "hold":
+            d: Deferred[None] = Deferred()
+            self.held.append(d)
+            return d
+        if isinstance(outcome, Exception):
+            return fail(outcome)
+        return succeed(None)
+
+    def pushed_uuids(self) -> list[str]:
+        """The node uuids pushed, in order."""
+        return [mapping.node_uuid for mapping, _, _ in self.pushes]
+
+
+# --- a Neutron and Keystone stub (their API subset the DHCP provider uses) ------------------
+
+_NEUTRON_OPT_KEYS = {"opt_name", "opt_value", "ip_version"}
+
+
+class NeutronStub:
+    """``PUT /v2.0/ports/<id>`` and ``POST /v3/auth/tokens``, from the Networking and
+    Identity v3 API references, checking what they receive.
+
+    * Keystone: the password-auth body (methods, user name/domain/password, project
+      scope) must match ``credentials``; answers 201 with ``X-Subject-Token`` and a
+      token document (``expires_at`` ``token_lifetime`` seconds from ``now()``, a
+      catalog whose ``network`` endpoint is ``neutron_url``); wrong credentials: 401.
+    * Neutron: ``X-Auth-Token`` must be a token issued and not expired (or in
+      ``static_tokens``), else 401; the body must be ``{"port": {"extra_dhcp_opts":
+      [{"opt_name": str, "opt_value": str|null, "ip_version": 4|6}, ...]}}`` with no
+      other key, option names at most 64 characters, values at most 255, else 400; an
+      unknown port is 404 (Neutron's ``PortNotFound`` body).  Accepted options are
+      merged into ``ports[id]`` (null deletes), as Neutron does.
+
+    ``faults`` is a queue of actions for the next PUTs: an int status to answer
+    (500, 503...) or ``"hang"`` (never answer: a timeout).  Every PUT is recorded in
+    ``puts`` as ``(port id, body)``, ``accepted`` holds those applied.
+    """
+
+    def __init__(
+        self,
+        ports: Iterable[str] = (),
+        credentials: dict[str, str] | None = None,
+        now: Callable[[], float] = time.time,
+        token_lifetime: float = 3600.0,
+        neutron_url: str = "",
+    ) -> None:
+        self.ports: dict[str, dict[tuple[str, int], str]] = {p: {} for p in ports}
+        self.credentials = credentials or {}
+        self.now = now
+        self.token_lifetime = token_lifetime
+        self.neutron_url = neutron_url
+        self.tokens: dict[str, float] = {}
+        self.static_tokens: set[str] = set()
+        self.faults: list[Any] = []
+        self.puts: list[tuple[str, dict[str, Any]]] = []
+        self.accepted: list[tuple[str, dict[str, Any]]] = []
+        self.accepted_at: dict[str, float] = {}  # port id -> time of its last update
+        self.auth_requests = 0
+        self.hanging: list[Any] = []
+
+    def resource(self) -> Any:
+        """The twisted.web resource serving both APIs."""
+        from twisted.web.resource import Resource
+
+        stub = self
+
+        class Root(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                return stub._render(request)
+
+        return Root()
+
+    def _render(self, request: Any) -> Any:
+        import json as _json
+        import secrets as _secrets
+
+        from twisted.web.server import NOT_DONE_YET
+
+        path = request.path.decode()
+        request.setHeader(b"Content-Type", b"application/json")
+        if request.method == b"POST" and path.endswith("/auth/tokens"):
+            self.auth_requests += 1
+            try:
+                body = _json.loads(request.content.read())
+                auth = body["auth"]
+                assert auth["identity"]["methods"] == ["password"]
+                user = auth["identity"]["password"]["user"]
+                project = auth["scope"]["project"]
+                given = {
+                    "username": user["name"],
+                    "password": user["password"],
+                    "user_domain_name": user["domain"]["name"],
+                    "project_name": project["name"],
+                    "project_domain_name": project["domain"]["name"],
+                }
+            except (ValueError, KeyError, TypeError, AssertionError):
+                request.setResponseCode(400)
+                return b'{"error": {"code": 400, "message": "malformed auth request"}}'
+            if given != self.credentials:
+                request.setResponseCode(401)
+                return b'{"error": {"code": 401, "message": "authentication required"}}'
+            token = _secrets.token_hex(16)
+            expires = self.now() + self.token_lifetime
+            self.tokens[token] = expires
+            stamp = datetime.fromtimestamp(expires, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            request.setResponseCode(201)
+            request.setHeader(b"X-Subject-Token", token.encode())
+            catalog = [
+                {
+                    "type": "network",
+                    "endpoints": [{"interface": "public", "url": self.neutron_url}],
+                }
+            ]
+            return _json.dumps({"token": {"expires_at": stamp, "catalog": catalog}}).encode()
+        prefix = "/v2.0/ports/"
+        if request.method != b"PUT" or not path.startswith(prefix):
+            request.setResponseCode(404)
+            return b'{"NeutronError": {"type": "HTTPNotFound", "message": "no such resource"}}'
+        port = path[len(prefix) :]
+        raw = request.content.read()
+        try:
+            body = _json.loads(raw)
+        except ValueError:
+            body = None
+        self.puts.append((port, body))
+        token = (request.getHeader(b"X-Auth-Token") or b"").decode("ascii", "replace").strip()
+        if token not in self.static_tokens and self.tokens.get(token, 0) <= self.now():
+            request.setResponseCode(401)
+            return b'{"error": "Authentication required"}'
+        if self.faults:
+            fault = self.faults.pop(0)
+            if fault == "hang":
+                self.hanging.append(request)
+                return NOT_DONE_YET
+            request.setResponseCode(int(fault))
+            return b'{"NeutronError": {"type": "ServiceUnavailable", "message": "try again"}}'
+        problem = _check_port_body(body)
+        if problem:
+            request.setResponseCode(400)
+            return _json.dumps(
+                {"NeutronError": {"type": "HTTPBadRequest", "message": problem}}
+            ).encode()
+        if port not in self.ports:
+            request.setResponseCode(404)
+            return _json.dumps(
+                {
+                    "NeutronError": {
+                        "type": "PortNotFound",
+                        "message": f"Port {port} could not be found.",
+                    }
+                }
+            ).encode()
+        options = self.ports[port]
+        for option in body["port"]["extra_dhcp_opts"]:
+            key = (option["opt_name"], option.get("ip_version", 4))
+            if option["opt_value"] is None:
+                options.pop(key, None)
+            else:
+                options[key] = option["opt_value"]
+        self.accepted.append((port, body))
+        self.accepted_at[port] = self.now()
+        return _json.dumps(
+            {
+                "port": {
+                    "id": port,
+                    "extra_dhcp_opts": [
+                        {"opt_name": n, "opt_value": v, "ip_version": ver}
+                        for (n, ver), v in options.items()
+                    ],
+                }
+            }
+        ).encode()
+
+
+def _check_port_body(body: Any) -> str | None:
+    """Why ``body`` is not a valid extra_dhcp_opts update (None: it is)."""
+    if not isinstance(body, dict) or set(body) != {"port"} or not isinstance(body["port"], dict):
+        return 'body must be {"port": {...}}'
+    if set(body["port"]) != {"extra_dhcp_opts"}:
+        return "only extra_dhcp_opts may be updated here"
+    options = body["port"]["extra_dhcp_opts"]
+    if not isinstance(options, list):
+        return "extra_dhcp_opts must be a list"
+    for option in options:
+        if not isinstance(option, dict) or not set(option) <= _NEUTRON_OPT_KEYS:
+            return f"bad option {option!r}"
+        name, value = option.get("opt_name"), option.get("opt_value")
+        if not isinstance(name, str) or not name or len(name) > 64:
+            return f"bad opt_name {name!r}"
+        if value is not None and (not isinstance(value, str) or len(value) > 255):
+            return f"bad opt_value {value!r}"
+        if option.get("ip_version", 4) not in (4, 6):
+            return f"bad ip_version {option.get('ip_version')!r}"
+    return None

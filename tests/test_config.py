@@ -19,6 +19,7 @@ from metadatad.config import (
     Config,
     ConfigError,
     DatabaseConfig,
+    DhcpConfig,
     KeystoneConfig,
     MetadataConfig,
     TFTPConfig,
@@ -217,6 +218,24 @@ EVERY_KEY = {
         "event_retention": "30",
     },
     "logging": {"format": "JSON"},
+    "dhcp": {
+        "provider": "neutron",
+        "bios_boot_file": "pxelinux.0",
+        "uefi_boot_file": "grubx64.efi",
+        "ipxe_script_url": "{http_address}/ipxe/{uuid}",
+        "concurrency": "20",
+        "retry_min": "0.5",
+        "retry_max": "60",
+        "reconcile_interval": "120",
+        "dnsmasq_hostsdir": "/srv/hosts",
+        "dnsmasq_optsdir": "/srv/opts",
+        "neutron_url": "http://neutron.example.org:9696",
+        "neutron_token_file": "",
+        "neutron_timeout": "5",
+        "neutron_retries": "2",
+        "script_command": "/usr/local/bin/push --fast",
+        "script_timeout": "9",
+    },
 }
 
 
@@ -316,6 +335,62 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         event_retention=30.0,
     )
     assert config.logging.format == "json"
+    assert config.dhcp == DhcpConfig(
+        provider="neutron",
+        bios_boot_file="pxelinux.0",
+        uefi_boot_file="grubx64.efi",
+        ipxe_script_url="{http_address}/ipxe/{uuid}",
+        concurrency=20,
+        retry_min=0.5,
+        retry_max=60.0,
+        reconcile_interval=120.0,
+        dnsmasq_hostsdir="/srv/hosts",
+        dnsmasq_optsdir="/srv/opts",
+        neutron_url="http://neutron.example.org:9696",
+        neutron_timeout=5.0,
+        neutron_retries=2,
+        script_command="/usr/local/bin/push --fast",
+        script_timeout=9.0,
+    )
+
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[dhcp]\nprovider = dnsmasq\n", "[dhcp] dnsmasq_hostsdir: required by provider"),
+        ("[dhcp]\nprovider = script\n", "[dhcp] script_command: required by provider"),
+        ("[dhcp]\nprovider = neutron\n", "neutron needs [dhcp] neutron_token_file or"),
+        ("[dhcp]\nprovider = nova\n", "[dhcp] provider: expected one of none, dnsmasq"),
+        ("[dhcp]\nuefi_boot_file = " + "x" * 65 + "\n", "[dhcp] uefi_boot_file: expected"),
+        ("[dhcp]\nipxe_script_url = http://x/{nope}\n", "the placeholders are"),
+        (
+            "[dhcp]\nipxe_script_url = http://boot.example.org/scripts/{uuid}.ipxe\n",
+            "can expand to 73 characters",
+        ),
+        (
+            "[dhcp]\nprovider = script\nscript_command = /bin/true\n",
+            "[conductor] tftp_address: required by [dhcp] provider script",
+        ),
+        (
+            "[dhcp]\nprovider = neutron\nneutron_token_file = /t\n[conductor]\n"
+            "tftp_address = 10.0.0.5\n",
+            "[dhcp] neutron_url: required with neutron_token_file",
+        ),
+        (
+            "[dhcp]\nprovider = neutron\n[keystone]\nauth_url = http://k/v3\n[conductor]\n"
+            "tftp_address = 10.0.0.5\n",
+            "[keystone] username: must be set when auth_url is set",
+        ),
+    ],
+)
+def test_dhcp_settings_the_provider_needs(tmp_path: Path, text: str, message: str) -> None:
+    """Each provider's required keys, the 64-character limits and the template's
+    placeholders are checked with a one-line error naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def test_every_key_test_covers_the_whole_schema() -> None:

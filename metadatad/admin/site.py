@@ -48,6 +48,7 @@ class AdminSite:
         cluster: Any = None,
         vendordata_errors: Any = None,
         peers: Any = None,
+        dhcp: Any = None,
     ) -> None:
         self._store = store
         self._token = token.encode("utf-8")
@@ -59,6 +60,8 @@ class AdminSite:
         self._vendordata_errors = vendordata_errors
         # A PeerStore (or its fake): what nodes posted, shown in node documents.
         self._peers = peers
+        # The DhcpPusher: ``state(uuid)`` (None when no provider is configured).
+        self._dhcp = dhcp
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
@@ -266,7 +269,8 @@ class AdminSite:
     @app.route("/v1/nodes/<string:uuid>/boot", methods=["GET", "HEAD"])
     def node_boot(self, request: Request, uuid: str) -> Any:
         """How the node boots: who holds it (owner, standbys by the ring, claim time
-        and generation), and its recent TFTP boot events, newest first."""
+        and generation), its DHCP boot mapping and push state (status, attempts, last
+        error), and its recent TFTP boot events, newest first."""
 
         def run() -> Deferred[bytes]:
             canonical = _check_uuid(uuid)
@@ -279,6 +283,10 @@ class AdminSite:
                     if self._cluster is not None
                     else succeed(dict(_NO_OWNER))
                 )
+
+                def with_dhcp(document: dict[str, Any]) -> Deferred[dict[str, Any]]:
+                    state = self._dhcp.state(canonical) if self._dhcp is not None else succeed(None)
+                    return state.addCallback(lambda push: {**document, **_dhcp_fields(push)})
 
                 def with_events(document: dict[str, Any]) -> Deferred[bytes]:
                     events = (
@@ -299,7 +307,7 @@ class AdminSite:
                         )
                     )
 
-                return ownership.addCallback(with_events)
+                return ownership.addCallback(with_dhcp).addCallback(with_events)
 
             return self._store.get_node(canonical).addCallback(found)
 
@@ -365,6 +373,15 @@ _NO_OWNER: dict[str, Any] = {
     "generation": None,
     "ring_generation": None,
 }
+
+
+def _dhcp_fields(push: dict[str, Any] | None) -> dict[str, Any]:
+    """The DHCP part of /v1/nodes/<uuid>/boot: the desired mapping, and its push state
+    (``status`` pushed, pending or failed; attempts, last error, next attempt)."""
+    if push is None:
+        return {"mapping": None, "push": None}
+    push = dict(push)
+    return {"mapping": push.pop("mapping"), "push": push}
 
 
 def _json(request: Request, status: int, document: Any) -> bytes:

@@ -181,3 +181,28 @@ peer_index = Table(
     Column("project_id", String(255), primary_key=True),
     Column("counter", BigInteger, nullable=False),
 )
+
+# --- DHCP boot mappings (migration 0006) ------------------------------------------------
+
+# Per node, the mapping its owner wants pushed and the one last pushed (canonical JSON
+# with their SHA-256), and the retry state.  No foreign key to nodes: a deleted node's
+# row stays so its owner can retract the mapping (its MACs become ``ignore``).
+dhcp_pushes = Table(
+    "dhcp_pushes",
+    metadata,
+    Column("node_uuid", String(36), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("desired", LONG_TEXT, nullable=False),
+    Column("desired_digest", String(64), nullable=False),
+    Column("pushed", LONG_TEXT, nullable=True),
+    Column("pushed_digest", String(64), nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", String(1024), nullable=True),
+    Column("permanent", Boolean, nullable=False),
+    # Seconds since the epoch by the owner's clock (only the owner reads them).
+    Column("next_attempt", Float, nullable=True),
+    Column("desired_at", Float, nullable=False),
+    Column("pushed_at", Float, nullable=True),
+    Index("ix_dhcp_pushes_owner_next_attempt", "owner", "next_attempt"),
+)

@@ -1,0 +1,222 @@
+# -*- test-case-name: tests.test_dhcp_providers -*-
+"""The ``dnsmasq`` provider: per-MAC host files and per-node option files.
+
+dnsmasq (2.73+) started with ``--dhcp-hostsdir=HOSTSDIR --dhcp-optsdir=OPTSDIR
+--dhcp-match=set:ipxe,175`` watches both directories with inotify and re-reads a file
+when it is closed after writing or renamed into place; it ignores names starting with
+a dot.  So every file is written to a dotfile, fsync'ed and ``rename()``d: dnsmasq
+never reads a partial file, and is never signalled (dnsmasq 2.86-2.90 crash on SIGHUP
+once a host entry with ``set:`` tags has leased: see docs/dhcp.md).
+
+* ``HOSTSDIR/metadatad-<mac>.conf``: ``<mac>,set:node-<uuid>`` — tags the MAC with its
+  node; a deleted node's MAC becomes ``<mac>,ignore`` (dnsmasq keeps a removed file's
+  entries until restarted, so files are rewritten, never deleted).
+* ``OPTSDIR/metadatad-<uuid>.conf``: the node's options, each line
+  ``tag:node-<uuid>,<option>,<value>``; empty for a deleted node.
+
+Every file starts with a comment naming the owner and the fencing generation it was
+written under; a file written under a newer generation is never overwritten by an
+older one (a conductor that was paused while its nodes were taken over).  The
+directories may therefore be shared by all conductors (NFS, a shared volume).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from metadatad.dhcp.mapping import BootMapping
+from metadatad.dhcp.provider import PushError
+
+__all__ = ["DnsmasqProvider", "host_file", "opts_file"]
+
+
+def _find_syncfs() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _find_syncfs()
+_HEADER = re.compile(rb"^# metadatad owner=(\S*) generation=(\d+)")
+
+
+def _tag(node_uuid: str) -> str:
+    return f"node-{node_uuid}"
+
+
+def _header(owner: str, generation: int, node_uuid: str) -> str:
+    return f"# metadatad owner={owner} generation={generation} node={node_uuid}\n"
+
+
+def host_file(mapping: BootMapping, mac: str, owner: str, generation: int) -> str:
+    """The text of the host file of ``mac``."""
+    entry = f"{mac},ignore" if mapping.removed else f"{mac},set:{_tag(mapping.node_uuid)}"
+    return _header(owner, generation, mapping.node_uuid) + entry + "\n"
+
+
+def opts_file(mapping: BootMapping, owner: str, generation: int) -> str:
+    """The text of the node's option file (dnsmasq ``dhcp-optsfile`` syntax)."""
+    tag = f"tag:{_tag(mapping.node_uuid)}"
+    lines = [_header(owner, generation, mapping.node_uuid)]
+    for option in mapping.options:
+        name = option.name
+        if option.ip_version == 6:
+            # "tag:ipxe6,59" -> "tag:ipxe6,option6:59"
+            head, _, code = name.rpartition(",")
+            name = f"{head},option6:{code}" if head else f"option6:{code}"
+        elif name == "255":
+            # dnsmasq's name for the BOOTP siaddr (next-server) it otherwise fills
+            # with its own address.
+            name = "option:server-ip-address"
+        lines.append(f"{tag},{name},{option.value}\n")
+    return "".join(lines)
+
+
+def host_file_name(mac: str) -> str:
+    return f"metadatad-{mac.replace(':', '-')}.conf"
+
+
+def opts_file_name(node_uuid: str) -> str:
+    return f"metadatad-{node_uuid}.conf"
+
+
+class DnsmasqProvider:
+    """Writes mappings into dnsmasq's watched directories (on a small threadpool:
+    file I/O never runs on the reactor)."""
+
+    name = "dnsmasq"
+
+    def __init__(
+        self,
+        hostsdir: str,
+        optsdir: str,
+        owner: str,
+        reactor: Any,
+        *,
+        threads: int = 4,
+        fsync: str = "batch",
+        run: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        """``fsync``: ``"file"`` fsyncs every file before its rename; ``"batch"`` (the
+        default) leaves that to :meth:`flush`, one ``syncfs`` per directory per batch
+        (the pusher records a batch as pushed only after it); ``"none"`` for tests.
+        ``run(f, *args)`` replaces the threadpool in tests (call at once)."""
+        self.hostsdir = hostsdir
+        self.optsdir = optsdir
+        self.owner = owner
+        self._fsync = fsync
+        self._pool: ThreadPool | None = None
+        if run is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="metadatad-dnsmasq")
+            pool = self._pool
+
+            def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                return deferToThreadPool(reactor, pool, f, *args)
+
+        self._run = run
+
+    def start(self) -> None:
+        if self._pool is not None:
+            self._pool.start()
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+
+    def push(
+        self, mapping: BootMapping, previous: BootMapping | None, generation: int
+    ) -> Deferred[None]:
+        return self._run(self.write, mapping, previous, generation)
+
+    def flush(self) -> Deferred[None] | None:
+        """Make the files written so far durable (before a batch is recorded)."""
+        if self._fsync != "batch":
+            return None
+        return self._run(self.sync)
+
+    def sync(self) -> None:
+        """(Off the reactor.)  ``syncfs`` the filesystems of both directories: one
+        journal commit for a whole batch instead of two fsyncs per node."""
+        for directory in {self.hostsdir, self.optsdir}:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _SYNCFS is None or _SYNCFS(fd) != 0:
+                    os.fsync(fd)
+                    os.sync()
+            finally:
+                os.close(fd)
+
+    def write(self, mapping: BootMapping, previous: BootMapping | None, generation: int) -> None:
+        """(Off the reactor.)  Write the node's files; raise :class:`PushError`."""
+        hosts = [
+            (
+                os.path.join(self.hostsdir, host_file_name(mac)),
+                host_file(mapping, mac, self.owner, generation),
+            )
+            for mac in mapping.macs
+        ]
+        if previous is not None and not mapping.removed:
+            # A MAC the node no longer has: ignore it from now on.
+            gone = BootMapping(node_uuid=mapping.node_uuid, macs=(), removed=True)
+            hosts.extend(
+                (
+                    os.path.join(self.hostsdir, host_file_name(mac)),
+                    host_file(gone, mac, self.owner, generation),
+                )
+                for mac in previous.macs
+                if mac not in mapping.macs
+            )
+        opts = (
+            os.path.join(self.optsdir, opts_file_name(mapping.node_uuid)),
+            opts_file(mapping, self.owner, generation),
+        )
+        # Options before tags (a tagged MAC finds its options), and tags withdrawn
+        # before the options are emptied.
+        files = [opts, *hosts] if not mapping.removed else [*hosts, opts]
+        for path, _ in files:
+            self._check_fence(path, generation)
+        for path, text in files:
+            self._replace(path, text.encode("utf-8"))
+
+    def _check_fence(self, path: str, generation: int) -> None:
+        try:
+            with open(path, "rb") as f:
+                first = f.readline(256)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise PushError(f"cannot read {path}: {e.strerror}") from None
+        match = _HEADER.match(first)
+        if match is not None and int(match.group(2)) > generation:
+            raise PushError(
+                f"{path} was written by {match.group(1).decode(errors='replace')} at "
+                f"generation {int(match.group(2))}, newer than {generation}",
+                permanent=True,
+            )
+
+    def _replace(self, path: str, data: bytes) -> None:
+        directory, name = os.path.split(path)
+        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(data)
+                if self._fsync == "file":
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.rename(temporary, path)
+        except OSError as e:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise PushError(f"cannot write {path}: {e.strerror}") from None

@@ -1,0 +1,98 @@
+# -*- test-case-name: tests.test_dhcp_service -*-
+"""Build the ``dhcp`` service from the configuration (called by ``metadatad.tap``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from metadatad.config import Config
+from metadatad.db.cluster import ConductorInfo
+from metadatad.db.dhcp import DhcpPushRepository
+from metadatad.db.store import forbid_thread, make_engine
+from metadatad.dhcp.mapping import BootDefaults
+from metadatad.dhcp.provider import Provider
+from metadatad.dhcp.pusher import DhcpPusher
+
+__all__ = ["DhcpSetupError", "make_dhcp_service", "make_provider"]
+
+
+class DhcpSetupError(Exception):
+    """The DHCP configuration cannot be used; ``str()`` is one line for the operator."""
+
+
+def make_provider(config: Config, reactor: Any) -> Provider:
+    """The provider ``[dhcp] provider`` names (not ``none``)."""
+    dhcp = config.dhcp
+    owner = config.conductor.hostname
+    if dhcp.provider == "dnsmasq":
+        from metadatad.dhcp.dnsmasq import DnsmasqProvider
+
+        # fsync waits on the disk, not the CPU: more threads than cores pay off.
+        return DnsmasqProvider(
+            dhcp.dnsmasq_hostsdir,
+            dhcp.dnsmasq_optsdir,
+            owner,
+            reactor,
+            threads=max(1, min(dhcp.concurrency, 16)),
+        )
+    if dhcp.provider == "script":
+        from metadatad.dhcp.script import ScriptProvider
+
+        return ScriptProvider(dhcp.script_command, owner, reactor, dhcp.script_timeout)
+    if dhcp.provider == "neutron":
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        from metadatad.dhcp.keystone import KeystoneTokens, StaticToken
+        from metadatad.dhcp.neutron import NeutronProvider
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = dhcp.concurrency
+        http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type,unused-ignore]
+        tokens: Any
+        if dhcp.neutron_token_file:
+            try:
+                tokens = StaticToken(dhcp.neutron_token_file)
+            except OSError as e:
+                raise DhcpSetupError(
+                    f"{config.path}: [dhcp] neutron_token_file: cannot read "
+                    f"{dhcp.neutron_token_file}: {e.strerror}"
+                ) from None
+            except ValueError as e:
+                raise DhcpSetupError(f"{config.path}: [dhcp] neutron_token_file: {e}") from None
+        else:
+            tokens = KeystoneTokens(config.keystone, http, reactor, dhcp.neutron_timeout)
+        return NeutronProvider(
+            http,
+            reactor,
+            tokens,
+            dhcp.neutron_url,
+            timeout=dhcp.neutron_timeout,
+            retries=dhcp.neutron_retries,
+        )
+    raise DhcpSetupError(f"{config.path}: [dhcp] provider: unknown {dhcp.provider!r}")
+
+
+def make_dhcp_service(config: Config, reactor: Any) -> DhcpPusher | None:
+    """The ``dhcp`` service, on an engine of its own (None for provider ``none``)."""
+    dhcp = config.dhcp
+    if dhcp.provider == "none":
+        return None
+    provider = make_provider(config, reactor)
+    engine = make_engine(config.database.url, 2)
+    forbid_thread(engine, threading.get_ident())
+    conductor = config.conductor
+    return DhcpPusher(
+        DhcpPushRepository(engine),
+        provider,
+        ConductorInfo(
+            conductor.hostname, conductor.group, conductor.tftp_address, conductor.http_address
+        ),
+        BootDefaults(dhcp.bios_boot_file, dhcp.uefi_boot_file, dhcp.ipxe_script_url),
+        reactor,
+        concurrency=dhcp.concurrency,
+        retry_min=dhcp.retry_min,
+        retry_max=dhcp.retry_max,
+        reconcile_interval=dhcp.reconcile_interval,
+    )
