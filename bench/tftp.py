@@ -61,6 +61,12 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
 class Processes:
     """Servers started here, each in its own session, stopped on exit."""
 
@@ -188,7 +194,7 @@ def fbtftp_peer(port: int, root: str) -> None:
 
 
 def write_config(tmp: Path, root: Path, tftp_port: int) -> Path:
-    http, admin = free_udp_port(), free_udp_port()
+    http, admin = free_tcp_port(), free_tcp_port()
     (tmp / "templates").mkdir()
     token = tmp / "admin-token"
     token.write_text("bench-" + os.urandom(16).hex() + "\n")
