@@ -8,9 +8,10 @@
   (RFC 1123 4.2.3.5); a listener on one address never receives those.
 * Each transfer gets its own non-blocking socket bound to the address the client
   contacted (multi-homed conductors answer from the right address; firmware ignores
-  replies from any other) and connected to the client, registered with the reactor as
-  a bare reader: no Twisted Port, so no two log lines per transfer and no per-packet
-  address work.
+  replies from any other) and connected to the client, registered as a bare reader:
+  no Twisted Port, so no two log lines per transfer and no per-packet address work.
+  In the daemon the readers live in a :class:`~metadatad.tftp.hub.ReaderHub` (one
+  reactor reader for all transfers; see there why).
 * A datagram to a transfer port from anyone but the client reaches an unconnected
   sibling socket on the same port (:class:`TransferSocket`), gets ERROR 5, and the
   transfer goes on (RFC 1350 §4).  EAGAIN/ENOBUFS while sending a window drops the
