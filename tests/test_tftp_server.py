@@ -630,3 +630,19 @@ def test_transfer_socket_demultiplexes_client_and_strangers() -> None:
         finally:
             sock.close()
         assert sock.fileno() == -1 and sock.stray.fileno() == -1
+
+
+def test_transfer_sockets_never_share_a_port() -> None:
+    """Port 0 with SO_REUSEPORT set may be given a port another reuse group holds;
+    TransferSocket binds first and joins the group after, so every transfer has a
+    port of its own."""
+    from metadatad.tftp.server import TransferSocket
+
+    client = ("127.0.0.1", 9)
+    socks = [TransferSocket("127.0.0.1", client) for _ in range(2000)]
+    try:
+        ports = [s.getsockname()[1] for s in socks]
+        assert len(set(ports)) == len(ports)
+    finally:
+        for s in socks:
+            s.close()

@@ -123,9 +123,11 @@ class TransferSocket:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         stray = None
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setblocking(False)
+            # SO_REUSEPORT only after the bind: with it set, the kernel's choice for
+            # port 0 may be a port that another transfer's group already holds.
             sock.bind((local, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             stray = socket.socket(family, socket.SOCK_DGRAM)
             stray.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             stray.setblocking(False)
