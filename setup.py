@@ -38,8 +38,8 @@ setup(
             "botocore>=1.34",
             "tftpy>=0.8.7",
         ],
-        # bench/tftp.py's Python peer server.
-        "bench": ["fbtftp>=0.5"],
+        # bench/tftp.py's Python peer servers.
+        "bench": ["fbtftp>=0.5", "py3tftp>=1.3"],
         "dev": ["ruff>=0.6", "mypy>=1.10"],
     },
     entry_points={

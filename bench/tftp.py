@@ -1,24 +1,30 @@
-"""TFTP throughput of metadatad next to tftp-hpa's in.tftpd and fbtftp, in one run.
+"""TFTP throughput of metadatad next to tftp-hpa's in.tftpd, fbtftp and py3tftp, in one run.
 
-    .venv/bin/python bench/tftp.py [--runs 3] [--size-mib 64] [--concurrent 32]
+    .venv/bin/python bench/tftp.py [--runs 5] [--size-mib 64] [--concurrent 32]
+                                   [--concurrent-size-mib 16]
                                    [--server-cpu 0] [--client-cpu 1]
 
-Serves one random file of --size-mib MiB from a temporary root with, each pinned to
-one core (``taskset -c 0``) on a free loopback port:
+Serves one random file of --size-mib MiB (and one of --concurrent-size-mib MiB for
+the concurrent row) from a temporary root with, each pinned to one core
+(``taskset -c 0``) on a free loopback port:
 
 * the real daemon, ``twistd -n --pidfile= metadatad`` (fresh SQLite database, TFTP on
   127.0.0.1, default [tftp] settings otherwise: max_blksize 1468, max_windowsize 64);
-* tftp-hpa's ``in.tftpd -L -s`` (C, a forked process per transfer), and
+* tftp-hpa's ``in.tftpd -L -s`` (C, a forked process per transfer);
 * fbtftp 0.5 (Python, a forked process per transfer; ``pip install fbtftp``), through
-  the minimal file server in this file (``bench/tftp.py fbtftp-peer``).
+  the minimal file server in this file (``bench/tftp.py fbtftp-peer``), and
+* py3tftp 1.3 (Python, asyncio, one process; ``pip install py3tftp``), as shipped.
 
 The client is always atftp (the one Debian client with RFC 7440 windowsize), pinned to
 the other core, writing to a file that is compared with the source after every run.
-Rows: lock-step at blksize 512 and 1468, windowsize 16 at 1468 (metadatad only: the
-peers do not implement windowsize and would run lock-step), and --concurrent parallel
-transfers at 1468 (aggregate MiB/s).  Each figure is the median of --runs runs of wall
-time (client start to exit).  Targets, checked at the end: metadatad >= 0.9x in.tftpd
-at 1468 lock-step, ahead of fbtftp there, and windowsize 16 >= 3x its own lock-step.
+Rows: lock-step at blksize 512 and 1468, windowsize 16 at 1468 (metadatad and py3tftp:
+in.tftpd 5.2 and fbtftp do not implement windowsize and would run lock-step), and
+--concurrent parallel transfers at 1468 (aggregate MiB/s).  The runs of a row go
+round the servers in turn (A B C D A B C D ...), so a change in the machine's load
+hits every server alike; each figure is the median of --runs runs of wall time
+(client start to exit), printed with the slowest and fastest run.  Targets, checked
+at the end: metadatad >= 0.9x in.tftpd at 1468 lock-step, ahead of both Python
+peers there, and windowsize 16 >= 3x its own lock-step.
 Exit status 1 if any download was not byte-identical.
 """
 
@@ -55,6 +61,12 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
 class Processes:
     """Servers started here, each in its own session, stopped on exit."""
 
@@ -62,11 +74,11 @@ class Processes:
         self._logdir = logdir
         self._children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
         log = open(self._logdir / f"{name}.log", "wb")  # closed in stop_all
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            cwd=ROOT, start_new_session=True,
+            cwd=cwd, start_new_session=True,
         )
         self._children.append((name, proc, log))
         return proc
@@ -130,14 +142,15 @@ def digest(path: Path) -> str:
 
 
 def measure(
-    port: int, options: list[str], *, parallel: int, size: int, want: str, tmp: Path, cpu: str
+    port: int, name: str, options: list[str], *, parallel: int, size: int, want: str,
+    tmp: Path, cpu: str,
 ) -> tuple[float, list[str]]:
-    """Aggregate MiB/s of ``parallel`` simultaneous downloads, and any problems."""
+    """Aggregate MiB/s of ``parallel`` simultaneous downloads of ``name``, and any problems."""
     outs = [tmp / f"out-{i}" for i in range(parallel)]
     for out in outs:
         out.unlink(missing_ok=True)
     start = time.monotonic()
-    procs = [atftp(port, "big.bin", out, options, cpu) for out in outs]
+    procs = [atftp(port, name, out, options, cpu) for out in outs]
     texts = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     elapsed = time.monotonic() - start
     problems = []
@@ -181,7 +194,7 @@ def fbtftp_peer(port: int, root: str) -> None:
 
 
 def write_config(tmp: Path, root: Path, tftp_port: int) -> Path:
-    http, admin = free_udp_port(), free_udp_port()
+    http, admin = free_tcp_port(), free_tcp_port()
     (tmp / "templates").mkdir()
     token = tmp / "admin-token"
     token.write_text("bench-" + os.urandom(16).hex() + "\n")
@@ -198,26 +211,31 @@ def write_config(tmp: Path, root: Path, tftp_port: int) -> Path:
     return conf
 
 
+def fmt(runs: list[float]) -> str:
+    return f"{statistics.median(runs):.1f} [{min(runs):.1f}-{max(runs):.1f}]"
+
+
 def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
     for program in ("atftp", "taskset", "in.tftpd"):
         if shutil.which(program) is None:
             raise BenchError(f"{program} is needed (apt-get install atftp tftpd-hpa util-linux)")
     root = tmp / "root"
     root.mkdir()
-    size = args.size_mib * MIB
-    with open(root / "big.bin", "wb") as f:
-        for _ in range(args.size_mib):
-            f.write(os.urandom(MIB))
+    files = {"big.bin": args.size_mib, "many.bin": args.concurrent_size_mib}
+    for name, mib in files.items():
+        with open(root / name, "wb") as f:
+            for _ in range(mib):
+                f.write(os.urandom(MIB))
     (root / "probe.txt").write_text("probe\n")
     # in.tftpd drops to nobody after chroot: everything must be world-readable.
     os.chmod(tmp, 0o755)
     os.chmod(root, 0o755)
     for path in root.iterdir():
         path.chmod(0o644)
-    want = digest(root / "big.bin")
+    wants = {name: digest(root / name) for name in files}
 
     pin = ["taskset", "-c", args.server_cpu]
-    ports = {name: free_udp_port() for name in ("metadatad", "in.tftpd", "fbtftp")}
+    ports = {name: free_udp_port() for name in ("metadatad", "in.tftpd", "fbtftp", "py3tftp")}
     conf = write_config(tmp, root, ports["metadatad"])
     manage = [str(BIN / "metadatad-manage"), "--config", str(conf), "db", "upgrade"]
     subprocess.run(manage, cwd=ROOT, check=True, capture_output=True)
@@ -229,65 +247,84 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
     try:
         import fbtftp  # noqa: F401
     except ImportError:
-        print("fbtftp is not installed (pip install fbtftp): no Python peer in this run\n")
+        print("fbtftp is not installed (pip install fbtftp): not in this run\n")
     else:
         procs.start("fbtftp", [*pin, sys.executable, str(Path(__file__).resolve()),
                                "fbtftp-peer", "--port", str(ports["fbtftp"]), "--root", str(root)])
         peers.append("fbtftp")
+    if (BIN / "py3tftp").exists():
+        # py3tftp serves its working directory.
+        procs.start("py3tftp", [*pin, str(BIN / "py3tftp"), "--host", HOST,
+                                "-p", str(ports["py3tftp"])], cwd=root)
+        peers.append("py3tftp")
+    else:
+        print("py3tftp is not installed (pip install py3tftp): not in this run\n")
     for name in peers:
         wait_until_serving(procs, ports[name], tmp, args.client_cpu)
 
+    windowed = [n for n in peers if n in ("metadatad", "py3tftp")]
     rows = [
-        ("lock-step blksize 512", ["blksize 512"], 1, peers),
-        ("lock-step blksize 1468", ["blksize 1468"], 1, peers),
-        ("windowsize 16 blksize 1468", ["blksize 1468", "windowsize 16"], 1, ["metadatad"]),
-        (f"{args.concurrent} concurrent, blksize 1468", ["blksize 1468"], args.concurrent, peers),
+        ("lock-step blksize 512", ["blksize 512"], 1, "big.bin", peers),
+        ("lock-step blksize 1468", ["blksize 1468"], 1, "big.bin", peers),
+        ("windowsize 16 blksize 1468", ["blksize 1468", "windowsize 16"], 1, "big.bin",
+         windowed),
+        (f"{args.concurrent} concurrent, blksize 1468", ["blksize 1468"], args.concurrent,
+         "many.bin", peers),
     ]
-    print(f"file: {args.size_mib} MiB; client: atftp pinned to cpu {args.client_cpu}; "
-          f"servers pinned to cpu {args.server_cpu}; median of {args.runs} run(s)\n")
-    results: dict[tuple[str, str], float] = {}
+    load = os.getloadavg()
+    print(f"file: {args.size_mib} MiB ({args.concurrent_size_mib} MiB for each concurrent "
+          f"transfer); client: atftp pinned to cpu {args.client_cpu}; servers pinned to cpu "
+          f"{args.server_cpu}; median [min-max] of {args.runs} run(s), servers in turn; "
+          f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"({os.cpu_count()} cpus)\n", flush=True)
+    results: dict[tuple[str, str], list[float]] = {}
     problems: list[str] = []
-    for label, options, parallel, servers in rows:
-        for name in servers:
-            runs = []
-            for _ in range(args.runs):
-                rate, found = measure(ports[name], options, parallel=parallel, size=size,
-                                      want=want, tmp=tmp, cpu=args.client_cpu)
-                runs.append(rate)
-                problems += [f"{name} {label}: {p}" for p in found]
+    for label, options, parallel, name, servers in rows:
+        for _ in range(args.runs):
+            for server in servers:
+                rate, found = measure(ports[server], name, options, parallel=parallel,
+                                      size=files[name] * MIB, want=wants[name], tmp=tmp,
+                                      cpu=args.client_cpu)
+                results.setdefault((label, server), []).append(rate)
+                problems += [f"{server} {label}: {p}" for p in found]
                 procs.check_alive()
-            results[(label, name)] = statistics.median(runs)
-            print(f"  {label:<32} {name:<10} {results[(label, name)]:8.1f} MiB/s  "
-                  f"runs: {' '.join(f'{r:.1f}' for r in runs)}", flush=True)
+        for server in servers:
+            print(f"  {label:<32} {server:<10} {fmt(results[(label, server)]):>22} MiB/s  "
+                  f"runs: {' '.join(f'{r:.1f}' for r in results[(label, server)])}", flush=True)
+    load = os.getloadavg()
+    print(f"\nload average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
 
-    print()
-    header = f"| {'transfer':<32} |" + "".join(f" {n + ' MiB/s':>16} |" for n in peers)
-    header += " metadatad / in.tftpd |" + (" metadatad / fbtftp |" if "fbtftp" in peers else "")
+    median = {key: statistics.median(runs) for key, runs in results.items()}
+    others = peers[1:]
+    header = f"| {'transfer':<32} |" + "".join(f" {n + ' MiB/s':>22} |" for n in peers)
+    header += "".join(f" metadatad / {n} |" for n in others)
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for label, _, _, _ in rows:
-        cells = [results.get((label, n)) for n in peers]
+    for label, *_ in rows:
         line = f"| {label:<32} |" + "".join(
-            f" {c:>16.1f} |" if c is not None else f" {'n/a':>16} |" for c in cells
+            f" {fmt(results[(label, n)]):>22} |" if (label, n) in results else f" {'n/a':>22} |"
+            for n in peers
         )
-        ours = results.get((label, "metadatad"))
-        for peer in ("in.tftpd", "fbtftp"):
-            if peer not in peers:
-                continue
-            theirs = results.get((label, peer))
-            line += f" {ours / theirs:>19.2f}x |" if ours and theirs else f" {'n/a':>20} |"
+        ours = median.get((label, "metadatad"))
+        for peer in others:
+            theirs = median.get((label, peer))
+            cell = f"{ours / theirs:.2f}x" if ours and theirs else "n/a"
+            line += f" {cell:>{len(peer) + 12}} |"
         print(line)
     print()
-    lock = results[("lock-step blksize 1468", "metadatad")]
-    hpa = results[("lock-step blksize 1468", "in.tftpd")]
-    window = results[("windowsize 16 blksize 1468", "metadatad")]
+    lock = median[("lock-step blksize 1468", "metadatad")]
+    hpa = median[("lock-step blksize 1468", "in.tftpd")]
+    window = median[("windowsize 16 blksize 1468", "metadatad")]
     verdicts = [
         (f"lock-step 1468 >= 0.9x in.tftpd: {lock / hpa:.2f}x", lock >= 0.9 * hpa),
         (f"windowsize 16 >= 3x own lock-step: {window / lock:.2f}x", window >= 3 * lock),
     ]
-    if "fbtftp" in peers:
-        fb = results[("lock-step blksize 1468", "fbtftp")]
-        verdicts.append((f"ahead of fbtftp at lock-step 1468: {lock / fb:.2f}x", lock > fb))
+    for peer in ("fbtftp", "py3tftp"):
+        if peer in peers:
+            theirs = median[("lock-step blksize 1468", peer)]
+            verdicts.append(
+                (f"ahead of {peer} at lock-step 1468: {lock / theirs:.2f}x", lock > theirs)
+            )
     for text, ok in verdicts:
         print(f"target {text}: {'met' if ok else 'NOT met'}")
     if problems:
@@ -305,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     peer = sub.add_parser("fbtftp-peer", help="run the fbtftp file server (internal)")
     peer.add_argument("--port", type=int, required=True)
     peer.add_argument("--root", required=True)
-    parser.add_argument("--runs", type=int, default=3, help="runs per figure (3)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (5)")
     parser.add_argument("--size-mib", type=int, default=64, help="file size in MiB (64)")
     parser.add_argument("--concurrent", type=int, default=32, help="parallel transfers (32)")
+    parser.add_argument("--concurrent-size-mib", type=int, default=16,
+                        help="file size of each concurrent transfer in MiB (16)")
     parser.add_argument("--server-cpu", default="0", help="core of the servers (0)")
     parser.add_argument("--client-cpu", default="1", help="core of the clients (1)")
     args = parser.parse_args(argv)

@@ -82,6 +82,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         f.write(bytes(range(256)) * (4 * 33 * 1024))
     (base / "secret").write_bytes(b"top secret outside the root\n")
     (root / "escape").symlink_to(base / "secret")
+    (root / "outside").symlink_to(base)  # a directory link out of the root
     templates = base / "templates"
     templates.mkdir()
     (templates / "pxelinux.tmpl").write_text(TEMPLATE)
@@ -261,6 +262,8 @@ def test_tftpy(served: Served, tmp_path: Path) -> None:
         "..\\secret",
         "boot/../../secret",
         "escape",
+        "outside/secret",
+        "%2E%2E/secret",
         "/etc/passwd",
         "\\..\\secret",
         "C:\\..\\secret",
@@ -278,6 +281,18 @@ def test_traversal_is_refused_atftp(served: Served, tmp_path: Path, name: str) -
     assert b"secret" not in got and b"root:" not in got
     trace = done.stdout + done.stderr
     assert "ERROR" in trace or "error" in trace, trace
+
+
+def test_traversal_is_refused_tftpy(served: Served, tmp_path: Path) -> None:
+    """tftpy sends names as given: every attempt ends in a TFTP error, no bytes."""
+    tftpy = pytest.importorskip("tftpy") if not os.environ.get("CI") else __import__("tftpy")
+    for name in ("../secret", "escape", "outside/secret", "%2E%2E/secret", "..\\secret"):
+        out = tmp_path / "out"
+        client = tftpy.TftpClient("127.0.0.1", served.port, options={"blksize": 1468})
+        with pytest.raises(tftpy.TftpException):
+            client.download(name, str(out), timeout=5, retries=1)
+        got = out.read_bytes() if out.exists() else b""
+        assert b"secret" not in got, name
 
 
 @pytest.mark.parametrize(

@@ -710,11 +710,19 @@ def test_lossy_transfer_delivers_everything(loss: set[int], windowsize: str) -> 
     """Drop chosen DATA transmissions (by send index) and check the bytes still arrive."""
     data = os.urandom(512 * 12 + 7)
     session = session_for(data, windowsize=windowsize)
+    client = run_lossy(session, loss)
+    assert bytes(client.data) == data
+    assert session.outcome is Outcome.COMPLETE
+
+
+def run_lossy(session: ReadSession, loss: set[int]) -> Client:
+    """Play ``Client`` against ``session``, dropping the DATA transmissions whose send
+    index (1-based) is in ``loss``; timeouts come from the session's deadlines."""
     client = Client()
     now = 0.0
     out = session.start(now)
     sent = 0
-    for _ in range(1000):
+    for _ in range(MAX_STEPS):
         if out.finished:
             break
         delivered = []
@@ -730,8 +738,7 @@ def test_lossy_transfer_delivers_everything(loss: set[int], windowsize: str) -> 
             continue
         for ack in acks:
             out = session.receive(ack, now)
-    assert bytes(client.data) == data
-    assert session.outcome is Outcome.COMPLETE
+    return client
 
 
 def test_wraparound_over_32_mib_lock_step() -> None:
@@ -817,6 +824,44 @@ def test_file_source(tmp_path: os.PathLike[str]) -> None:
         assert source.read(0, 4) == data[:4]
         source.close()
         assert f.closed
+
+
+def test_file_source_reads_in_chunks_and_serves_rewinds(tmp_path: os.PathLike[str]) -> None:
+    """Blocks are slices of a chunk read ahead; a rewind (a retransmitted window) or a
+    read past the chunk reads again, and every read returns the file's bytes."""
+    path = os.path.join(tmp_path, "boot.bin")
+    data = os.urandom(10_000)
+    with open(path, "wb") as f:
+        f.write(data)
+    with FileSource(os.open(path, os.O_RDONLY), chunk=3000) as source:
+        for offset, length in [(0, 512), (512, 512), (2900, 512), (100, 700), (9800, 512),
+                               (0, 10_000), (9999, 1), (10_000, 512)]:
+            assert bytes(source.read(offset, length)) == data[offset : offset + length]
+        # Losses make windows restart before the chunk held: reads rewind.
+        session = ReadSession(rrq(windowsize="4", blksize="700"), source)
+        client = run_lossy(session, {3, 9, 10, 11})
+        assert bytes(client.data) == data
+        assert session.retransmits > 0
+
+
+def test_file_truncated_during_transfer_aborts_it(tmp_path: os.PathLike[str]) -> None:
+    """The file shrinks under a running transfer: ERROR 0, not a short file that looks
+    complete and not a crash."""
+    path = os.path.join(tmp_path, "boot.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    with FileSource.open(path) as source:
+        session = ReadSession(rrq(), source)
+        session.start(0.0)
+        os.truncate(path, 200_000)
+        out = Output((), 0.0)
+        for block in range(1, 2049):
+            out = session.receive(encode_ack(block), 0.0)
+            if out.finished:
+                break
+        (error,) = out.datagrams
+        assert parse_packet(error) == Error(0, "file changed during transfer")
+        assert session.outcome is Outcome.ABORTED
 
 
 def test_file_source_refuses_directories_fifos_and_symlinks(tmp_path: os.PathLike[str]) -> None:

@@ -39,32 +39,58 @@ MAC = "52:54:00:12:00:00"
 
 
 class FakeSocket:
-    """A transfer socket: records what is sent; ``full`` makes sends fail."""
+    """A transfer's sockets, demultiplexed like the kernel does: ``send``/``recv`` is the
+    side connected to the client, ``stray`` gets every other sender's datagrams.
+    ``sent`` records (datagram, destination) from both; ``full_after`` makes sends fail."""
 
-    def __init__(self, local: str, number: int) -> None:
+    def __init__(self, local: str, number: int, client: tuple[str, int]) -> None:
         self.local = local
         self.number = number
+        self.client = client
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
         self.closed = False
         self.full_after: int | None = None
         self.inbox: list[tuple[bytes, tuple[str, int]]] = []
+        self.stray = FakeStraySocket(self)
 
     def fileno(self) -> int:
         return 1000 + self.number
 
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+    def send(self, data: bytes) -> int:
         if self.full_after is not None and len(self.sent) >= self.full_after:
             raise OSError(errno.ENOBUFS, "No buffer space available")
-        self.sent.append((bytes(data), addr))
+        self.sent.append((bytes(data), self.client))
         return len(data)
 
-    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
-        if not self.inbox:
-            raise BlockingIOError(errno.EAGAIN, "again")
-        return self.inbox.pop(0)
+    def take(self, from_client: bool) -> tuple[bytes, tuple[str, int]]:
+        for i, (_data, addr) in enumerate(self.inbox):
+            if (addr == self.client) == from_client:
+                return self.inbox.pop(i)
+        raise BlockingIOError(errno.EAGAIN, "again")
+
+    def recv(self, size: int) -> bytes:
+        return self.take(True)[0][:size]
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeStraySocket:
+    """The unconnected sibling of a :class:`FakeSocket`."""
+
+    def __init__(self, sock: FakeSocket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return 2000 + self.sock.number
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        data, addr = self.sock.take(False)
+        return data[:size], addr
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        self.sock.sent.append((bytes(data), addr))
+        return len(data)
 
 
 class FakeReactor(Clock):
@@ -164,8 +190,8 @@ class Harness:
             **kwargs,
         )
 
-    def _open(self, local: str) -> FakeSocket:
-        sock = FakeSocket(local, len(self.sockets))
+    def _open(self, local: str, client: tuple[str, int]) -> FakeSocket:
+        sock = FakeSocket(local, len(self.sockets), client)
         self.sockets.append(sock)
         return sock
 
@@ -186,7 +212,7 @@ class Harness:
     def feed(self, sock: FakeSocket, data: bytes, addr: tuple[str, int] = CLIENT) -> None:
         sock.inbox.append((data, addr))
         for reader in list(self.reactor.readers):
-            if reader.socket is sock:
+            if reader.socket in (sock, sock.stray):
                 reader.doRead()
 
 
@@ -447,7 +473,7 @@ def test_stop_aborts_running_transfers_with_an_error(harness: Harness) -> None:
 def test_socket_failure_is_error_0(harness: Harness) -> None:
     """No socket on the contacted address (it went away): ERROR 0 from the listener."""
 
-    def fail(local: str) -> Any:
+    def fail(local: str, client: tuple[str, int]) -> Any:
         raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
 
     harness.server._open_socket = fail
@@ -524,9 +550,9 @@ def test_wildcard_listener_reads_the_destination_address(tmp_path: Path) -> None
     h = Harness(tmp_path)
     opened: list[str] = []
 
-    def open_socket(local: str) -> FakeSocket:
+    def open_socket(local: str, client: tuple[str, int]) -> FakeSocket:
         opened.append(local)
-        return h._open(local)
+        return h._open(local, client)
 
     h.server._open_socket = open_socket
     listener = TFTPListener(h.server, "0.0.0.0", 0, SelectReactor())
@@ -565,3 +591,58 @@ def test_ack_helpers_are_well_formed() -> None:
     assert parse_packet(encode_ack(3)) == Ack(3)
 
 
+
+
+def test_transfer_socket_demultiplexes_client_and_strangers() -> None:
+    """Real loopback sockets: the client's datagrams reach the connected socket, a
+    stranger's (even from the client's address) reach the sibling on the same port,
+    and replies from either leave from that one port."""
+    import select
+
+    from metadatad.tftp.server import TransferSocket
+
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger,
+    ):
+        client.bind(("127.0.0.1", 0))
+        stranger.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        stranger.settimeout(5)
+        sock = TransferSocket("127.0.0.1", client.getsockname())
+        try:
+            port = sock.getsockname()
+            assert sock.stray.getsockname() == port
+            sock.send(b"\x00\x03\x00\x01hello")
+            data, source = client.recvfrom(100)
+            assert (data, source) == (b"\x00\x03\x00\x01hello", port)
+            stranger.sendto(encode_ack(7), port)
+            client.sendto(encode_ack(1), port)
+            select.select([sock, sock.stray], [], [], 5)
+            select.select([sock.stray], [], [], 5)
+            assert sock.recv(1024) == encode_ack(1)
+            data, source = sock.stray.recvfrom(1024)
+            assert (data, source) == (encode_ack(7), stranger.getsockname())
+            with pytest.raises(BlockingIOError):
+                sock.recv(1024)
+            sock.stray.sendto(encode_error(5, "unknown transfer ID"), source)
+            assert stranger.recvfrom(100) == (encode_error(5, "unknown transfer ID"), port)
+        finally:
+            sock.close()
+        assert sock.fileno() == -1 and sock.stray.fileno() == -1
+
+
+def test_transfer_sockets_never_share_a_port() -> None:
+    """Port 0 with SO_REUSEPORT set may be given a port another reuse group holds;
+    TransferSocket binds first and joins the group after, so every transfer has a
+    port of its own."""
+    from metadatad.tftp.server import TransferSocket
+
+    client = ("127.0.0.1", 9)
+    socks = [TransferSocket("127.0.0.1", client) for _ in range(2000)]
+    try:
+        ports = [s.getsockname()[1] for s in socks]
+        assert len(set(ports)) == len(ports)
+    finally:
+        for s in socks:
+            s.close()

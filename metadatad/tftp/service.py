@@ -13,6 +13,7 @@ from metadatad.config import Config
 from metadatad.db.bootevents import BootEvent
 from metadatad.metadata.cache import NodeCache
 from metadatad.tftp.bootconfig import BootFiles, CachedLookup, Templates
+from metadatad.tftp.hub import ReaderHub
 from metadatad.tftp.protocol import SessionConfig
 from metadatad.tftp.server import TFTPServer, TFTPService
 
@@ -75,6 +76,7 @@ def make_tftp_service(
         max_transfers_per_source=tftp.max_transfers_per_source,
         record=record,
         conductor=config.conductor.hostname,
+        readers=ReaderHub(reactor),
     )
     service = TFTPService(server, tftp.listen, reactor)
     # For /metrics and SIGHUP (which clears it with the site's cache).
