@@ -25,6 +25,7 @@ from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorSt
 from metadatad.dhcp.service import DhcpSetupError, make_dhcp_service
 from metadatad.hardening import HardenedSite, Limits
 from metadatad.identity import Identifier
+from metadatad.keystone import make_keystone_client
 from metadatad.logs import RootService
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.guard import make_guard
@@ -92,7 +93,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # After membership: stopped before it, so in-flight pushes finish while it still
     # holds its nodes.
     try:
-        dhcp = make_dhcp_service(config, reactor)
+        # One Keystone client (one token) for every service calling OpenStack APIs.
+        keystone = make_keystone_client(config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"metadatad: {e}") from None
+    try:
+        dhcp = make_dhcp_service(config, reactor, keystone)
     except DhcpSetupError as e:
         raise SystemExit(f"metadatad: {e}") from None
     if dhcp is not None:
@@ -107,7 +113,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
     vendordata_errors.setServiceParent(root)
     try:
-        vendordata = make_vendordata(config, reactor, vendordata_errors)
+        vendordata = make_vendordata(config, reactor, vendordata_errors, keystone)
     except ConfigError as e:
         raise SystemExit(f"metadatad: {e}") from None
     if vendordata is not None:

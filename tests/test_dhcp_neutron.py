@@ -19,11 +19,11 @@ from metadatad.config import KeystoneConfig
 from metadatad.db.cluster import ClusterRepository, ConductorInfo
 from metadatad.db.dhcp import DhcpPushRepository
 from metadatad.db.store import NodeRepository, make_engine
-from metadatad.dhcp.keystone import KeystoneTokens, StaticToken
 from metadatad.dhcp.mapping import BootDefaults, boot_mapping, retraction
 from metadatad.dhcp.neutron import NeutronProvider
 from metadatad.dhcp.provider import PushError
 from metadatad.dhcp.pusher import DhcpPusher
+from metadatad.keystone import KeystoneTokenClient, StaticToken
 from metadatad.testing import NeutronStub
 from tests.factories import make_node
 
@@ -56,11 +56,11 @@ class Loopback:
         tokens: Any
         if keystone:
             settings = KeystoneConfig(**{**_fields(KEYSTONE), "auth_url": self.url + "/v3"})
-            tokens = KeystoneTokens(settings, self.http, self.reactor)
+            tokens = KeystoneTokenClient(settings, self.http, self.reactor)
             url = ""  # from the catalog
         else:
             self.stub.static_tokens.add("static-token")
-            tokens = _Static("static-token")
+            tokens = StaticToken("static-token")
             url = self.url
         kwargs.setdefault("timeout", 2.0)
         kwargs.setdefault("backoff", 0.01)
@@ -79,11 +79,6 @@ def _fields(settings: KeystoneConfig) -> dict[str, Any]:
     import attrs
 
     return attrs.asdict(settings)
-
-
-class _Static(StaticToken):
-    def __init__(self, token: str) -> None:
-        self._token = token
 
 
 @pytest.fixture

@@ -218,14 +218,21 @@ class KeystoneStub(Resource):
     """``POST /v3/auth/tokens`` as Keystone's identity API reference describes it:
     password method, user by name and domain, project scope by name and domain.
     A valid request gets 201, ``X-Subject-Token`` and ``{"token": {"expires_at": ...}}``;
-    a malformed body 400, wrong credentials 401.  ``now`` gives the stub's time."""
+    a malformed body 400, wrong credentials 401.  ``now`` gives the stub's time;
+    ``catalog`` (a v3 service catalog) is returned in the token document."""
 
     isLeaf = True
 
-    def __init__(self, now: Callable[[], float], lifetime: float = 3600.0) -> None:
+    def __init__(
+        self,
+        now: Callable[[], float],
+        lifetime: float = 3600.0,
+        catalog: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self._now = now
         self.lifetime = lifetime
+        self.catalog = catalog
         self.issued: list[str] = []
         self.refused: list[str] = []
         self.status_override: int | None = None
@@ -266,9 +273,11 @@ class KeystoneStub(Resource):
         issued_at = datetime.datetime.fromtimestamp(now, datetime.UTC)
         request.setResponseCode(201)
         request.setHeader(b"X-Subject-Token", token.encode())
+        catalog = {} if self.catalog is None else {"catalog": self.catalog}
         return json.dumps(
             {
                 "token": {
+                    **catalog,
                     "methods": ["password"],
                     # Keystone's format: microseconds and a Z.
                     "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),

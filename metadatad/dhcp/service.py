@@ -6,13 +6,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from metadatad.config import Config
+from metadatad.config import Config, ConfigError, read_token_file
 from metadatad.db.cluster import ConductorInfo
 from metadatad.db.dhcp import DhcpPushRepository
 from metadatad.db.store import forbid_thread, make_engine
 from metadatad.dhcp.mapping import BootDefaults
 from metadatad.dhcp.provider import Provider
 from metadatad.dhcp.pusher import DhcpPusher
+from metadatad.keystone import TokenSource
 
 __all__ = ["DhcpSetupError", "make_dhcp_service", "make_provider"]
 
@@ -21,8 +22,9 @@ class DhcpSetupError(Exception):
     """The DHCP configuration cannot be used; ``str()`` is one line for the operator."""
 
 
-def make_provider(config: Config, reactor: Any) -> Provider:
-    """The provider ``[dhcp] provider`` names (not ``none``)."""
+def make_provider(config: Config, reactor: Any, keystone: TokenSource | None = None) -> Provider:
+    """The provider ``[dhcp] provider`` names (not ``none``).  ``keystone``: the
+    daemon's Keystone client (built here when the provider needs one and none is given)."""
     dhcp = config.dhcp
     owner = config.conductor.hostname
     if dhcp.provider == "dnsmasq":
@@ -44,25 +46,27 @@ def make_provider(config: Config, reactor: Any) -> Provider:
         from treq.client import HTTPClient
         from twisted.web.client import Agent, HTTPConnectionPool
 
-        from metadatad.dhcp.keystone import KeystoneTokens, StaticToken
         from metadatad.dhcp.neutron import NeutronProvider
+        from metadatad.keystone import StaticToken, make_keystone_client
 
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = dhcp.concurrency
         http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type,unused-ignore]
-        tokens: Any
-        if dhcp.neutron_token_file:
-            try:
-                tokens = StaticToken(dhcp.neutron_token_file)
-            except OSError as e:
-                raise DhcpSetupError(
-                    f"{config.path}: [dhcp] neutron_token_file: cannot read "
-                    f"{dhcp.neutron_token_file}: {e.strerror}"
-                ) from None
-            except ValueError as e:
-                raise DhcpSetupError(f"{config.path}: [dhcp] neutron_token_file: {e}") from None
-        else:
-            tokens = KeystoneTokens(config.keystone, http, reactor, dhcp.neutron_timeout)
+        tokens: TokenSource | None
+        try:
+            if dhcp.neutron_token_file:
+                tokens = StaticToken(
+                    read_token_file(config, "dhcp", "neutron_token_file", dhcp.neutron_token_file)
+                )
+            else:
+                tokens = keystone or make_keystone_client(config, reactor)
+        except ConfigError as e:
+            raise DhcpSetupError(str(e)) from None
+        if tokens is None:  # load_config refuses this; a Config built in code may not
+            raise DhcpSetupError(
+                f"{config.path}: [dhcp] provider: neutron needs [dhcp] neutron_token_file "
+                "or [keystone] auth_url"
+            )
         return NeutronProvider(
             http,
             reactor,
@@ -74,12 +78,15 @@ def make_provider(config: Config, reactor: Any) -> Provider:
     raise DhcpSetupError(f"{config.path}: [dhcp] provider: unknown {dhcp.provider!r}")
 
 
-def make_dhcp_service(config: Config, reactor: Any) -> DhcpPusher | None:
-    """The ``dhcp`` service, on an engine of its own (None for provider ``none``)."""
+def make_dhcp_service(
+    config: Config, reactor: Any, keystone: TokenSource | None = None
+) -> DhcpPusher | None:
+    """The ``dhcp`` service, on an engine of its own (None for provider ``none``);
+    ``keystone`` as for :func:`make_provider`."""
     dhcp = config.dhcp
     if dhcp.provider == "none":
         return None
-    provider = make_provider(config, reactor)
+    provider = make_provider(config, reactor, keystone)
     engine = make_engine(config.database.url, 2)
     forbid_thread(engine, threading.get_ident())
     conductor = config.conductor

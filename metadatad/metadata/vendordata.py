@@ -49,6 +49,7 @@ from twisted.web.http import PotentialDataLoss
 
 from metadatad.config import Config, ConfigError, VendordataConfig, read_token_file
 from metadatad.db.vendordata import VendordataError
+from metadatad.keystone import StaticToken, make_keystone_client
 from metadatad.metadata import openstack
 from metadatad.metadata.reply import Reply, error, json_reply
 from metadatad.metrics import REGISTRY
@@ -264,16 +265,6 @@ class TokenSource(Protocol):
     """Where the service token comes from (a file, or Keystone)."""
 
     def token(self) -> Deferred[str]: ...
-
-
-@attrs.frozen
-class StaticToken:
-    """A token read from ``service_token_file`` at start-up."""
-
-    value: str = attrs.field(repr=False)
-
-    def token(self) -> Deferred[str]:
-        return succeed(self.value)
 
 
 def read_service_token(config: Config) -> StaticToken:
@@ -585,9 +576,11 @@ def make_http_client(
 
 
 def make_vendordata(
-    config: Config, reactor: Any, errors: ErrorStore | None
+    config: Config, reactor: Any, errors: ErrorStore | None, keystone: TokenSource | None = None
 ) -> DynamicVendordata | None:
     """The dynamic vendordata service of ``config``, or None when no target is set.
+    ``keystone``: the daemon's Keystone client (built here when not given and
+    ``[keystone] auth_url`` is set).
 
     Raises ConfigError for an unusable token file or CA file."""
     settings: VendordataConfig = config.vendordata
@@ -596,14 +589,10 @@ def make_vendordata(
     token_source: TokenSource | None = None
     if settings.service_token_file:
         token_source = read_service_token(config)
-    elif config.keystone.auth_url:
-        from metadatad.keystone import KeystoneTokenClient
-
-        try:
-            keystone_http, _ = make_http_client(reactor, config.keystone.ca_file, 10.0)
-        except Exception as e:  # an unparsable certificate
-            raise ConfigError(f"{config.path}: [keystone] ca_file: {e}") from None
-        token_source = KeystoneTokenClient(config.keystone, keystone_http, reactor)
+    elif keystone is not None:
+        token_source = keystone
+    else:
+        token_source = make_keystone_client(config, reactor)
     try:
         http, pool = make_http_client(reactor, settings.ca_file, settings.connect_timeout)
     except Exception as e:  # an unparsable certificate
