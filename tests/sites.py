@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -44,13 +45,24 @@ def fired(d: Deferred[Any]) -> Any:
 class Client:
     """Synchronous requests against a resource, as 127.0.0.1 (StubTreq's peer)."""
 
-    def __init__(self, resource: Any, base: str = "http://169.254.169.254") -> None:
+    def __init__(
+        self,
+        resource: Any,
+        base: str = "http://169.254.169.254",
+        settle: Callable[[], object] | None = None,
+    ) -> None:
         self._treq = StubTreq(resource)
         self._base = base
+        # Called once the request is in, before the answer is read: lets a test run
+        # the clock of what holds requests (watches) so every request finishes.
+        self._settle = settle
 
     def request(self, method: str, path: str, **kwargs: Any) -> Answer:
         d = self._treq.request(method, self._base + path, **kwargs)
         self._treq.flush()
+        if self._settle is not None:
+            self._settle()
+            self._treq.flush()
         response = fired(d)
         body = fired(response.content())
         return Answer(response.code, response.headers, body)

@@ -25,11 +25,14 @@ from twisted.logger import capturedLogs
 
 from metadatad.admin.site import AdminSite
 from metadatad.db import schema
+from metadatad.db.peers import PeerRepository, PeerStore
 from metadatad.db.store import NodeRepository, make_engine
 from metadatad.identity import Identifier, sign_instance_id
 from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.guard import Guard
+from metadatad.metadata.peersite import PeerLimits, PeerRoutes
 from metadatad.metadata.site import MetadataSite
+from metadatad.metadata.watch import WatchHub
 from metadatad.ratelimit import RateLimiter
 from metadatad.testing import MemoryStore
 from metadatad.tokens import TokenSigner
@@ -79,6 +82,7 @@ ADMIN_PREFIXES = [
     "/v1/nodes/not-a-uuid",
     "/v1/conductors",
     "/v1/ring",
+    f"/v1/nodes/{HERE.uuid}/shared_keys",
 ]
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -215,13 +219,22 @@ def test_metadata_site_survives_anything(database_url: str) -> None:
             require_header=("Metadata-Flavor", None) if require else None,
             max_body_bytes=1024,
         )
+        # Peer routes on the real database; held watches run on a clock of their own,
+        # advanced past the longest wait after each request (tokens keep their time).
+        watch_clock = Clock()
+        routes = PeerRoutes(
+            PeerStore(PeerRepository(engine), store.run), WatchHub(watch_clock), PeerLimits()
+        )
         site = MetadataSite(
             cache,
             store,  # type: ignore[arg-type]
             Identifier([ipaddress.ip_network("127.0.0.1/32")], PROXY_SECRET),
             guard=guard,
+            peer_routes=routes,
         )
-        sites[require] = Client(site.resource())
+        sites[require] = Client(
+            site.resource(), settle=lambda c=watch_clock: c.advance(2 * PeerLimits().max_wait)
+        )
 
     @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], database=None)
     @given(
@@ -247,7 +260,9 @@ def test_admin_site_survives_anything(database_url: str) -> None:
     """Fuzzed requests on every admin route, with and without the bearer token: no
     500; anything but a 2xx changes nothing."""
     engine, store = _engine(database_url)
-    client = Client(AdminSite(store, ADMIN_TOKEN).resource(), base="http://127.0.0.1:8776")  # type: ignore[arg-type]
+    peers = PeerStore(PeerRepository(engine), store.run)
+    admin = AdminSite(store, ADMIN_TOKEN, peers=peers)  # type: ignore[arg-type]
+    client = Client(admin.resource(), base="http://127.0.0.1:8776")
 
     @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], database=None)
     @given(st.sampled_from(METHODS), paths(ADMIN_PREFIXES), queries(), headers(), bodies())
