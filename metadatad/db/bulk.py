@@ -3,7 +3,7 @@
 
 A takeover moves thousands of nodes at once.  On PostgreSQL a membership test against
 a single array parameter (``= ANY(:uuids)``) is planned like one value, where a
-500-item ``IN`` list is planned badly; and one ``UPDATE ... FROM (VALUES ...)`` does in
+500-item ``IN`` list is planned badly; and one ``UPDATE ... FROM unnest(arrays)`` does in
 one statement what an ``executemany`` does in one statement per row.  SQLite and
 MariaDB keep the portable forms (chunked ``IN`` lists, ``executemany``).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import String, and_, any_, bindparam, cast, column, update, values
+from sqlalchemy import String, Text, and_, any_, bindparam, column, func, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -22,7 +22,6 @@ from sqlalchemy.sql.schema import Table
 __all__ = ["chunks_for", "member_of", "update_rows"]
 
 _CHUNK = 500
-_VALUES_ROWS = 2000
 
 
 def chunks_for(connection: Connection, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -63,26 +62,30 @@ def update_rows(
     if not rows:
         return 0
     names = [key, *where, *(c for c in set_from_row if c not in where and c != key)]
-    if connection.dialect.name == "postgresql":
-        matched = 0
-        # Chunks keep the parameters well under PostgreSQL's 65,535 per statement.
-        for start in range(0, len(rows), _VALUES_ROWS):
-            source = values(*(column(name, table.c[name].type) for name in names), name="v").data(
-                [tuple(row[name] for name in names) for row in rows[start : start + _VALUES_ROWS]]
+    long_text = any(isinstance(table.c[name].type, Text) for name in names)
+    # psycopg dumps a text array escaping element by element: for long text (JSON
+    # documents) that costs more than the statements it saves.
+    if connection.dialect.name == "postgresql" and not long_text:
+        # One array parameter per column, unnested into rows: a statement of constant
+        # size, compiled once (a VALUES list of thousands of rows costs SQLAlchemy
+        # seconds to compile, and PostgreSQL caps a statement at 65,535 parameters).
+        arrays = [
+            bindparam(
+                f"a_{name}", [row[name] for row in rows], type_=postgresql.ARRAY(table.c[name].type)
             )
-            statement = (
-                update(table)
-                .where(and_(*(table.c[name] == source.c[name] for name in [key, *where])))
-                # A column of NULLs only is text to PostgreSQL: cast to the target.
-                .values(
-                    {
-                        **{name: cast(source.c[name], table.c[name].type) for name in set_from_row},
-                        **fixed,
-                    }
-                )
-            )
-            matched += max(0, connection.execute(statement).rowcount)
-        return matched
+            for name in names
+        ]
+        source = (
+            func.unnest(*arrays)
+            .table_valued(*(column(name, table.c[name].type) for name in names))
+            .render_derived(name="v")
+        )
+        statement = (
+            update(table)
+            .where(and_(*(table.c[name] == source.c[name] for name in [key, *where])))
+            .values({**{name: source.c[name] for name in set_from_row}, **fixed})
+        )
+        return max(0, connection.execute(statement).rowcount)
     statement = (
         update(table)
         .where(and_(*(table.c[name] == bindparam(f"b_{name}") for name in [key, *where])))
