@@ -19,9 +19,10 @@ SIGKILLs c1 and measures, on this host's clock:
 Providers: ``dnsmasq`` (files in shared hostsdir/optsdir, as dnsmasq would read them)
 and ``neutron`` (metadatad.testing.NeutronStub on loopback, in a process of its own,
 bench/neutron_stub.py; static token; ``[dhcp] concurrency`` PUTs in flight per
-survivor).  The peer, measured in the same run unless --no-peer: the Neutron stub with concurrency 1,
-one PUT at a time as Ironic does per node.  Ironic's default takeover is modelled for
-comparison: ``ceil(moved / (8 * survivors)) * 180 s`` after its 60 s detection.
+survivor).  The peer, measured in the same run unless --no-peer: the Neutron stub
+with concurrency 1, one PUT at a time as Ironic does per node.  Ironic's default
+takeover is modelled for comparison: ``ceil(moved / (8 * survivors)) * 180 s`` after
+its 60 s detection.
 
 Targets (issue 4): push phase < 2 s with dnsmasq, < 10 s against the Neutron stub.
 Every process started here is stopped and the scratch database dropped.
