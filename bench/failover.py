@@ -17,11 +17,12 @@ SIGKILLs c1 and measures, on this host's clock:
 * total, and how many nodes moved.
 
 Providers: ``dnsmasq`` (files in shared hostsdir/optsdir, as dnsmasq would read them)
-and ``neutron`` (metadatad.testing.NeutronStub on loopback, in this process on its own
-reactor thread, static token; ``[dhcp] concurrency`` PUTs in flight per survivor).  The
-peer, measured in the same run unless --no-peer: the Neutron stub with concurrency 1,
-one PUT at a time as Ironic does per node.  Ironic's default takeover is modelled for
-comparison: ``ceil(moved / (8 * survivors)) * 180 s`` after its 60 s detection.
+and ``neutron`` (metadatad.testing.NeutronStub on loopback, in a process of its own,
+bench/neutron_stub.py; static token; ``[dhcp] concurrency`` PUTs in flight per
+survivor).  The peer, measured in the same run unless --no-peer: the Neutron stub
+with concurrency 1, one PUT at a time as Ironic does per node.  Ironic's default
+takeover is modelled for comparison: ``ceil(moved / (8 * survivors)) * 180 s`` after
+its 60 s detection.
 
 Targets (issue 4): push phase < 2 s with dnsmasq, < 10 s against the Neutron stub.
 Every process started here is stopped and the scratch database dropped.
@@ -35,9 +36,9 @@ import math
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC
 from pathlib import Path
@@ -84,38 +85,33 @@ class Scratch:
         self.admin.dispose()
 
 
-class StubThread:
-    """The Neutron stub on loopback, served by one reactor on a background thread
-    (started once: a reactor cannot be restarted)."""
+class StubProcess:
+    """The Neutron stub on loopback, in its own process (bench/neutron_stub.py): in
+    this one, it would share the interpreter with the polling and skew the numbers."""
 
-    _thread: threading.Thread | None = None
-
-    def __init__(self, ports: list[str]) -> None:
-        from twisted.internet import reactor
-        from twisted.internet.threads import blockingCallFromThread
-        from twisted.web.server import Site
-
-        from metadatad.testing import NeutronStub
-
-        self.reactor: Any = reactor
-        if StubThread._thread is None:
-            StubThread._thread = threading.Thread(
-                target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True
-            )
-            StubThread._thread.start()
-        self.stub = NeutronStub(ports=ports)
-        self.stub.static_tokens.add("bench-token")
-        site = Site(self.stub.resource())
-        site.log = lambda request: None  # type: ignore[method-assign]
-        self.port = blockingCallFromThread(
-            reactor, reactor.listenTCP, 0, site, interface="127.0.0.1", backlog=1024
-        )
-        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+    def __init__(self, ports: list[str], tmp: Path) -> None:
+        listed = tmp / "ports"
+        listed.write_text("\n".join(ports) + "\n")
+        self.result = tmp / "accepted.json"
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "neutron_stub.py"), str(listed),
+             "bench-token", str(self.result)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().split()
+        if line[:1] != ["listening"]:
+            self.process.kill()
+            raise SystemExit("failover bench: the Neutron stub did not start")
+        self.url = f"http://127.0.0.1:{line[1]}"
+        self.accepted_at: dict[str, float] = {}
 
     def stop(self) -> None:
-        from twisted.internet.threads import blockingCallFromThread
-
-        blockingCallFromThread(self.reactor, self.port.stopListening)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            if self.result.exists():
+                self.accepted_at = json.loads(self.result.read_text())
 
 
 def wait(what: str, condition: Any, deadline: float, interval: float = 0.5) -> None:
@@ -151,7 +147,11 @@ def scenario(
         document = node_document(i)
         document["ports"][0]["neutron_port_id"] = f"port-{i}"
         nodes.append(document)
-    stub = StubThread([f"port-{i}" for i in range(args.nodes)]) if provider == "neutron" else None
+    stub = (
+        StubProcess([f"port-{i}" for i in range(args.nodes)], tmp)
+        if provider == "neutron"
+        else None
+    )
     token = tmp / "token"
     token.write_text("bench-token\n")
     hostsdir, optsdir = tmp / "hostsdir", tmp / "optsdir"
@@ -231,8 +231,9 @@ def scenario(
                 last = max(written(uuid) for uuid in victim_nodes)
             else:
                 assert stub is not None
+                stub.stop()
                 ports = {n["uuid"]: n["ports"][0]["neutron_port_id"] for n in nodes}
-                last = max(stub.stub.accepted_at[ports[uuid]] for uuid in victim_nodes)
+                last = max(stub.accepted_at[ports[uuid]] for uuid in victim_nodes)
             for daemon in daemons[1:]:
                 errors = daemon.errors()
                 if errors:

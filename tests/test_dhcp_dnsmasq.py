@@ -281,3 +281,37 @@ def test_written_files_are_what_dnsmasq_reads(tmp_path: Path) -> None:
     )
     assert (opts / f"metadatad-{node.uuid}.conf").read_text().count("\n") == 1
     assert [p.name for p in hosts.iterdir() if p.name.startswith(".")] == []
+
+
+def test_push_many_writes_each_node_and_reports_each_outcome(tmp_path: Path) -> None:
+    """``push_many`` writes every node in a few thread jobs and answers one outcome per
+    item, in order: a node fenced by a newer file fails alone, the others are written."""
+    from twisted.internet.defer import maybeDeferred
+
+    from metadatad.dhcp.provider import PushError
+
+    hosts, opts = tmp_path / "h", tmp_path / "o"
+    hosts.mkdir()
+    opts.mkdir()
+    jobs: list[int] = []
+
+    def run(f: Any, *args: Any) -> Any:
+        jobs.append(len(args[0]))
+        return maybeDeferred(f, *args)
+
+    nodes = [make_node(i) for i in range(7)]
+    mappings = [boot_mapping(n, "10.0.0.6", "", BootDefaults()) for n in nodes]
+    newer = DnsmasqProvider(str(hosts), str(opts), "c", None, run=lambda f, *a: f(*a))
+    newer.write(boot_mapping(nodes[4], "10.0.0.7", "", BootDefaults()), None, 9)
+    provider = DnsmasqProvider(str(hosts), str(opts), "b", None, threads=3, run=run)
+    d = provider.push_many([(m, None, 5) for m in mappings])
+    outcomes: list[Any] = []
+    d.addCallback(outcomes.extend)
+    assert sorted(jobs) == [2, 2, 3]  # one job per writer thread, not one per node
+    assert [o is None for o in outcomes] == [True] * 4 + [False] + [True] * 2
+    error = outcomes[4]
+    assert isinstance(error, PushError) and error.permanent
+    for i, node in enumerate(nodes):
+        text = (opts / f"metadatad-{node.uuid}.conf").read_text()
+        assert ("10.0.0.7" if i == 4 else "10.0.0.6") in text
+    assert [p.name for p in hosts.iterdir() if p.name.startswith(".")] == []

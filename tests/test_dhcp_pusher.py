@@ -209,3 +209,60 @@ def test_concurrency_is_bounded(world: World) -> None:
             d.callback(None)
     assert world.repository.pending_count("a") == 0
     pusher.stopService()
+
+
+def test_batch_provider_pushes_a_takeover_with_per_node_outcomes(
+    world: World, tmp_path: Any
+) -> None:
+    """With a provider that pushes many nodes per call (dnsmasq), a takeover is pushed
+    in one call per batch, each node's outcome recorded alone: the node whose file a
+    newer generation wrote fails permanently, the others are pushed under B."""
+    from metadatad.dhcp.dnsmasq import DnsmasqProvider
+
+    hosts, opts = tmp_path / "h", tmp_path / "o"
+    hosts.mkdir()
+    opts.mkdir()
+    nodes = [make_node(i) for i in range(6)]
+    world.nodes.upsert_nodes(nodes)
+    uuids = sorted(n.uuid for n in nodes)
+    world.claim(A, uuids, (A,))
+    provider_a = DnsmasqProvider(str(hosts), str(opts), "a", None, run=run_now)
+    a = world.pusher(A, provider_a)
+    a.startService()
+    world.clock.advance(0)
+    assert world.repository.pending_count("a") == 0
+    a.stopService()
+    generation = world.claim(B, uuids, (B,))
+    fenced = DnsmasqProvider(str(hosts), str(opts), "z", None, run=run_now)
+    fenced.write(_mapping_of(nodes, uuids[2]), None, 99)
+    calls: list[int] = []
+    provider_b = DnsmasqProvider(str(hosts), str(opts), "b", None, run=run_now)
+    push_many = provider_b.push_many
+
+    def counting(items: Any) -> Any:
+        calls.append(len(items))
+        return push_many(items)
+
+    provider_b.push_many = counting  # type: ignore[method-assign]
+    b = world.pusher(B, provider_b, batch=1000)
+    b.claimed(ClaimEvent("b", generation, tuple(uuids), {u: "a" for u in uuids}, "test"))
+    b.startService()
+    world.clock.advance(0)
+    assert calls and calls[0] == 6
+    for uuid in uuids:
+        state = world.repository.state(uuid)
+        assert state is not None and state.owner == "b"
+        if uuid == uuids[2]:
+            assert state.permanent and "newer than" in (state.last_error or "")
+        else:
+            assert state.in_sync and state.pushed is not None
+            assert state.pushed["tftp_server"] == "10.0.0.6"
+    assert b.pushed == 5 and b.failed == 1
+    b.stopService()
+
+
+def _mapping_of(nodes: list[Any], uuid: str) -> Any:
+    from metadatad.dhcp.mapping import boot_mapping
+
+    node = next(n for n in nodes if n.uuid == uuid)
+    return boot_mapping(node, "10.0.0.9", "", BootDefaults())

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,6 +54,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import DateTime
 
+from metadatad.db.bulk import chunks_for, member_of
 from metadatad.db.schema import conductors, node_claims, nodes, ring_state
 
 __all__ = [
@@ -67,8 +68,6 @@ __all__ = [
     "utc_now",
 ]
 
-# Bind-parameter lists are chunked: SQLite caps variables per statement.
-_CHUNK = 500
 # Compare-and-set attempts of one observe() before it settles for what it read.
 _CAS_ATTEMPTS = 5
 
@@ -264,11 +263,6 @@ def encode_members(members: Iterable[tuple[str, str]]) -> str:
 
 def decode_members(text: str) -> tuple[tuple[str, str], ...]:
     return tuple((str(g), str(n)) for g, n in json.loads(text or "[]"))
-
-
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
 
 
 # --- the repository ------------------------------------------------------------------------
@@ -467,11 +461,11 @@ class ClusterRepository:
         held: list[str] = []
         with self.engine.begin() as connection:
             dialect = connection.dialect.name
-            for chunk in _chunks(wanted):
+            for chunk in chunks_for(connection, wanted):
                 connection.execute(
                     update(node_claims)
                     .where(
-                        node_claims.c.node_uuid.in_(chunk),
+                        member_of(connection, node_claims.c.node_uuid, chunk),
                         or_(
                             node_claims.c.generation < generation,
                             node_claims.c.conductor_group != group,
@@ -493,7 +487,7 @@ class ClusterRepository:
                     literal(generation),
                     utc_now(),
                 ).where(
-                    nodes.c.uuid.in_(chunk),
+                    member_of(connection, nodes.c.uuid, chunk),
                     nodes.c.conductor_group == group,
                     ~exists().where(node_claims.c.node_uuid == nodes.c.uuid),
                     current == generation,
@@ -515,7 +509,7 @@ class ClusterRepository:
                 held.extend(
                     connection.execute(
                         select(node_claims.c.node_uuid).where(
-                            node_claims.c.node_uuid.in_(chunk),
+                            member_of(connection, node_claims.c.node_uuid, chunk),
                             node_claims.c.owner == owner,
                             node_claims.c.generation == generation,
                             node_claims.c.conductor_group == group,

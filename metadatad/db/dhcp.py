@@ -15,7 +15,7 @@ again after the restart (pushes are idempotent), so nothing is lost.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -23,21 +23,16 @@ from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from metadatad.db.bulk import chunks_for, member_of, update_rows
 from metadatad.db.schema import dhcp_pushes, node_claims, nodes
 from metadatad.dhcp.mapping import BootMapping, retraction
 from metadatad.nodes import Node, Port
 
 __all__ = ["DhcpPushRepository", "PushJob", "PushResult", "PushState"]
 
-_CHUNK = 500
 # Up to this many uuids are looked up with an IN list; more: the owner's claims are read.
 _SMALL = 200
 _ERROR_LENGTH = 1024
-
-
-def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
 
 
 @attrs.frozen
@@ -167,14 +162,14 @@ class DhcpPushRepository:
                 all_held = {
                     row.node_uuid: int(row.generation) for row in connection.execute(claims)
                 }
-            for chunk in _chunks(sorted(by_uuid)):
+            for chunk in chunks_for(connection, sorted(by_uuid)):
                 if all_held is not None:
                     held = {uuid: all_held[uuid] for uuid in chunk if uuid in all_held}
                 else:
                     held = {
                         row.node_uuid: int(row.generation)
                         for row in connection.execute(
-                            claims.where(node_claims.c.node_uuid.in_(chunk))
+                            claims.where(member_of(connection, node_claims.c.node_uuid, chunk))
                         )
                     }
                 chunk_wanted = [
@@ -201,7 +196,7 @@ class DhcpPushRepository:
                     dhcp_pushes.c.owner,
                     dhcp_pushes.c.generation,
                     dhcp_pushes.c.desired_digest,
-                ).where(dhcp_pushes.c.node_uuid.in_(uuids))
+                ).where(member_of(connection, dhcp_pushes.c.node_uuid, uuids))
             )
         }
         fresh: list[dict[str, Any]] = []
@@ -245,44 +240,29 @@ class DhcpPushRepository:
                     for v in fresh
                 ],
             )
-        where = dhcp_pushes.c.node_uuid == bindparam("b_uuid")
-        if renewed:
-            connection.execute(
-                update(dhcp_pushes)
-                .where(where)
-                .values(
-                    owner=bindparam("b_owner"),
-                    generation=bindparam("b_generation"),
-                    desired=bindparam("b_desired"),
-                    desired_digest=bindparam("b_desired_digest"),
-                    attempts=0,
-                    last_error=None,
-                    permanent=False,
-                    next_attempt=now,
-                    desired_at=now,
-                ),
-                renewed,
-            )
-        if moved:
-            # The same mapping under a newer claim: due again only if never pushed.
-            connection.execute(
-                update(dhcp_pushes)
-                .where(where)
-                .values(
-                    owner=bindparam("b_owner"),
-                    generation=bindparam("b_generation"),
-                    permanent=False,
-                    next_attempt=now,
-                ),
-                [
-                    {
-                        "b_uuid": v["b_uuid"],
-                        "b_owner": v["b_owner"],
-                        "b_generation": v["b_generation"],
-                    }
-                    for v in moved
-                ],
-            )
+        update_rows(
+            connection,
+            dhcp_pushes,
+            "node_uuid",
+            [_unprefixed(v) for v in renewed],
+            set_from_row=("owner", "generation", "desired", "desired_digest"),
+            fixed={
+                "attempts": 0,
+                "last_error": None,
+                "permanent": False,
+                "next_attempt": now,
+                "desired_at": now,
+            },
+        )
+        # The same mapping under a newer claim: due again only if never pushed.
+        update_rows(
+            connection,
+            dhcp_pushes,
+            "node_uuid",
+            [_unprefixed(v) for v in moved],
+            set_from_row=("owner", "generation"),
+            fixed={"permanent": False, "next_attempt": now},
+        )
         return len(fresh) + len(renewed) + len(moved)
 
     def retract_deleted(self, owner: str, now: float) -> int:
@@ -390,60 +370,58 @@ class DhcpPushRepository:
         were recorded."""
         if not results:
             return 0
-        fence = and_(
-            dhcp_pushes.c.node_uuid == bindparam("b_uuid"),
-            dhcp_pushes.c.owner == owner,
-            dhcp_pushes.c.generation == bindparam("b_generation"),
-            dhcp_pushes.c.desired_digest == bindparam("b_digest"),
-        )
         ok = [
-            {"b_uuid": r.node_uuid, "b_generation": r.generation, "b_digest": r.digest}
+            {
+                "node_uuid": r.node_uuid,
+                "owner": owner,
+                "generation": r.generation,
+                "desired_digest": r.digest,
+            }
             for r in results
             if r.error is None
         ]
         failed = [
             {
-                "b_uuid": r.node_uuid,
-                "b_generation": r.generation,
-                "b_digest": r.digest,
-                "b_last_error": r.error[:_ERROR_LENGTH] if r.error else None,
-                "b_permanent": r.permanent,
-                "b_next_attempt": r.next_attempt,
+                "node_uuid": r.node_uuid,
+                "owner": owner,
+                "generation": r.generation,
+                "desired_digest": r.digest,
+                "last_error": r.error[:_ERROR_LENGTH] if r.error else None,
+                "permanent": r.permanent,
+                "next_attempt": r.next_attempt,
             }
             for r in results
             if r.error is not None
         ]
-        recorded = 0
+        # Fenced: only while the row has the same owner, generation and desired digest.
+        fence = ("owner", "generation", "desired_digest")
         with self.engine.begin() as connection:
-            if ok:
-                result = connection.execute(
-                    update(dhcp_pushes)
-                    .where(fence)
-                    .values(
-                        pushed=dhcp_pushes.c.desired,
-                        pushed_digest=dhcp_pushes.c.desired_digest,
-                        attempts=0,
-                        last_error=None,
-                        permanent=False,
-                        next_attempt=None,
-                        pushed_at=now,
-                    ),
-                    ok,
-                )
-                recorded += max(0, result.rowcount)
-            if failed:
-                result = connection.execute(
-                    update(dhcp_pushes)
-                    .where(fence)
-                    .values(
-                        attempts=dhcp_pushes.c.attempts + 1,
-                        last_error=bindparam("b_last_error"),
-                        permanent=bindparam("b_permanent"),
-                        next_attempt=bindparam("b_next_attempt"),
-                    ),
-                    failed,
-                )
-                recorded += max(0, result.rowcount)
+            recorded = update_rows(
+                connection,
+                dhcp_pushes,
+                "node_uuid",
+                ok,
+                set_from_row=(),
+                fixed={
+                    "pushed": dhcp_pushes.c.desired,
+                    "pushed_digest": dhcp_pushes.c.desired_digest,
+                    "attempts": 0,
+                    "last_error": None,
+                    "permanent": False,
+                    "next_attempt": None,
+                    "pushed_at": now,
+                },
+                where=fence,
+            )
+            recorded += update_rows(
+                connection,
+                dhcp_pushes,
+                "node_uuid",
+                failed,
+                set_from_row=("last_error", "permanent", "next_attempt"),
+                fixed={"attempts": dhcp_pushes.c.attempts + 1},
+                where=fence,
+            )
         return recorded
 
     # --- reads -----------------------------------------------------------------------
@@ -489,6 +467,12 @@ class DhcpPushRepository:
             total, pushed, failed = connection.execute(query).one()
         total, pushed, failed = int(total or 0), int(pushed or 0), int(failed or 0)
         return {"pushed": pushed, "failed": failed, "pending": total - pushed - failed}
+
+
+def _unprefixed(values: dict[str, Any]) -> dict[str, Any]:
+    """``b_uuid``-style keys as ``dhcp_pushes`` column names."""
+    names = {"b_uuid": "node_uuid", "b_desired": "desired", "b_desired_digest": "desired_digest"}
+    return {names.get(k, k.removeprefix("b_")): v for k, v in values.items()}
 
 
 def _case(condition: Any) -> Any:

@@ -26,11 +26,12 @@ import ctypes
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, FirstError, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from metadatad.dhcp.mapping import BootMapping
@@ -115,6 +116,7 @@ class DnsmasqProvider:
         self.optsdir = optsdir
         self.owner = owner
         self._fsync = fsync
+        self._threads = max(1, threads)
         self._pool: ThreadPool | None = None
         if run is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="metadatad-dnsmasq")
@@ -137,6 +139,52 @@ class DnsmasqProvider:
         self, mapping: BootMapping, previous: BootMapping | None, generation: int
     ) -> Deferred[None]:
         return self._run(self.write, mapping, previous, generation)
+
+    def push_many(
+        self, items: Sequence[tuple[BootMapping, BootMapping | None, int]]
+    ) -> Deferred[list[PushError | None]]:
+        """Push many nodes: ``(mapping, previous, generation)`` each; fires with one
+        outcome per item, in order (None: written, or its :class:`PushError`).
+
+        The items are split into one thread job per writer thread rather than one
+        job per node: a takeover moves thousands of nodes, and a thread hop plus a
+        Deferred per node cost more reactor time than writing the node's files."""
+        groups = [list(items[i :: self._threads]) for i in range(self._threads)]
+        groups = [group for group in groups if group]
+        d = DeferredList(
+            [maybeDeferred(self._run, self.write_many, group) for group in groups],
+            fireOnOneErrback=True,
+            consumeErrors=True,
+        )
+
+        def merge(results: list[tuple[bool, list[PushError | None]]]) -> list[PushError | None]:
+            outcomes: list[PushError | None] = [None] * len(items)
+            for i, (_, group) in enumerate(results):
+                # Group i holds items i, i + threads, i + 2 * threads...
+                outcomes[i :: self._threads] = group
+            return outcomes
+
+        def unwrap(failure: Failure) -> Failure:
+            # fireOnOneErrback wraps the first failure: pass on the error itself.
+            error = failure.value
+            return error.subFailure if isinstance(error, FirstError) else failure
+
+        return d.addCallbacks(merge, unwrap)
+
+    def write_many(
+        self, items: Sequence[tuple[BootMapping, BootMapping | None, int]]
+    ) -> list[PushError | None]:
+        """(Off the reactor.)  :meth:`write` each item; a failed node does not stop
+        the others."""
+        outcomes: list[PushError | None] = []
+        for mapping, previous, generation in items:
+            try:
+                self.write(mapping, previous, generation)
+            except PushError as e:
+                outcomes.append(e)
+            else:
+                outcomes.append(None)
+        return outcomes
 
     def flush(self) -> Deferred[None] | None:
         """Make the files written so far durable (before a batch is recorded)."""

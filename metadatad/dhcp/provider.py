@@ -31,6 +31,11 @@ class Provider(Protocol):
     pushed for the node (None: never, or unknown); ``generation`` is the fencing
     generation of the claim the push is made under.  Pushes are idempotent: after a
     crash the same mapping may be pushed again.
+
+    Optional: ``push_many(items)`` with ``(mapping, previous, generation)`` items,
+    firing with one outcome per item (None or its :class:`PushError`).  The pusher
+    then hands it a whole batch at once (the dnsmasq provider writes many nodes per
+    thread job) instead of calling ``push`` ``concurrency`` at a time.
     """
 
     name: str

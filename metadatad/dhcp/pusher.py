@@ -10,7 +10,8 @@ the last pushed one, attempts, last error and next attempt.  The service
    deleted nodes' mappings become retractions;
 2. *drains*: takes the due mappings in batches, pushes each batch through the provider
    with at most ``concurrency`` pushes in flight, and records the outcomes in one
-   transaction per batch; failures are retried after ``retry_min * 2**(n-1)`` seconds
+   transaction per batch (a provider with ``push_many`` gets the whole batch in one
+   call); failures are retried after ``retry_min * 2**(n-1)`` seconds
    (at most ``retry_max``), permanent ones only once the mapping changes.
 
 Fencing: a mapping is desired, due and recorded only while the claims table says this
@@ -299,12 +300,42 @@ class DhcpPusher(Service):
             jobs = yield self._run(self.repository.due, self.info.name, now, self.batch)
             if not jobs:
                 return
-            pushes = [semaphore.run(self._push, job) for job in jobs]
-            outcomes = yield DeferredList(pushes, consumeErrors=True)
-            results = [result for ok, result in outcomes if ok]
+            if getattr(self.provider, "push_many", None) is not None:
+                results = yield self._push_many(jobs)
+            else:
+                pushes = [semaphore.run(self._push, job) for job in jobs]
+                outcomes = yield DeferredList(pushes, consumeErrors=True)
+                results = [result for ok, result in outcomes if ok]
             # Durable before recorded (a provider may defer its syncs to here).
             yield self.provider.flush()
             yield self._run(self.repository.record, self.info.name, results, self._clock.seconds())
+
+    def _push_many(self, jobs: list[PushJob]) -> Deferred[list[PushResult]]:
+        """The batch in one call of a provider that writes many nodes per job."""
+        provider = self.provider.name
+        PUSHES.labels(provider).inc(len(jobs))
+        self._in_flight += len(jobs)
+        IN_FLIGHT.set(self._in_flight)
+        items = [(job.desired, job.previous, job.generation) for job in jobs]
+        push_many: Callable[..., Any] = self.provider.push_many  # type: ignore[attr-defined]
+        d: Deferred[list[PushError | None]] = maybeDeferred(push_many, items)
+
+        def done(errors: list[PushError | None]) -> list[PushResult]:
+            return [
+                self._succeeded(job) if error is None else self._failed(job, Failure(error))
+                for job, error in zip(jobs, errors, strict=True)
+            ]
+
+        def failed(failure: Failure) -> list[PushResult]:
+            # The whole batch failed: one traceback, every job retried.
+            return [self._failed(job, failure, show=i == 0) for i, job in enumerate(jobs)]
+
+        def finished(result: list[PushResult]) -> list[PushResult]:
+            self._in_flight -= len(jobs)
+            IN_FLIGHT.set(self._in_flight)
+            return result
+
+        return d.addCallbacks(done, failed).addBoth(finished)
 
     def _push(self, job: PushJob) -> Deferred[PushResult]:
         provider = self.provider.name
@@ -314,35 +345,10 @@ class DhcpPusher(Service):
         d = maybeDeferred(self.provider.push, job.desired, job.previous, job.generation)
 
         def done(_: object) -> PushResult:
-            self.pushed += 1
-            return PushResult(job.node_uuid, job.generation, job.digest)
+            return self._succeeded(job)
 
         def failed(failure: Failure) -> PushResult:
-            self.failed += 1
-            error = failure.value
-            if isinstance(error, PushError):
-                message, permanent = error.message, error.permanent
-            else:
-                # A bug in a provider: show it, and retry like any failure.
-                self.log.failure("DHCP provider {provider} failed", failure, provider=provider)
-                message, permanent = f"{type(error).__name__}: {error}", False
-            FAILURES.labels(provider, "permanent" if permanent else "retry").inc()
-            wait = backoff(job.attempts + 1, self.retry_min, self.retry_max)
-            if job.attempts == 0 or permanent:
-                self.log.warn(
-                    "DHCP push of node {uuid} failed ({kind}): {error}",
-                    uuid=job.node_uuid,
-                    kind="permanent" if permanent else f"retry in {wait:g} s",
-                    error=message,
-                )
-            return PushResult(
-                job.node_uuid,
-                job.generation,
-                job.digest,
-                error=message,
-                permanent=permanent,
-                next_attempt=None if permanent else self._clock.seconds() + wait,
-            )
+            return self._failed(job, failure)
 
         def finished(result: PushResult) -> PushResult:
             self._in_flight -= 1
@@ -350,6 +356,40 @@ class DhcpPusher(Service):
             return result
 
         return d.addCallbacks(done, failed).addBoth(finished)
+
+    def _succeeded(self, job: PushJob) -> PushResult:
+        self.pushed += 1
+        return PushResult(job.node_uuid, job.generation, job.digest)
+
+    def _failed(self, job: PushJob, failure: Failure, show: bool = True) -> PushResult:
+        """The job's failed result (``show``: log a provider's bug)."""
+        provider = self.provider.name
+        self.failed += 1
+        error = failure.value
+        if isinstance(error, PushError):
+            message, permanent = error.message, error.permanent
+        else:
+            # A bug in a provider: show it, and retry like any failure.
+            if show:
+                self.log.failure("DHCP provider {provider} failed", failure, provider=provider)
+            message, permanent = f"{type(error).__name__}: {error}", False
+        FAILURES.labels(provider, "permanent" if permanent else "retry").inc()
+        wait = backoff(job.attempts + 1, self.retry_min, self.retry_max)
+        if job.attempts == 0 or permanent:
+            self.log.warn(
+                "DHCP push of node {uuid} failed ({kind}): {error}",
+                uuid=job.node_uuid,
+                kind="permanent" if permanent else f"retry in {wait:g} s",
+                error=message,
+            )
+        return PushResult(
+            job.node_uuid,
+            job.generation,
+            job.digest,
+            error=message,
+            permanent=permanent,
+            next_attempt=None if permanent else self._clock.seconds() + wait,
+        )
 
     def _database_failed(self, error: Exception) -> None:
         if isinstance(error, SQLAlchemyError | OSError):
