@@ -1,11 +1,12 @@
-# -*- test-case-name: tests.test_dhcp_providers -*-
+# -*- test-case-name: tests.test_dhcp_dnsmasq -*-
 """The ``dnsmasq`` provider: per-MAC host files and per-node option files.
 
 dnsmasq (2.73+) started with ``--dhcp-hostsdir=HOSTSDIR --dhcp-optsdir=OPTSDIR
 --dhcp-match=set:ipxe,175`` watches both directories with inotify and re-reads a file
 when it is closed after writing or renamed into place; it ignores names starting with
-a dot.  So every file is written to a dotfile, fsync'ed and ``rename()``d: dnsmasq
-never reads a partial file, and is never signalled (dnsmasq 2.86-2.90 crash on SIGHUP
+a dot.  So every file is written to a dotfile and ``rename()``d, and a batch is
+flushed to disk with one ``syncfs`` before its nodes count as pushed: dnsmasq never
+reads a partial file, and is never signalled (dnsmasq 2.86-2.90 crash on SIGHUP
 once a host entry with ``set:`` tags has leased: see docs/dhcp.md).
 
 * ``HOSTSDIR/metadatad-<mac>.conf``: ``<mac>,set:node-<uuid>`` — tags the MAC with its
