@@ -62,7 +62,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -70,6 +69,7 @@ from twisted.python.threadpool import ThreadPool
 from metadatad.cluster.placement import ClaimPlan, Placement, plan_claims, ring_report
 from metadatad.cluster.ring import DEFAULT_POINTS
 from metadatad.db.cluster import Claim, ConductorInfo, ConductorRecord, RingState
+from metadatad.db.store import private_pool
 
 __all__ = ["ClaimEvent", "MembershipService"]
 
@@ -170,11 +170,7 @@ class MembershipService(Service):
         }
         self._pool: ThreadPool | None = None
         if run is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=2, name="metadatad-membership")
-            pool = self._pool
-
-            def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-                return deferToThreadPool(reactor, pool, f, *args)
+            self._pool, run = private_pool(reactor, "metadatad-membership")
 
         self._run = run
         self._loop = LoopingCall(self._tick)

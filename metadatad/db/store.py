@@ -329,6 +329,19 @@ def _record(row: Any) -> NodeRecord:
     )
 
 
+def private_pool(
+    reactor: Any, name: str, size: int = 2
+) -> tuple[ThreadPool, Callable[..., Deferred[Any]]]:
+    """A threadpool of a service's own (started and stopped by that service) and a
+    ``run(f, *args)`` that calls ``f`` on it and answers on the reactor thread."""
+    pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+
+    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    return pool, run
+
+
 class Store(Service):
     """The repository's methods as Deferreds, run on a threadpool this service owns.
 

@@ -38,7 +38,6 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -46,6 +45,7 @@ from twisted.python.threadpool import ThreadPool
 from metadatad.cluster.membership import ClaimEvent
 from metadatad.db.cluster import ConductorInfo
 from metadatad.db.dhcp import DhcpPushRepository, PushJob, PushResult
+from metadatad.db.store import private_pool
 from metadatad.dhcp.mapping import BootDefaults, BootMapping, MappingError, boot_mapping
 from metadatad.dhcp.provider import Provider, PushError
 from metadatad.metrics import REGISTRY
@@ -115,11 +115,7 @@ class DhcpPusher(Service):
         self.batch = batch
         self._pool: ThreadPool | None = None
         if run is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=2, name="metadatad-dhcp")
-            pool = self._pool
-
-            def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-                return deferToThreadPool(reactor, pool, f, *args)
+            self._pool, run = private_pool(reactor, "metadatad-dhcp")
 
         self._run = run
         self._loop = LoopingCall(self._reconcile)
