@@ -31,28 +31,23 @@ Exit status 1 if any download was not byte-identical.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from harness import BenchError, Processes, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 MIB = 1024 * 1024
-
-
-class BenchError(Exception):
-    """The benchmark cannot run."""
 
 
 def free_udp_port() -> int:
@@ -65,48 +60,6 @@ def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
-
-
-class Processes:
-    """Servers started here, each in its own session, stopped on exit."""
-
-    def __init__(self, logdir: Path) -> None:
-        self._logdir = logdir
-        self._children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
-
-    def start(self, name: str, argv: list[str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
-        log = open(self._logdir / f"{name}.log", "wb")  # closed in stop_all
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            cwd=cwd, start_new_session=True,
-        )
-        self._children.append((name, proc, log))
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self._logdir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def check_alive(self) -> None:
-        for name, proc, _ in self._children:
-            if proc.poll() is not None:
-                raise BenchError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-2000:]}")
-
-    def stop_all(self) -> None:
-        for _, proc, _ in self._children:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for _, proc, log in self._children:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # forked transfer children
-            log.close()
-        self._children.clear()
 
 
 def atftp(port: int, name: str, out: Path, options: list[str], cpu: str) -> subprocess.Popen[bytes]:
@@ -354,26 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         fbtftp_peer(args.port, args.root)
         return 0
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="metadatad-bench-tftp-"))
-    procs = Processes(tmp)
-    try:
-        return bench(args, tmp, procs)
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run_bench(bench, args, "metadatad-bench-tftp-")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ from tests.databases import ScratchDatabase, empty_database
 TOKEN = "admin-token-for-tests-0123456789"
 
 
+# The daemon's services in start order (stopped in reverse), without TFTP and DHCP.
+SERVICES = [
+    "store",
+    "membership",
+    "boot-events",
+    "vendordata-errors",
+    "peer-watch",
+    "metadata-http",
+    "admin-http",
+    "metrics",
+    "reload",
+]
+
 def write_conf(
     directory: Path,
     url: str,
@@ -156,17 +169,7 @@ def test_named_services_in_order(
     vendordata-errors, peer-watch, metadata-http, admin-http, metrics and reload."""
     root = build(write_conf(tmp_path, migrated_url), services)
     assert isinstance(root, MultiService)
-    assert [service.name for service in root] == [
-        "store",
-        "membership",
-        "boot-events",
-        "vendordata-errors",
-        "peer-watch",
-        "metadata-http",
-        "admin-http",
-        "metrics",
-        "reload",
-    ]
+    assert [service.name for service in root] == SERVICES
     assert isinstance(root.getServiceNamed("store"), Store)
     for name in ("metadata-http", "admin-http"):
         service = root.getServiceNamed(name)
@@ -180,17 +183,7 @@ def test_each_backend_composes(
 ) -> None:
     """makeService checks the schema and composes on every database backend."""
     root = build(write_conf(tmp_path, database_url), services)
-    assert [service.name for service in root] == [
-        "store",
-        "membership",
-        "boot-events",
-        "vendordata-errors",
-        "peer-watch",
-        "metadata-http",
-        "admin-http",
-        "metrics",
-        "reload",
-    ]
+    assert [service.name for service in root] == SERVICES
     assert root.getServiceNamed("store").repository.engine.pool.size() == 3
 
 

@@ -1,0 +1,146 @@
+"""Process handling shared by the benchmarks: children in their own sessions, stopped
+on exit, on Ctrl-C and on SIGTERM, and the ``main`` wrapper that guarantees it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchError(Exception):
+    """A run that cannot be trusted: a server died, a check failed."""
+
+
+class Processes:
+    """Every child started here, each in its own session, stopped on exit."""
+
+    def __init__(self, logdir: Path) -> None:
+        self._logdir = logdir
+        self._children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start(
+        self, name: str, argv: list[str], cwd: Path = ROOT
+    ) -> subprocess.Popen[bytes]:
+        log = open(self._logdir / f"{name}.log", "wb")  # closed in stop_all
+        with signals_held():  # no Ctrl-C between the fork and the bookkeeping
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=cwd, start_new_session=True,
+            )
+            self._children.append((name, proc, log))
+        return proc
+
+    def discard(self, name: str) -> None:
+        """Stop and forget a child (its port was taken), to start it again."""
+        for child in [c for c in self._children if c[0] == name]:
+            _, proc, log = child
+            signal_group(proc, signal.SIGKILL)
+            proc.wait()
+            log.close()
+            self._children.remove(child)
+
+    def pid(self, name: str) -> int:
+        return next(proc.pid for n, proc, _ in self._children if n == name)
+
+    def log(self, name: str) -> str:
+        path = self._logdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def check_alive(self) -> None:
+        for name, proc, _ in self._children:
+            if proc.poll() is not None:
+                raise BenchError(
+                    f"{name} exited with status {proc.returncode}:\n{tail(self.log(name))}"
+                )
+
+    def stop_all(self) -> None:
+        for _, proc, _ in self._children:
+            signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for name, proc, log in self._children:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"bench: {name} ignored SIGTERM, killing it", file=sys.stderr)
+                signal_group(proc, signal.SIGKILL)
+                proc.wait()
+            # Whatever the leader left behind in its session goes too.
+            signal_group(proc, signal.SIGKILL)
+            log.close()
+        self._children.clear()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_held = {"depth": 0, "pending": False}
+
+
+def _stop_requested(signum: int, frame: object) -> None:
+    if _held["depth"]:
+        _held["pending"] = True
+    else:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait for the end of the block (not a signal mask: children
+    would inherit it and ignore SIGTERM)."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["pending"]:
+            _held["pending"] = False
+            raise KeyboardInterrupt
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    # Each child leads its own session (start_new_session), so its pid is its group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_bench(
+    bench: Callable[[argparse.Namespace, Path, Processes], int],
+    args: argparse.Namespace,
+    prefix: str,
+) -> int:
+    """Run ``bench`` in a temporary directory; whatever happens, stop every child it
+    started and remove the directory.  Exit status: the bench's, 2 on BenchError,
+    130 when interrupted."""
+    # Also when started with SIGINT ignored (as a background job of a script).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_requested)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    procs = Processes(tmp)
+    try:
+        return bench(args, tmp, procs)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        # Neither a second Ctrl-C nor SIGTERM may cut the clean-up short.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
