@@ -33,6 +33,7 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check metadatad tests bench twisted
 	$(BIN)/mypy metadatad
+	$(BIN)/lint-imports
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/http.py

@@ -37,10 +37,11 @@ setup(
             "pymysql>=1.1",
             "botocore>=1.34",
             "tftpy>=0.8.7",
+            "import-linter>=2.1",
         ],
         # bench/tftp.py's Python peer servers.
         "bench": ["fbtftp>=0.5", "py3tftp>=1.3"],
-        "dev": ["ruff>=0.6", "mypy>=1.10"],
+        "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0.5"],
     },
     entry_points={
         "console_scripts": ["metadatad-manage = metadatad.cli:main"],

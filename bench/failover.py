@@ -54,8 +54,8 @@ from sqlalchemy.engine import make_url  # noqa: E402
 from metadatad.db.migrate import upgrade  # noqa: E402
 from metadatad.db.schema import dhcp_pushes, node_claims  # noqa: E402
 from metadatad.db.store import make_engine  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
-from tests.factories import node_document  # noqa: E402
+from metadatad.testing.daemon import Daemon  # noqa: E402
+from metadatad.testing.factories import node_document  # noqa: E402
 
 ADMIN_URL = os.environ.get(
     "METADATAD_BENCH_POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -38,16 +38,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from metadatad.core.identity import Identifier
+from metadatad.core.nodes import parse_node
+from metadatad.core.ratelimit import RateLimiter
+from metadatad.core.tokens import TokenSigner
+from metadatad.db.cache import NodeCache
 from metadatad.hardening import HardenedSite, Limits
-from metadatad.identity import Identifier
-from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.guard import Guard, Screened
 from metadatad.metadata.site import MetadataSite
-from metadatad.nodes import parse_node
-from metadatad.ratelimit import RateLimiter
 from metadatad.tap import QuietSite
 from metadatad.testing import MemoryStore
-from metadatad.tokens import TokenSigner
 
 UUID = "d8e02d56-2648-49a3-bf97-6be8f1204f38"
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)

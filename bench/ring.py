@@ -11,7 +11,7 @@ random conductor host names, from --seed), it measures:
 * floor: busiest/mean of an ideal uniform hash of the same uuids (BLAKE2b-128 of the
   uuid mod N).  No key-independent scheme beats it: it is the sampling noise of
   hashing n keys into N bins.
-* busiest/mean of metadatad's ring (metadatad.cluster.ring.HashRing) and of tooz's
+* busiest/mean of metadatad's ring (metadatad.core.ring.HashRing) and of tooz's
   HashRing at Ironic's defaults (32 partitions per conductor, md5; looked up as Ironic
   does, ``get_nodes(uuid.encode("utf-8"))``), over all --nodes nodes.
 * moved/ideal when one conductor (a random one) leaves: nodes whose owner changed over
@@ -66,7 +66,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "bench":
 else:
     sys.path.insert(0, str(ROOT))
 
-from metadatad.cluster.ring import DEFAULT_POINTS, HashRing  # noqa: E402
+from metadatad.core.ring import DEFAULT_POINTS, HashRing  # noqa: E402
 
 ToozRing: Any
 try:

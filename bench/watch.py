@@ -4,11 +4,11 @@
 
 (``-P`` keeps bench/ off sys.path: bench/http.py would shadow the stdlib's ``http``.)
 
-Each run starts real daemons (``twistd -n metadatad``, tests/daemon.py's harness) on a
-fresh database (SQLite in a temporary directory unless ``--database`` names a migrated
-PostgreSQL or MariaDB one) with two nodes of one project, 127.0.0.1 (the watchers) and
-127.0.0.2 (the writer), and measures, each on a daemon of its own so one measurement's
-freed memory does not hide the next one's:
+Each run starts real daemons (``twistd -n metadatad``, the harness of
+:mod:`metadatad.testing.daemon`) on a fresh database (SQLite in a temporary directory
+unless ``--database`` names a migrated PostgreSQL or MariaDB one) with two nodes of one
+project, 127.0.0.1 (the watchers) and 127.0.0.2 (the writer), and measures, each on a
+daemon of its own so one measurement's freed memory does not hide the next one's:
 
 * **peer: idle connections**: N TCP connections opened to the metadata port and left
   idle (the least a held request can cost: a socket, a transport, an HTTP channel);
@@ -49,8 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.daemon import Daemon, http_request  # noqa: E402
-from tests.factories import node_document  # noqa: E402
+from metadatad.testing.daemon import Daemon, http_request  # noqa: E402
+from metadatad.testing.factories import node_document  # noqa: E402
 
 WATCHER = node_document(0, ports=[{"mac": "52:54:00:00:02:01", "ip": "127.0.0.1"}])
 WRITER = node_document(1, ports=[{"mac": "52:54:00:00:02:02", "ip": "127.0.0.2"}])

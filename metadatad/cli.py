@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.app.test_cli -*-
 """``metadatad-manage``: schema migrations, node registration, and a look at the
 conductors and their ring, from the shell.
 
@@ -21,11 +21,17 @@ from metadatad.cluster.commands import CommandError as ClusterCommandError
 from metadatad.cluster.commands import add_commands as add_cluster_commands
 from metadatad.cluster.commands import run_command as run_cluster_command
 from metadatad.config import Config, ConfigError, load_config
+from metadatad.core.nodes import (
+    ConflictError,
+    NodeValidationError,
+    parse_node,
+    parse_nodes,
+    strip_read_only,
+)
 from metadatad.db.cluster import ClusterRepository
 from metadatad.db.migrate import SchemaError, check_schema, upgrade
 from metadatad.db.peers import PeerRepository
-from metadatad.db.store import ConflictError, NodeRepository, make_engine
-from metadatad.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
+from metadatad.db.store import NodeRepository, make_engine
 
 
 class CommandError(Exception):

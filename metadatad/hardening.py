@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hardening -*-
+# -*- test-case-name: tests.web.test_hardening -*-
 """HTTP connections that untrusted machines cannot abuse.
 
 :class:`HardenedSite` is a twisted.web ``Site`` whose channels
@@ -32,8 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from metadatad.config import IPNetwork
-from metadatad.identity import normalise_ip
+from metadatad.core.addresses import IPNetwork, normalise_ip
 from metadatad.metrics import REGISTRY
 
 _log = Logger(namespace="metadatad.audit")

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 
-def handle_failure(request: Request, failure: Failure, log: Logger) -> bytes:
-    """Answer a failed request: werkzeug's routing errors keep their status (404, 405);
-    any other exception is a bug, logged with its traceback and answered with a bare 500.
-    """
-    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-    if failure.check(HTTPException):
-        exception = failure.value
-        assert isinstance(exception, HTTPException)
-        request.setResponseCode(exception.code or 500)
-        for name, value in exception.get_response().headers.items():
-            if name.lower() == "allow":
-                request.setHeader(b"Allow", value.encode("ascii"))
-        return f"{exception.name}\n".encode()
-    log.failure(
-        "unhandled error answering {method} {path}",
-        failure,
-        method=request.method,
-        path=request.path,
+def routing_error(failure: Failure) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
+    """werkzeug's routing error (404, 405) in ``failure``: its status, name and ``Allow``
+    header; None when the failure is anything else (a bug)."""
+    if not failure.check(HTTPException):
+        return None
+    exception = failure.value
+    assert isinstance(exception, HTTPException)
+    allow = tuple(
+        ("Allow", value)
+        for name, value in exception.get_response().headers.items()
+        if name.lower() == "allow"
     )
-    request.setResponseCode(500)
-    return b"Internal Server Error\n"
+    return exception.code or 500, exception.name, allow

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.app.test_logs -*-
 """``[logging] format``: twistd's text lines (the default), or one JSON object a line.
 
 twistd asks the application for an ``ILogObserver`` component before it builds its

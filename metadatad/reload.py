@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reload -*-
+# -*- test-case-name: tests.app.test_reload -*-
 """SIGHUP: read the configuration file again, take the new static vendordata, and
 forget every cached node lookup.  Listening sockets and connections are untouched.
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from metadatad.config import Config, ConfigError, load_config
@@ -61,7 +62,7 @@ class ReloadService(Service):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         *,
         set_vendordata: Callable[[Any], None],
         invalidate: Iterable[Callable[[], None]],

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.app.test_tap -*-
 """``twistd metadatad``: command-line options and the composition of the services."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -15,26 +16,28 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from metadatad.admin.site import AdminSite
+from metadatad.clients.keystone import make_keystone_client
 from metadatad.cluster.membership import MembershipService
 from metadatad.config import Config, ConfigError, load_config, read_admin_token
+from metadatad.core.conductors import ConductorInfo
+from metadatad.core.identity import Identifier
 from metadatad.db.bootevents import BootEventRepository, BootEventStore
-from metadatad.db.cluster import ClusterRepository, ConductorInfo, bound_waits
-from metadatad.db.migrate import SchemaError, check_schema
+from metadatad.db.cache import NodeCache
+from metadatad.db.cluster import ClusterRepository, bound_waits
+from metadatad.db.migrate import check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
 from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorStore
-from metadatad.dhcp.service import DhcpSetupError, make_dhcp_service
+from metadatad.dhcp.service import make_dhcp_service
+from metadatad.errors import SetupError
 from metadatad.hardening import HardenedSite, Limits
-from metadatad.identity import Identifier
-from metadatad.keystone import make_keystone_client
 from metadatad.logs import RootService
-from metadatad.metadata.cache import NodeCache
 from metadatad.metadata.guard import make_guard
 from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
 from metadatad.metadata.wiring import make_peer_services
 from metadatad.reload import ReloadService
 from metadatad.telemetry import MeasuredResource, MetricsService, Sources
-from metadatad.tftp.service import TFTPSetupError, make_tftp_service
+from metadatad.tftp.service import make_tftp_service
 
 
 class Options(usage.Options):
@@ -69,21 +72,34 @@ def make_site(resource: Any, access_log: bool) -> Site:
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Compose the daemon: the store first (its threadpool stops last), membership
-    (stopped after the sites, it marks this conductor offline), then the sites."""
+    (stopped after the sites, it marks this conductor offline), then the sites.
+
+    A :class:`~metadatad.errors.SetupError` from any part stops twistd with its one line.
+    """
     if reactor is None:
         from twisted.internet import reactor
-    config: Config = options["configuration"]
     try:
-        admin_token = read_admin_token(config) if config.admin.listen else ""
+        return _compose(options["configuration"], reactor)
+    except SetupError as e:
+        raise SystemExit(f"metadatad: {e}") from None
+
+
+def _database(config: Config) -> Engine:
+    """The store's engine, its schema checked."""
+    try:
         engine = make_engine(config.database.url, config.database.pool_size)
         check_schema(engine)
-    except (SchemaError, ConfigError) as e:
-        raise SystemExit(f"metadatad: {e}") from None
     except SQLAlchemyError as e:
         reason = " ".join(str(getattr(e, "orig", None) or e).split())
-        raise SystemExit(
-            f"metadatad: {config.path}: [database] url: cannot use the database: {reason}"
+        raise SetupError(
+            f"{config.path}: [database] url: cannot use the database: {reason}"
         ) from None
+    return engine
+
+
+def _compose(config: Config, reactor: Any) -> MultiService:
+    admin_token = read_admin_token(config) if config.admin.listen else ""
+    engine = _database(config)
 
     root = RootService(config.logging.format)
     store = Store(NodeRepository(engine), reactor)
@@ -92,15 +108,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     membership.setServiceParent(root)
     # After membership: stopped before it, so in-flight pushes finish while it still
     # holds its nodes.
-    try:
-        # One Keystone client (one token) for every service calling OpenStack APIs.
-        keystone = make_keystone_client(config, reactor)
-    except ConfigError as e:
-        raise SystemExit(f"metadatad: {e}") from None
-    try:
-        dhcp = make_dhcp_service(config, reactor, keystone)
-    except DhcpSetupError as e:
-        raise SystemExit(f"metadatad: {e}") from None
+    # One Keystone client (one token) for every service calling OpenStack APIs.
+    keystone = make_keystone_client(config, reactor)
+    dhcp = make_dhcp_service(config, reactor, keystone)
     if dhcp is not None:
         dhcp.setServiceParent(root)
         membership.add_observer(dhcp.claimed)
@@ -112,10 +122,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     boot_events.setServiceParent(root)
     vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
     vendordata_errors.setServiceParent(root)
-    try:
-        vendordata = make_vendordata(config, reactor, vendordata_errors, keystone)
-    except ConfigError as e:
-        raise SystemExit(f"metadatad: {e}") from None
+    vendordata = make_vendordata(config, reactor, vendordata_errors, keystone)
     if vendordata is not None:
         vendordata.setServiceParent(root)
 
@@ -164,17 +171,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         )
     tftp_server = None
     if config.tftp.listen:
-        try:
-            tftp = make_tftp_service(
-                config,
-                store,
-                cache,
-                reactor,
-                owns=membership.owns,
-                record=boot_events.record,
-            )
-        except TFTPSetupError as e:
-            raise SystemExit(f"metadatad: {e}") from None
+        tftp = make_tftp_service(
+            config,
+            store,
+            cache,
+            reactor,
+            owns=membership.owns,
+            record=boot_events.record,
+        )
         tftp.setServiceParent(root)
         caches["tftp"] = tftp.mac_cache
         tftp_server = tftp.server

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_telemetry -*-
+# -*- test-case-name: tests.web.test_telemetry -*-
 """What ``GET /metrics`` shows: HTTP requests and latency, node caches, heartbeat,
 ring and TFTP, on :data:`metadatad.metrics.REGISTRY`.
 
@@ -20,6 +20,7 @@ from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -77,7 +78,7 @@ class MeasuredResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: Any, site: str, clock: Any) -> None:
+    def __init__(self, inner: Any, site: str, clock: IReactorTime) -> None:
         super().__init__()
         self._inner = inner
         self._site = site
@@ -102,7 +103,7 @@ class Sources:
     caches: Mapping[str, Any] = attrs.field(factory=dict)  # name -> NodeCache
     membership: Any = None  # MembershipService
     tftp: Any = None  # TFTPServer
-    clock: Any = None
+    clock: IReactorTime | None = None
 
 
 class DaemonCollector(Collector):

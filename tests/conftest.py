@@ -2,8 +2,8 @@
 
 from hypothesis import HealthCheck, settings
 
-from tests.daemon import daemon_factory
-from tests.databases import database_url, scratch_databases
+from tests.support.daemon import daemon_factory
+from tests.support.databases import database_url, scratch_databases
 
 __all__ = ["daemon_factory", "database_url", "scratch_databases"]
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cluster_cli -*-
+# -*- test-case-name: tests.cluster.test_cluster_cli -*-
 """``metadatad-manage conductor list`` and ``ring show [--without HOST]``.
 
 Both read the database directly (no daemon needed) and judge liveness by the
@@ -13,9 +13,10 @@ import json
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from metadatad.cluster.placement import Placement, moves_without, ring_report
 from metadatad.config import Config
-from metadatad.db.cluster import ClusterRepository, RingState
+from metadatad.core.conductors import RingState
+from metadatad.core.placement import Placement, moves_without, ring_report
+from metadatad.db.cluster import ClusterRepository
 
 __all__ = ["add_commands", "run_command"]
 

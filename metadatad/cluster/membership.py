@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_membership -*-
+# -*- test-case-name: tests.cluster.test_membership -*-
 """The ``membership`` service: heartbeats, the ring generation, and node takeovers.
 
 Every ``poll`` seconds (one second, or ``heartbeat_interval`` if shorter) a conductor:
@@ -55,7 +55,7 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from sqlalchemy.exc import SQLAlchemyError
@@ -66,12 +66,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from metadatad.cluster.placement import ClaimPlan, Placement, plan_claims, ring_report
-from metadatad.cluster.ring import DEFAULT_POINTS
-from metadatad.db.cluster import Claim, ConductorInfo, ConductorRecord, RingState
-from metadatad.db.store import private_pool
+from metadatad.core.conductors import ClaimEvent, ConductorInfo, RingState
+from metadatad.core.placement import ClaimPlan, Placement, plan_claims, ring_report
+from metadatad.core.ring import DEFAULT_POINTS
+from metadatad.db.threaded import private_pool
+from metadatad.interfaces import ClusterRepositoryLike
 
-__all__ = ["ClaimEvent", "MembershipService"]
+__all__ = ["MembershipService"]
 
 T = TypeVar("T")
 
@@ -79,33 +80,6 @@ T = TypeVar("T")
 MAX_POLL_INTERVAL = 1.0
 # While the database is unreachable, repeat the warning at most this often (seconds).
 FAILURE_LOG_INTERVAL = 60.0
-
-
-class ClusterRepositoryLike(Protocol):
-    """What the service needs from :class:`~metadatad.db.cluster.ClusterRepository`
-    (its memory fake has the same methods)."""
-
-    def heartbeat(self, info: ConductorInfo, instance: str) -> str | None: ...
-    def mark_offline(self, name: str, instance: str) -> bool: ...
-    def observe(self, timeout: float) -> RingState: ...
-    def ring_state(self) -> RingState: ...
-    def conductors(self, timeout: float) -> list[ConductorRecord]: ...
-    def node_groups(self, group: str | None = None) -> dict[str, str]: ...
-    def claims(self, group: str | None = None) -> dict[str, Claim]: ...
-    def claim_of(self, node_uuid: str) -> Claim | None: ...
-    def claim_counts(self) -> dict[str, int]: ...
-    def claim(self, owner: str, group: str, generation: int, node_uuids: Any) -> list[str]: ...
-
-
-@attrs.frozen
-class ClaimEvent:
-    """This conductor now holds ``nodes`` (claimed at ``generation``)."""
-
-    conductor: str
-    generation: int
-    nodes: tuple[str, ...]
-    previous: Mapping[str, str | None]  # node uuid -> former owner (None: unclaimed)
-    reason: str  # "start-up", "membership change" or "reconcile"
 
 
 @attrs.frozen

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bootevents -*-
+# -*- test-case-name: tests.db.test_bootevents -*-
 """Boot events: one row per TFTP request that reached a decision, and who saw it.
 
 :class:`BootEventRepository` holds the synchronous queries; :class:`BootEventStore`
@@ -11,7 +11,7 @@ most the last interval's events; a database outage keeps them buffered (bounded)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -21,14 +21,13 @@ from sqlalchemy.engine import Engine
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from metadatad.db.schema import boot_events
+from metadatad.db.threaded import Runner, Threaded
 
-__all__ = ["BootEvent", "BootEventRepository", "BootEventStore", "utc_moment"]
+__all__ = ["BootEvent", "BootEventQueries", "BootEventRepository", "BootEventStore", "utc_moment"]
 
 PRUNE_INTERVAL = 3600.0
 
@@ -112,7 +111,9 @@ class BootEventRepository:
             return int(result.rowcount or 0)
 
 
-class _Repository(Protocol):
+class BootEventQueries(Protocol):
+    """What :class:`BootEventStore` needs of a repository (the SQL one, its fake)."""
+
     def add(self, events: Sequence[BootEvent]) -> None: ...
 
     def recent(self, node_uuid: str, limit: int = 50) -> list[BootEvent]: ...
@@ -120,52 +121,45 @@ class _Repository(Protocol):
     def prune(self, before: datetime) -> int: ...
 
 
-class BootEventStore(Service):
-    """Buffered, batched writes of boot events, and reads for the admin API."""
+class BootEventStore(Threaded[BootEventQueries]):
+    """Buffered, batched writes of boot events, and reads for the admin API, on a
+    one-thread pool of its own (``run`` replaces it in tests)."""
 
     name = "boot-events"
     log = Logger()
 
     def __init__(
         self,
-        repository: _Repository,
+        repository: BootEventQueries,
         reactor: Any,
         *,
         flush_interval: float = 1.0,
         retention_days: float = 7.0,
         max_buffer: int = 100_000,
-        run: Callable[..., Deferred[Any]] | None = None,
+        run: Runner | None = None,
     ) -> None:
-        self.repository = repository
-        self._reactor = reactor
+        super().__init__(repository, reactor, pool_name="metadatad-boot-events", run=run)
         self._flush_interval = flush_interval
         self._retention = retention_days * 86400.0
         self._max_buffer = max_buffer
         self._buffer: list[BootEvent] = []
         self._writing: Deferred[None] | None = None
-        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="metadatad-boot-events")
-        # ``run`` replaces the threadpool in tests (call at once, fired Deferred).
-        self._run = run or self._in_pool
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._last_prune = float("-inf")
         self.dropped = 0
 
-    def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
-
     def startService(self) -> None:
         super().startService()
-        self._pool.start()
         self._loop.start(self._flush_interval, now=False)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        Service.stopService(self)  # the pool stops once the last batch is written
         if self._loop.running:
             self._loop.stop()
 
         def stop_pool(_: object) -> None:
-            self._pool.stop()
+            self._stop_pool()
 
         return self.flush().addBoth(stop_pool)
 
@@ -186,7 +180,7 @@ class BootEventStore(Service):
             events.sort(key=lambda e: e.started_at, reverse=True)
             return events[:limit]
 
-        return self._run(self.repository.recent, node_uuid, limit).addCallback(merged)
+        return self.run(self.repository.recent, node_uuid, limit).addCallback(merged)
 
     def flush(self) -> Deferred[None]:
         """Write every buffered event; fires when done (failures are logged, the events
@@ -199,7 +193,7 @@ class BootEventStore(Service):
         if not self._buffer:
             return succeed(None)
         batch, self._buffer = self._buffer, []
-        writing = self._run(self.repository.add, batch)
+        writing = self.run(self.repository.add, batch)
         self._writing = writing
 
         def done(result: object) -> None:
@@ -227,7 +221,7 @@ class BootEventStore(Service):
             cutoff = utc_moment(now) - timedelta(seconds=self._retention)
 
             def prune(_: object) -> Deferred[None]:
-                return self._run(self.repository.prune, cutoff).addCallbacks(
+                return self.run(self.repository.prune, cutoff).addCallbacks(
                     lambda count: None,
                     lambda failure: self.log.warn(
                         "could not prune boot events: {error}", error=failure.value

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_db_bulk -*-
+# -*- test-case-name: tests.db.test_db_bulk -*-
 """Set-at-a-time SQL for the takeover path: many rows per statement, not per row.
 
 A takeover moves thousands of nodes at once.  On PostgreSQL a membership test against

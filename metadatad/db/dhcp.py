@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_repository -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_pusher -*-
 """Desired and pushed DHCP boot mappings per node (synchronous queries).
 
 The pusher of the conductor that holds a node writes the node's *desired* mapping and,
@@ -23,10 +23,10 @@ from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from metadatad.core.bootmapping import BootMapping, retraction
+from metadatad.core.nodes import Node, Port
 from metadatad.db.bulk import chunks_for, member_of, update_rows
 from metadatad.db.schema import dhcp_pushes, node_claims, nodes
-from metadatad.dhcp.mapping import BootMapping, retraction
-from metadatad.nodes import Node, Port
 
 __all__ = ["DhcpPushRepository", "PushJob", "PushResult", "PushState"]
 
@@ -487,7 +487,7 @@ def _coalesce_sync() -> Any:
 
 def _boot_node(document: dict[str, Any]) -> Node:
     """The parts of a stored node document a boot mapping uses (no re-validation:
-    :func:`~metadatad.nodes.parse_node` checked the document before it was stored)."""
+    :func:`~metadatad.core.nodes.parse_node` checked the document before it was stored)."""
     return Node(
         uuid=document["uuid"],
         name=document.get("name", ""),

@@ -10,10 +10,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
+from metadatad.errors import SetupError
+
 _SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 
 
-class SchemaError(Exception):
+class SchemaError(SetupError):
     """The database schema is not the one this version of metadatad needs."""
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_peers_repository -*-
+# -*- test-case-name: tests.db.test_peers_repository -*-
 """Peer entries and per-project watch indexes in the shared database (synchronous).
 
 Every change a project's peers can see (a shared entry, a node written or deleted, an
@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from sqlalchemy import delete, func, insert, literal, select
@@ -27,14 +27,16 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from metadatad.core.nodes import Node, parse_node
+from metadatad.core.peers import BUSY, PeerError, check_quota, new_entries
 from metadatad.db.schema import nodes, peer_entries, peer_index
-from metadatad.metadata.peers import PeerError, check_quota
-from metadatad.nodes import Node, parse_node
+from metadatad.db.threaded import Facade, deferred
 
 __all__ = [
     "CHANNEL",
-    "PeerConflict",
+    "PeerQueries",
     "PeerRepository",
+    "PeerStore",
     "PostResult",
     "bump_projects",
     "lock_project",
@@ -44,14 +46,6 @@ CHANNEL = "metadatad_peers"
 # A post that loses a race on SQLite (a writer committed between our read and our
 # write) is run again; it then sees the other value.
 _ATTEMPTS = 5
-
-
-class PeerConflict(PeerError):
-    """A posted key is already set to another value (or with another sharing)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(409, message)
-        self.key = key
 
 
 @attrs.frozen
@@ -133,8 +127,8 @@ class PeerRepository:
         """Store ``entries`` for the node, write-once; None if there is no such node.
 
         A key already set to the same value (and sharing) is left alone; another value
-        or sharing is a :class:`PeerConflict` (409) and nothing is written; more than
-        ``max_keys`` entries or ``max_bytes`` per node is a 413 :class:`PeerError`.
+        or sharing is a :class:`PeerConflict` and nothing is written; more than
+        ``max_keys`` entries or ``max_bytes`` per node is an over-quota :class:`PeerError`.
         """
         for attempt in range(_ATTEMPTS):
             try:
@@ -146,7 +140,7 @@ class PeerRepository:
                 # same key) or a deadlock victim: run again, and see the winner's value.
                 if attempt == _ATTEMPTS - 1 or not _retryable(e):
                     raise
-        raise PeerError(503, "the node kept changing; retry")
+        raise PeerError(BUSY, "the node kept changing; retry")
 
     def _post_once(
         self,
@@ -176,17 +170,7 @@ class PeerRepository:
                 .with_for_update()
             ).all()
             stored = {row.key: (row.value, bool(row.shared)) for row in rows}
-            new: dict[str, str] = {}
-            for key, value in entries.items():
-                if key not in stored:
-                    new[key] = value
-                    continue
-                old_value, old_shared = stored[key]
-                if old_shared != shared:
-                    scope = "shared with the project" if old_shared else "private"
-                    raise PeerConflict(key, f"key {key!r} is already set, {scope}")
-                if old_value != value:
-                    raise PeerConflict(key, f"key {key!r} is already set to another value")
+            new = new_entries(stored, entries, shared)
             if not new:
                 return PostResult((), index)
             check_quota({k: v for k, (v, _) in stored.items()}, new, max_keys, max_bytes)
@@ -310,12 +294,8 @@ def _retryable(error: Exception) -> bool:
     return "locked" in message or "deadlock" in message or "1213" in message
 
 
-class PeerStore:
-    """:class:`PeerRepository`'s methods as Deferreds, on the store's threadpool."""
-
-    def __init__(self, repository: Any, run: Callable[..., Any]) -> None:
-        self.repository = repository
-        self._run = run
+class PeerQueries(Protocol):
+    """What :class:`PeerStore` offers of a repository (the SQL one, its fake)."""
 
     def post(
         self,
@@ -324,20 +304,26 @@ class PeerStore:
         shared: bool,
         max_keys: int,
         max_bytes: int,
-    ) -> Any:
-        return self._run(self.repository.post, node_uuid, entries, shared, max_keys, max_bytes)
+    ) -> PostResult | None: ...
 
-    def delete_shared(self, node_uuid: str) -> Any:
-        return self._run(self.repository.delete_shared, node_uuid)
+    def delete_shared(self, node_uuid: str) -> int | None: ...
 
-    def indexes(self, projects: list[str]) -> Any:
-        return self._run(self.repository.indexes, projects)
+    def indexes(self, projects: Iterable[str]) -> dict[str, int]: ...
 
-    def shared(self, project: str) -> Any:
-        return self._run(self.repository.shared, project)
+    def shared(self, project: str) -> tuple[int, list[tuple[str, dict[str, str]]]]: ...
 
-    def project_nodes(self, project: str) -> Any:
-        return self._run(self.repository.project_nodes, project)
+    def project_nodes(self, project: str) -> tuple[int, list[Node]]: ...
 
-    def node_entries(self, node_uuid: str) -> Any:
-        return self._run(self.repository.node_entries, node_uuid)
+    def node_entries(self, node_uuid: str) -> dict[str, dict[str, str]]: ...
+
+
+class PeerStore(Facade[PeerQueries]):
+    """The repository's methods as Deferreds, run by ``run`` (the store's threadpool:
+    ``Store.run``)."""
+
+    post = deferred(PeerQueries.post)
+    delete_shared = deferred(PeerQueries.delete_shared)
+    indexes = deferred(PeerQueries.indexes)
+    shared = deferred(PeerQueries.shared)
+    project_nodes = deferred(PeerQueries.project_nodes)
+    node_entries = deferred(PeerQueries.node_entries)

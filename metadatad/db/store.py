@@ -1,9 +1,10 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.db.test_store -*-
 """All queries of the daemon, and the threadpool they run on.
 
 :class:`NodeRepository` is synchronous (the CLI uses it directly); :class:`Store` runs
 the same methods on a dedicated threadpool sized to the engine's connection pool and
-hands back Deferreds, so nothing blocks the reactor.  A guard on the engine refuses any
+hands back Deferreds (a :class:`~metadatad.db.threaded.Threaded` facade), so nothing
+blocks the reactor.  A guard on the engine refuses any
 connection checkout on the reactor thread.
 """
 
@@ -14,24 +15,26 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import attrs
 from sqlalchemy import create_engine, delete, event, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
+from metadatad.core.nodes import (
+    ConflictError,
+    Node,
+    NodeRecord,
+    parse_node,
+    port_fields,
+    port_taken,
+)
 from metadatad.db.peers import bump_projects
 from metadatad.db.schema import nodes, ports
-from metadatad.nodes import Node, parse_node
+from metadatad.db.threaded import Threaded, deferred
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 # Bind-parameter lists are chunked: SQLite caps variables per statement.
@@ -40,43 +43,6 @@ _CHUNK = 500
 
 class ReactorThreadError(RuntimeError):
     """Database work was attempted on the reactor thread."""
-
-
-class ConflictError(Exception):
-    """A write that conflicts with stored state; ``field`` names what conflicts."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-    def as_json(self) -> dict[str, str]:
-        """The body of the 409 answer."""
-        return {"error": "conflict", "field": self.field, "message": self.message}
-
-
-@attrs.frozen
-class NodeRecord:
-    """A stored node with its bookkeeping."""
-
-    node: Node
-    revision: int
-    created_at: datetime
-    updated_at: datetime
-    has_password: bool = False
-
-    def to_document(self) -> dict[str, Any]:
-        """The node document plus read-only bookkeeping fields, for operators."""
-        document = self.node.to_document()
-        document["revision"] = self.revision
-        document["created_at"] = _isoformat(self.created_at)
-        document["updated_at"] = _isoformat(self.updated_at)
-        document["password_set"] = self.has_password
-        return document
-
-
-def _isoformat(moment: datetime) -> str:
-    return moment.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
 
 
 def make_engine(url: str, pool_size: int = 5) -> Engine:
@@ -242,13 +208,7 @@ class NodeRepository:
     def _check_ports_free(
         self, connection: Connection, new_nodes: Sequence[Node], as_list: bool
     ) -> None:
-        wanted: dict[tuple[str, str], str] = {}
-        for index, node in enumerate(new_nodes):
-            prefix = f"[{index}]." if as_list else ""
-            for p, port in enumerate(node.ports):
-                wanted[("mac", port.mac)] = f"{prefix}ports[{p}].mac"
-                if port.ip is not None:
-                    wanted[("ip", port.ip)] = f"{prefix}ports[{p}].ip"
+        wanted = port_fields(new_nodes, as_list)
         for kind, column in (("mac", ports.c.mac), ("ip", ports.c.ip)):
             values = [value for k, value in wanted if k == kind]
             for chunk in _chunks(values):
@@ -266,9 +226,7 @@ class NodeRepository:
             select(column, ports.c.node_uuid).where(column.in_(chunk))
         ).first()
         if taken is not None:
-            raise ConflictError(
-                wanted[(kind, taken[0])], f"{taken[0]} is a port of node {taken.node_uuid}"
-            )
+            raise port_taken(wanted[(kind, taken[0])], taken[0], taken.node_uuid)
 
     def delete_node(self, uuid: str) -> bool:
         """Delete a node and its ports; False if there was none."""
@@ -329,87 +287,61 @@ def _record(row: Any) -> NodeRecord:
     )
 
 
-def private_pool(
-    reactor: Any, name: str, size: int = 2
-) -> tuple[ThreadPool, Callable[..., Deferred[Any]]]:
-    """A threadpool of a service's own (started and stopped by that service) and a
-    ``run(f, *args)`` that calls ``f`` on it and answers on the reactor thread."""
-    pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+class NodeQueries(Protocol):
+    """What :class:`Store` offers of a node repository (``NodeRepository``, its fake)."""
 
-    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, pool, f, *args)
+    def ping(self) -> None: ...
 
-    return pool, run
+    def get_node(self, uuid: str) -> NodeRecord | None: ...
+
+    def node_by_ip(self, ip: str) -> NodeRecord | None: ...
+
+    def node_by_mac(self, mac: str) -> NodeRecord | None: ...
+
+    def list_nodes(self) -> list[NodeRecord]: ...
+
+    def get_password(self, uuid: str) -> str | None: ...
+
+    def upsert_nodes(self, new_nodes: Sequence[Node], as_list: bool = True) -> list[bool]: ...
+
+    def delete_node(self, uuid: str) -> bool: ...
+
+    def set_password(self, uuid: str, password: str) -> bool | None: ...
 
 
-class Store(Service):
-    """The repository's methods as Deferreds, run on a threadpool this service owns.
+class NodeMethods:
+    """The node repository's methods as Deferreds (mixed into a :class:`Facade`: the
+    :class:`Store`, and its fake ``metadatad.testing.MemoryStore``); writes call the
+    change listeners."""
 
-    Added first to the daemon's MultiService, so its pool starts first and stops last.
+    ping = deferred(NodeQueries.ping)
+    get_node = deferred(NodeQueries.get_node)
+    node_by_ip = deferred(NodeQueries.node_by_ip)
+    node_by_mac = deferred(NodeQueries.node_by_mac)
+    list_nodes = deferred(NodeQueries.list_nodes)
+    get_password = deferred(NodeQueries.get_password)
+    upsert_nodes = deferred(NodeQueries.upsert_nodes, changes=True)
+    delete_node = deferred(NodeQueries.delete_node, changes=True)
+    set_password = deferred(NodeQueries.set_password, changes=True)
+
+
+class Store(NodeMethods, Threaded[NodeRepository]):
+    """The repository's methods as Deferreds, run on a threadpool this service owns,
+    sized to the engine's connection pool.
+
+    Added first to the daemon's MultiService, so its pool starts first and stops last;
+    when it stops, the engine is disposed of.  ``run(f, *args)`` runs another
+    repository's synchronous ``f`` on the same pool.
     """
 
     name = "store"
     log = Logger()
 
     def __init__(self, repository: NodeRepository, reactor: IReactorThreads) -> None:
-        self.repository = repository
-        self._reactor = reactor
         size = repository.engine.pool.size()  # type: ignore[attr-defined]
-        self._pool = ThreadPool(minthreads=0, maxthreads=size, name="metadatad-store")
-        self._change_listeners: list[Callable[[], None]] = []
+        super().__init__(repository, reactor, pool_name="metadatad-store", size=size)
         forbid_thread(repository.engine, threading.get_ident())
-
-    def startService(self) -> None:
-        super().startService()
-        self._pool.start()
 
     def stopService(self) -> None:
         super().stopService()
-        # Joins the worker threads: in-flight queries finish first.
-        self._pool.stop()
         self.repository.engine.dispose()
-
-    def _run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
-
-    def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        """Run another repository's synchronous ``f`` on this store's threadpool."""
-        return self._run(f, *args, **kwargs)
-
-    def add_change_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` on the reactor thread after every node write here."""
-        self._change_listeners.append(listener)
-
-    def _changed(self, result: T) -> T:
-        for listener in self._change_listeners:
-            listener()
-        return result
-
-    def ping(self) -> Deferred[None]:
-        return self._run(self.repository.ping)
-
-    def get_node(self, uuid: str) -> Deferred[NodeRecord | None]:
-        return self._run(self.repository.get_node, uuid)
-
-    def node_by_ip(self, ip: str) -> Deferred[NodeRecord | None]:
-        return self._run(self.repository.node_by_ip, ip)
-
-    def node_by_mac(self, mac: str) -> Deferred[NodeRecord | None]:
-        return self._run(self.repository.node_by_mac, mac)
-
-    def list_nodes(self) -> Deferred[list[NodeRecord]]:
-        return self._run(self.repository.list_nodes)
-
-    def get_password(self, uuid: str) -> Deferred[str | None]:
-        return self._run(self.repository.get_password, uuid)
-
-    def upsert_nodes(self, new_nodes: Sequence[Node], as_list: bool = True) -> Deferred[list[bool]]:
-        return self._run(self.repository.upsert_nodes, new_nodes, as_list).addCallback(
-            self._changed
-        )
-
-    def delete_node(self, uuid: str) -> Deferred[bool]:
-        return self._run(self.repository.delete_node, uuid).addCallback(self._changed)
-
-    def set_password(self, uuid: str, password: str) -> Deferred[bool | None]:
-        return self._run(self.repository.set_password, uuid, password).addCallback(self._changed)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_vendordata_errors -*-
+# -*- test-case-name: tests.db.test_vendordata_errors -*-
 """Stored dynamic vendordata failures: a node's ``vendordata_error``.
 
 With ``[vendordata] failure_fatal`` a target that fails for a node marks the node (one
@@ -10,7 +10,7 @@ rare, and never wait behind the metadata site's node queries).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -18,15 +18,14 @@ import attrs
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 from metadatad.db.schema import vendordata_errors
+from metadatad.db.threaded import Runner, Threaded, deferred
 
 __all__ = [
     "VendordataError",
+    "VendordataErrorQueries",
     "VendordataErrorRepository",
     "VendordataErrorStore",
     "summary",
@@ -153,7 +152,9 @@ class VendordataErrorRepository:
             return [_error(row) for row in connection.execute(query)]
 
 
-class _Repository(Protocol):
+class VendordataErrorQueries(Protocol):
+    """What :class:`VendordataErrorStore` offers of a repository (the SQL one, its fake)."""
+
     def mark(self, error: VendordataError) -> bool: ...
 
     def clear(self, node_uuid: str, target: str) -> None: ...
@@ -163,44 +164,22 @@ class _Repository(Protocol):
     def all(self) -> list[VendordataError]: ...
 
 
-class VendordataErrorStore(Service):
-    """The repository's methods as Deferreds, on a one-thread pool this service owns."""
+class VendordataErrorStore(Threaded[VendordataErrorQueries]):
+    """The repository's methods as Deferreds, on a one-thread pool this service owns
+    (``run`` replaces it in tests)."""
 
     name = "vendordata-errors"
 
     def __init__(
         self,
-        repository: _Repository,
+        repository: VendordataErrorQueries,
         reactor: Any,
         *,
-        run: Callable[..., Deferred[Any]] | None = None,
+        run: Runner | None = None,
     ) -> None:
-        self.repository = repository
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="metadatad-vendordata")
-        # ``run`` replaces the threadpool in tests (call at once, fired Deferred).
-        self._run = run or self._in_pool
+        super().__init__(repository, reactor, pool_name="metadatad-vendordata", run=run)
 
-    def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
-
-    def startService(self) -> None:
-        super().startService()
-        self._pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        # Joins the worker: a mark being written is finished first.
-        self._pool.stop()
-
-    def mark(self, error: VendordataError) -> Deferred[bool]:
-        return self._run(self.repository.mark, error)
-
-    def clear(self, node_uuid: str, target: str) -> Deferred[None]:
-        return self._run(self.repository.clear, node_uuid, target)
-
-    def for_node(self, node_uuid: str) -> Deferred[list[VendordataError]]:
-        return self._run(self.repository.for_node, node_uuid)
-
-    def all(self) -> Deferred[list[VendordataError]]:
-        return self._run(self.repository.all)
+    mark = deferred(VendordataErrorQueries.mark)
+    clear = deferred(VendordataErrorQueries.clear)
+    for_node = deferred(VendordataErrorQueries.for_node)
+    all = deferred(VendordataErrorQueries.all)

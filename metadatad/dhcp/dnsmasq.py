@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_dnsmasq -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_dnsmasq -*-
 """The ``dnsmasq`` provider: per-MAC host files and per-node option files.
 
 dnsmasq (2.73+) started with ``--dhcp-hostsdir=HOSTSDIR --dhcp-optsdir=OPTSDIR
@@ -35,7 +35,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from metadatad.dhcp.mapping import BootMapping
+from metadatad.core.bootmapping import BootMapping
 from metadatad.dhcp.provider import PushError
 
 __all__ = ["DnsmasqProvider", "host_file", "opts_file"]

@@ -1,9 +1,9 @@
-# -*- test-case-name: tests.test_dhcp_neutron -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_neutron -*-
 """The ``neutron`` provider: ``PUT /v2.0/ports/<id>`` with ``extra_dhcp_opts``.
 
 One PUT per PXE port that has a ``neutron_port_id`` (Ironic's option names and
 ``ip_version``s; Neutron's DHCP agent or OVN turns them into DHCP options).  A token
-comes from :mod:`metadatad.keystone` (password auth, cached until expiry) or a static
+comes from :mod:`metadatad.clients.keystone` (password auth, cached until expiry) or a static
 token file.  Each request has a timeout; 5xx answers, timeouts and connection errors
 are retried with exponential backoff up to ``retries`` times (only the ports that
 failed); a 401 renews the token once; any other 4xx is a permanent error (a missing
@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from metadatad.dhcp.mapping import BootMapping
+from metadatad.clients.keystone import KeystoneError
+from metadatad.core.bootmapping import BootMapping
 from metadatad.dhcp.provider import PushError
-from metadatad.keystone import KeystoneError, TokenSource
+from metadatad.interfaces import TokenSource
 
 __all__ = ["NeutronProvider"]
 
@@ -49,8 +50,8 @@ class NeutronProvider:
 
     ``http_client``: a ``treq.client.HTTPClient`` (or ``StubTreq``); ``clock``: the
     ``IReactorTime`` of timeouts and backoff; ``tokens``: a
-    :class:`~metadatad.keystone.KeystoneTokenClient` or
-    :class:`~metadatad.keystone.StaticToken`; ``url``: Neutron's endpoint (empty: the
+    :class:`~metadatad.clients.keystone.KeystoneTokenClient` or
+    :class:`~metadatad.clients.keystone.StaticToken`; ``url``: Neutron's endpoint (empty: the
     ``network`` endpoint of Keystone's catalog)."""
 
     name = "neutron"

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_providers -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_service -*-
 """The interface every DHCP provider implements, and its error."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from metadatad.dhcp.mapping import BootMapping
+from metadatad.core.bootmapping import BootMapping
 
 __all__ = ["Provider", "PushError"]
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_pusher -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_pusher -*-
 """The ``dhcp`` service: keeps every owned node's boot mapping pushed, durably.
 
 State lives in the database (:mod:`metadatad.db.dhcp`): per node the desired mapping,
@@ -42,11 +42,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from metadatad.cluster.membership import ClaimEvent
-from metadatad.db.cluster import ConductorInfo
+from metadatad.core.bootmapping import BootDefaults, BootMapping, MappingError, boot_mapping
+from metadatad.core.conductors import ClaimEvent, ConductorInfo
 from metadatad.db.dhcp import DhcpPushRepository, PushJob, PushResult
-from metadatad.db.store import private_pool
-from metadatad.dhcp.mapping import BootDefaults, BootMapping, MappingError, boot_mapping
+from metadatad.db.threaded import private_pool
 from metadatad.dhcp.provider import Provider, PushError
 from metadatad.metrics import REGISTRY
 

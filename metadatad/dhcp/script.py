@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_providers -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_service -*-
 """The ``script`` provider: run an operator's command per push.
 
 The command (``[dhcp] script_command``, split like a shell would, no shell involved)
@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from metadatad.dhcp.mapping import BootMapping
+from metadatad.core.bootmapping import BootMapping
 from metadatad.dhcp.provider import PushError
 
 __all__ = ["ScriptProvider"]

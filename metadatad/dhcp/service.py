@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_service -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_service -*-
 """Build the ``dhcp`` service from the configuration (called by ``metadatad.tap``)."""
 
 from __future__ import annotations
@@ -6,25 +6,27 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from metadatad.clients.http import make_http_client
 from metadatad.config import Config, ConfigError, read_token_file
-from metadatad.db.cluster import ConductorInfo
+from metadatad.core.bootmapping import BootDefaults
+from metadatad.core.conductors import ConductorInfo
 from metadatad.db.dhcp import DhcpPushRepository
 from metadatad.db.store import forbid_thread, make_engine
-from metadatad.dhcp.mapping import BootDefaults
 from metadatad.dhcp.provider import Provider
 from metadatad.dhcp.pusher import DhcpPusher
-from metadatad.keystone import TokenSource
+from metadatad.errors import SetupError
+from metadatad.interfaces import TokenSource
 
 __all__ = ["DhcpSetupError", "make_dhcp_service", "make_provider"]
 
 
-class DhcpSetupError(Exception):
+class DhcpSetupError(SetupError):
     """The DHCP configuration cannot be used; ``str()`` is one line for the operator."""
 
 
 def make_provider(config: Config, reactor: Any, keystone: TokenSource | None = None) -> Provider:
     """The provider ``[dhcp] provider`` names (not ``none``).  ``keystone``: the
-    daemon's Keystone client (built here when the provider needs one and none is given)."""
+    daemon's Keystone client, built by tap.py."""
     dhcp = config.dhcp
     owner = config.conductor.hostname
     if dhcp.provider == "dnsmasq":
@@ -43,15 +45,10 @@ def make_provider(config: Config, reactor: Any, keystone: TokenSource | None = N
 
         return ScriptProvider(dhcp.script_command, owner, reactor, dhcp.script_timeout)
     if dhcp.provider == "neutron":
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
-
+        from metadatad.clients.keystone import StaticToken
         from metadatad.dhcp.neutron import NeutronProvider
-        from metadatad.keystone import StaticToken, make_keystone_client
 
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = dhcp.concurrency
-        http = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type,unused-ignore]
+        http, _ = make_http_client(reactor, max_persistent_per_host=dhcp.concurrency)
         tokens: TokenSource | None
         try:
             if dhcp.neutron_token_file:
@@ -59,7 +56,7 @@ def make_provider(config: Config, reactor: Any, keystone: TokenSource | None = N
                     read_token_file(config, "dhcp", "neutron_token_file", dhcp.neutron_token_file)
                 )
             else:
-                tokens = keystone or make_keystone_client(config, reactor)
+                tokens = keystone
         except ConfigError as e:
             raise DhcpSetupError(str(e)) from None
         if tokens is None:  # load_config refuses this; a Config built in code may not

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_ec2 -*-
+# -*- test-case-name: tests.web.test_renderers -*-
 """The EC2-format metadata tree, as Nova serves it plus the pieces AWS clients need.
 
 Pure: a node and a path in, a :class:`Reply` out.  Listings follow Nova's rules (a
@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Union
 
+from metadatad.core.nodes import Node
 from metadatad.metadata.reply import BINARY, JSON, NOT_FOUND, Reply, text
-from metadatad.nodes import Node
 
 # Nova's versions plus the dated ones cloud-init probes before falling back to 2009-04-04.
 VERSIONS = (

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imds_site -*-
+# -*- test-case-name: tests.web.test_imds_site -*-
 """The metadata site's gate: IMDSv2 tokens, rate limits, body limits, required header.
 
 The site calls the gate centrally, so every path (EC2, OpenStack, and any tree added
@@ -25,16 +25,17 @@ from typing import Any
 
 import attrs
 from prometheus_client import Counter
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from metadatad.core.identity import FORWARDED_FOR, Caller
+from metadatad.core.ratelimit import RateLimiter, retry_after
+from metadatad.core.tokens import MAX_TTL, TokenError, TokenSigner, TTLError, parse_ttl
 from metadatad.hardening import limit_response_hops
-from metadatad.identity import FORWARDED_FOR, Caller
 from metadatad.metadata import ec2
 from metadatad.metadata.reply import Reply, error, text
 from metadatad.metrics import REGISTRY
-from metadatad.ratelimit import RateLimiter, retry_after
-from metadatad.tokens import MAX_TTL, TokenError, TokenSigner, TTLError, parse_ttl
 
 TOKEN_HEADER = "x-aws-ec2-metadata-token"
 TTL_HEADER = "x-aws-ec2-metadata-token-ttl-seconds"
@@ -90,7 +91,7 @@ class Guard:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         signer: TokenSigner | None = None,
         *,
         require_tokens: bool = False,
@@ -201,7 +202,7 @@ class Guard:
         return value is None or any(v.strip() == value for v in values)
 
 
-def make_guard(config: Any, clock: Any) -> Guard:
+def make_guard(config: Any, clock: IReactorTime) -> Guard:
     """The gate for a ``[metadata]`` section (a :class:`~metadatad.config.MetadataConfig`).
 
     Without ``token_secret`` tokens are signed with a random per-process secret.  The

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_openstack -*-
+# -*- test-case-name: tests.web.test_renderers -*-
 """The OpenStack-format metadata tree (``/openstack/<date>/...``), as Nova serves it.
 
 Pure: the site passes in the node, the version, the static vendordata and the random
@@ -11,8 +11,8 @@ import base64
 from collections.abc import Mapping
 from typing import Any
 
+from metadatad.core.nodes import Node
 from metadatad.metadata.reply import Reply, text
-from metadatad.nodes import Node
 
 VERSIONS = (
     "2012-08-10",

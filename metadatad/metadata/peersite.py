@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_peers_site -*-
+# -*- test-case-name: tests.web.test_peers_site -*-
 """The metadata site's peer routes: thin glue between requests, the peer store, the
 watch hub and the pure renderers of :mod:`metadatad.metadata.peers`.
 
@@ -6,6 +6,9 @@ watch hub and the pure renderers of :mod:`metadatad.metadata.peers`.
 (alias ``peer_data``) and ``GET /service/latest/...``.  Reads carry ``ETag`` and
 ``X-Metadatad-Index``; ``?index=<n>[&wait=<s>]`` holds the answer while the project's
 index is still ``n``: the request waits as a Deferred in the hub, nothing else.
+
+Each route returns a :class:`~metadatad.metadata.reply.Reply`, or a Deferred of one
+(of None when the caller hung up while it waited); the site writes it.
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from metadatad.db.store import NodeRecord
+from metadatad.core import peers as rules
+from metadatad.core.nodes import NodeRecord
+from metadatad.core.peers import OVER_QUOTA, PeerError
 from metadatad.metadata import peers
-from metadatad.metadata.peers import PeerError
-from metadatad.metadata.reply import Reply, error, json_reply, text
+from metadatad.metadata.reply import Reply, error, json_reply, store_unavailable, text
 from metadatad.metadata.watch import WatchHub
 
 X = TypeVar("X")
 
-Write = Callable[[Request, Reply], bytes]
-Failed = Callable[[Any, Request], Any]  # bytes, or the Failure of a caller who hung up
+# A route's answer: a Reply now, or a Deferred of one (None: the caller hung up).
+Answer = Reply | Deferred[Any]
+
+_POST_ONLY = attrs.evolve(error(405, "Method Not Allowed"), headers=(("Allow", "POST"),))
+_READ_ONLY = attrs.evolve(error(405, "Method Not Allowed"), headers=(("Allow", "GET, HEAD"),))
 
 
 @attrs.frozen
@@ -63,26 +70,25 @@ class PeerRoutes:
 
     # --- posting -----------------------------------------------------------------
 
-    def post(self, request: Request, record: NodeRecord, write: Write, failed: Failed) -> Any:
+    def post(self, request: Request, record: NodeRecord) -> Answer:
         """``POST /openstack/<ver>/metadata``: store write-once entries."""
         if request.method != b"POST":
-            request.setHeader(b"Allow", b"POST")
-            return write(request, error(405, "Method Not Allowed"))
+            return _POST_ONLY
         limit = self._limits.max_bytes + 64 * 1024  # room for JSON quoting and the wrapper
         body = request.content.read(limit + 1) if request.content is not None else b""
         try:
             if len(body) > limit:
-                raise PeerError(413, f"over quota: the body is over {limit} bytes")
-            shared = peers.parse_scope(_arg(request, "shared"))
-            entries = peers.parse_entries(body)
+                raise PeerError(OVER_QUOTA, f"over quota: the body is over {limit} bytes")
+            shared = rules.parse_scope(_arg(request, "shared"))
+            entries = rules.parse_entries(body)
         except PeerError as e:
-            return write(request, e.reply())
+            return peers.refusal(e)
         uuid = record.node.uuid
         project = record.node.project_id
 
-        def stored(result: Any) -> bytes:
+        def stored(result: Any) -> Reply:
             if result is None:
-                return write(request, error(404, "Not Found: no node for this caller"))
+                return error(404, "Not Found: no node for this caller")
             if result.added:
                 self.log.info(
                     "node {uuid} posted {count} {scope} keys",
@@ -93,73 +99,63 @@ class PeerRoutes:
                 if shared:
                     self._hub.notify(project, result.index)
             reply = json_reply({"added": list(result.added), "index": result.index})
-            return write(
-                request, attrs.evolve(reply, headers=((peers.INDEX_HEADER, str(result.index)),))
-            )
+            return attrs.evolve(reply, headers=((peers.INDEX_HEADER, str(result.index)),))
 
-        def refused(failure: Any) -> bytes:
-            if failure.check(PeerError):
-                return write(request, failure.value.reply())
-            return failed(failure, request)
+        def refused(failure: Failure) -> Reply | Failure:
+            if isinstance(failure.value, PeerError):
+                return peers.refusal(failure.value)
+            return store_unavailable(failure, self.log)
 
         d = self._store.post(uuid, entries, shared, self._limits.max_keys, self._limits.max_bytes)
         return d.addCallbacks(stored, refused)
 
     # --- reading -----------------------------------------------------------------
 
-    def shared(self, request: Request, record: NodeRecord, write: Write, failed: Failed) -> Any:
+    def shared(self, request: Request, record: NodeRecord) -> Answer:
         """``GET /openstack/<ver>/shared.json``: the project's shared entries."""
         project = record.node.project_id
 
         def render(data: list[tuple[str, dict[str, str]]]) -> Reply:
-            return json_reply(peers.shared_document(data))
+            return json_reply(rules.shared_document(data))
 
-        return self._watched(request, project, self._store.shared, render, write, failed)
+        return self._watched(request, project, self._store.shared, render)
 
-    def service(
-        self, request: Request, record: NodeRecord, parts: list[str], write: Write, failed: Failed
-    ) -> Any:
+    def service(self, request: Request, record: NodeRecord, parts: list[str]) -> Answer:
         """``GET /service[/latest/...]``: the node's service view."""
         if not parts:
-            return write(request, text("latest"))
+            return text("latest")
         if parts[0] != "latest":
-            return write(request, error(404, "Not Found"))
+            return error(404, "Not Found")
         node = record.node
         if node.service is None:
-            return write(request, error(404, "Not Found: this node is not a member of a service"))
+            return error(404, "Not Found: this node is not a member of a service")
         as_json = peers.wants_json(_header(request, b"accept"))
 
         def render(project_nodes: list[Any]) -> Reply:
-            members = peers.service_members(node, project_nodes)
+            members = rules.service_members(node, project_nodes)
             return peers.render_service(node, members, parts[1:], as_json)
 
-        return self._watched(
-            request, node.project_id, self._store.project_nodes, render, write, failed
-        )
+        return self._watched(request, node.project_id, self._store.project_nodes, render)
 
-    def _watched(  # noqa: PLR0917
+    def _watched(
         self,
         request: Request,
         project: str,
         read: Callable[[str], Deferred[tuple[int, X]]],
         render: Callable[[X], Reply],
-        write: Write,
-        failed: Failed,
-    ) -> Any:
+    ) -> Answer:
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            return write(request, error(405, "Method Not Allowed"))
+            return _READ_ONLY
         try:
-            watch = peers.parse_watch(_args(request), self._limits.max_wait)
+            watch = rules.parse_watch(_args(request), self._limits.max_wait)
         except PeerError as e:
-            return write(request, e.reply())
+            return peers.refusal(e)
         if_none_match = _header(request, b"if-none-match")
 
-        def answer(result: tuple[int, X]) -> bytes:
+        def answer(result: tuple[int, X]) -> Reply:
             index, data = result
             self._hub.notify(project, index)
-            reply = peers.with_watch_headers(render(data), index, if_none_match)
-            return write(request, reply)
+            return peers.with_watch_headers(render(data), index, if_none_match)
 
         mark = self._hub.mark()
 
@@ -169,22 +165,21 @@ class PeerRoutes:
             # after a database restore) is an answer at once.
             if watch is None or index != watch.index:
                 return answer(result)
-            timeout = peers.jittered(watch.wait, self._jitter())
+            timeout = rules.jittered(watch.wait, self._jitter())
             waiting = self._hub.wait(project, index, timeout, mark)
             self.log.debug(
                 "holding a watch of {project} at index {index}", project=project, index=index
             )
-            return waiting.addCallback(
-                lambda _: self._read_after_wake(read, project)
-            ).addCallback(answer)
+            return waiting.addCallback(lambda _: self._read_after_wake(read, project)).addCallback(
+                answer
+            )
 
-        def broken(failure: Any) -> Any:
+        def broken(failure: Failure) -> Reply | Failure | None:
             if failure.check(CancelledError):
                 return None  # the caller went away while it waited: nothing to answer
-            return failed(failure, request)
+            return store_unavailable(failure, self.log)
 
         return read(project).addCallback(first).addErrback(broken)
-
 
     def _read_after_wake(
         self, read: Callable[[str], Deferred[tuple[int, X]]], project: str

@@ -1,4 +1,5 @@
-"""What a renderer answers: a status, a content type and a body."""
+"""What a renderer answers: a status, a content type and a body; and what a failure
+answers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ from typing import Any
 from urllib.parse import unquote
 
 import attrs
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+
+from metadatad.httputil import routing_error
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -40,6 +47,37 @@ def error(status: int, message: str) -> Reply:
 
 
 NOT_FOUND = error(404, "Not Found")
+STORE_UNAVAILABLE = attrs.evolve(
+    error(503, "Service Unavailable: the store did not answer, retry"),
+    headers=(("Retry-After", "1"),),
+)
+
+
+def failure_reply(request: IRequest, failure: Failure, log: Logger) -> Reply:
+    """The answer to a failed request: werkzeug's routing errors keep their status (404,
+    405) and ``Allow`` header; any other exception is a bug, logged with its traceback
+    and answered with a bare 500."""
+    routing = routing_error(failure)
+    if routing is not None:
+        status, name, headers = routing
+        return Reply(status, f"{name}\n".encode(), headers=headers)
+    log.failure(
+        "unhandled error answering {method} {path}",
+        failure,
+        method=request.method,
+        path=request.path,
+    )
+    return error(500, "Internal Server Error")
+
+
+def store_unavailable(failure: Failure, log: Logger) -> Reply | Failure:
+    """The metadata site's answer when a store query failed: a 503 the caller may retry
+    (the database is down or slow: not our bug).  A cancelled query stays a failure:
+    its caller hung up and nobody is left to answer."""
+    if failure.check(CancelledError):
+        return failure
+    log.warn("store query failed: {error}", error=failure.getErrorMessage())
+    return STORE_UNAVAILABLE
 
 
 def split_path(raw_path: bytes) -> list[str]:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metadata_site -*-
+# -*- test-case-name: tests.web.test_metadata_site -*-
 """The metadata site: twisted.web glue around identity, the node cache and the renderers.
 
 One leaf resource takes every request; :meth:`MetadataSite.handle` normalises the path
@@ -7,6 +7,9 @@ EC2 or OpenStack renderer.  The site does all of its own routing, so it is serve
 plain ``isLeaf`` resource rather than a Klein catch-all route: Klein's per-request
 routing alone costs about as much as identity, lookup and rendering together
 (docs/benchmarks-http.md).
+
+Everything below :meth:`MetadataSite.handle` returns a :class:`Reply`, or a Deferred of
+one when it waits on the store; ``handle`` alone writes it to the request.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,26 +27,30 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from metadatad.db.store import NodeRecord, Store
-from metadatad.httputil import handle_failure
-from metadatad.identity import Caller, Identifier, IdentityError
+from metadatad.core.identity import Caller, Identifier, IdentityError
+from metadatad.core.nodes import NodeRecord
+from metadatad.db.cache import CacheEntry, NodeCache
+from metadatad.db.store import Store
 from metadatad.metadata import ec2, openstack
-from metadatad.metadata.cache import CacheEntry, NodeCache
 from metadatad.metadata.guard import Denied, Guard, Screened, audit_write
 from metadatad.metadata.peers import SHARED_NAMES
-from metadatad.metadata.peersite import PeerRoutes
+from metadatad.metadata.peersite import Answer, PeerRoutes
 from metadatad.metadata.reply import (
     BINARY,
     NOT_FOUND,
     Reply,
     error,
+    failure_reply,
     json_reply,
     split_path,
+    store_unavailable,
     text,
 )
 
 _READ_METHODS = (b"GET", b"HEAD")
-_ALLOWED = b"GET, HEAD, POST"
+_NOT_ALLOWED = error(405, "Method Not Allowed")
+_READ_ONLY = attrs.evolve(_NOT_ALLOWED, headers=(("Allow", "GET, HEAD"),))
+_PASSWORD_METHODS = attrs.evolve(_NOT_ALLOWED, headers=(("Allow", "GET, HEAD, POST"),))
 
 
 class MetadataSite:
@@ -66,8 +72,12 @@ class MetadataSite:
         guard: Guard | None = None,
     ) -> None:
         self._cache = cache
+        if guard is None:
+            from twisted.internet import reactor
+
+            guard = Guard(reactor)
         # Tokens, rate, size and header rules: checked here for every path.
-        self._guard = guard if guard is not None else Guard(_SystemClock())
+        self._guard = guard
         self._store = store
         self._identifier = identifier
         self._static_vendordata = dict(static_vendordata or {})
@@ -89,40 +99,45 @@ class MetadataSite:
         self._vendor_data = json_reply(self._static_vendordata)
         self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
 
-    def handle(self, request: Request) -> Any:
-        """Every request of the site."""
+    def handle(self, request: Request) -> bytes | Deferred[bytes | None]:
+        """Every request of the site: its answer, written to the request here only."""
+        answer = self._reply(request)
+        # Reply first: a plain class check, where Deferred's goes through its ABC.
+        if isinstance(answer, Reply):
+            return self._write(request, answer)
+        return answer.addCallback(self._write_when_answered, request)
+
+    def _reply(self, request: Request) -> Answer:
         parts = split_path(request.path)
         method = request.method
         screened = self._guard.screen(request, parts)
         if isinstance(screened, Denied):
-            return self._write(request, self._guard.deny(request, screened, _peer(request)))
+            return self._guard.deny(request, screened, _peer(request))
         if (
             not screened.token_request
             and method not in _READ_METHODS
             and not (method == b"POST" and (_is_password(parts) or _is_peer_post(parts)))
         ):
-            request.setHeader(b"Allow", _ALLOWED if _is_password(parts) else b"GET, HEAD")
-            return self._write(request, error(405, "Method Not Allowed"))
+            return _PASSWORD_METHODS if _is_password(parts) else _READ_ONLY
         listing = _listing(parts)
         if listing is not None and screened.token_node is None and screened.refusal is None:
-            return self._write(request, listing)
+            return listing
         try:
             caller = self._identifier.identify(_peer(request), _header_getter(request))
         except IdentityError as e:
             self.log.info(
                 "refused metadata request from {peer}: {reason}", peer=_peer(request), reason=e
             )
-            return self._write(request, error(e.status, e.message))
+            return error(e.status, e.message)
         refused = self._guard.admit(caller, screened)
         if refused is not None:
-            return self._write(request, self._guard.deny(request, refused, _peer(request)))
+            return self._guard.deny(request, refused, _peer(request))
         found = self._lookup(caller)
         if isinstance(found, Deferred):
             return found.addCallbacks(
                 self._checked,
                 self._store_failed,
                 callbackArgs=(request, caller, parts, screened),
-                errbackArgs=(request,),
             )
         return self._checked(found, request, caller, parts, screened)
 
@@ -133,30 +148,25 @@ class MetadataSite:
         caller: Caller,
         parts: list[str],
         screened: Screened,
-    ) -> Any:
+    ) -> Answer:
         """The gate's node checks, then the token PUT or the trees."""
         record = entry.record
         visible = _visible(record, caller)
         denied = self._guard.authorise(screened, visible.node.uuid if visible else None)
         if denied is not None:
             node = visible.node.uuid if visible else None
-            return self._write(request, self._guard.deny(request, denied, _peer(request), node))
+            return self._guard.deny(request, denied, _peer(request), node)
         if screened.token_request:
             if visible is None:
-                return self._write(request, error(404, "Not Found: no node for this caller"))
-            return self._write(request, self._guard.issue(request, screened, visible.node.uuid))
+                return error(404, "Not Found: no node for this caller")
+            return self._guard.issue(request, screened, visible.node.uuid)
         listing = _listing(parts)
         if listing is not None:
-            return self._write(request, listing)
+            return listing
         return self._answer(entry, request, caller, parts)
 
-    def _store_failed(self, failure: Failure, request: Request) -> bytes | Failure:
-        if failure.check(CancelledError):
-            return failure  # the caller hung up; not the store's fault
-        # The database is down or slow: the caller may retry; it is not our bug.
-        self.log.warn("store query failed: {error}", error=failure.getErrorMessage())
-        reply = error(503, "Service Unavailable: the store did not answer, retry")
-        return self._write(request, attrs.evolve(reply, headers=(("Retry-After", "1"),)))
+    def _store_failed(self, failure: Failure) -> Reply | Failure:
+        return store_unavailable(failure, self.log)
 
     def _lookup(self, caller: Caller) -> CacheEntry | Deferred[CacheEntry]:
         if caller.instance_id is not None:
@@ -164,20 +174,22 @@ class MetadataSite:
         assert caller.ip is not None
         return self._cache.by_ip(caller.ip)
 
-    def _answer(self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]) -> Any:
+    def _answer(
+        self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]
+    ) -> Answer:
         record = _visible(entry.record, caller)
         if record is None:
-            return self._write(request, error(404, "Not Found: no node for this caller"))
+            return error(404, "Not Found: no node for this caller")
         if parts[0] == "openstack":
             return self._openstack(entry, record, request, parts[1:])
         if parts[0] == "service" and self._peers is not None:
-            return self._peers.service(request, record, parts[1:], self._write, self._store_failed)
+            return self._peers.service(request, record, parts[1:])
         if parts[0] == "ec2":
             parts = parts[1:]
         if not parts:
-            return self._write(request, ec2.versions_listing())
+            return ec2.versions_listing()
         if not ec2.is_version(parts[0]):
-            return self._write(request, NOT_FOUND)
+            return NOT_FOUND
         key = ("ec2", *parts)
         reply = entry.memo.get(key)
         if reply is None:
@@ -190,39 +202,38 @@ class MetadataSite:
             )
             if reply.status == 200:
                 entry.memo[key] = reply
-        return self._write(request, reply)
+        return reply
 
     def _openstack(
         self, entry: CacheEntry, record: NodeRecord, request: Request, parts: list[str]
-    ) -> Any:
+    ) -> Answer:
         version = parts[0]
         if not openstack.is_version(version) or len(parts) > 2:
-            return self._write(request, NOT_FOUND)
+            return NOT_FOUND
         node = record.node
         names = openstack.files(node, version)
         if len(parts) == 1:
-            return self._write(request, text("\n".join(names)))
+            return text("\n".join(names))
         name = parts[1]
         if self._peers is not None and name == "metadata":
-            return self._peers.post(request, record, self._write, self._store_failed)
+            return self._peers.post(request, record)
         if self._peers is not None and name in SHARED_NAMES:
-            return self._peers.shared(request, record, self._write, self._store_failed)
+            return self._peers.shared(request, record)
         if name not in names:
-            return self._write(request, NOT_FOUND)
+            return NOT_FOUND
         if name == "password":
             return self._password(request, record)
         if name == "meta_data.json":
-            return self._write(request, self._meta_data(entry, node, version))
+            return self._meta_data(entry, node, version)
         if name == "vendor_data2.json" and self._vendordata is not None:
             # Cached per node and target by the vendordata service, not memoised here.
-            d = self._vendordata.render(record, self._static_vendordata)
-            return d.addCallback(lambda reply: self._write(request, reply))
+            return self._vendordata.render(record, self._static_vendordata)
         key = ("openstack", version, name)
         reply = entry.memo.get(key)
         if reply is None:
             reply = self._openstack_file(node, name)
             entry.memo[key] = reply
-        return self._write(request, reply)
+        return reply
 
     def _meta_data(self, entry: CacheEntry, node: Any, version: str) -> Reply:
         # random_seed is fresh on every read, as Nova does; the rest of the document is
@@ -252,46 +263,45 @@ class MetadataSite:
         assert name == "network_data.json"
         return json_reply(openstack.network_data(node))
 
-    def _password(self, request: Request, record: NodeRecord) -> Any:
+    def _password(self, request: Request, record: NodeRecord) -> Answer:
         uuid = record.node.uuid
         if request.method in _READ_METHODS:
-            d = self._store.get_password(uuid)
-            return d.addCallbacks(
-                lambda password: self._write(request, text(password or "")),
-                self._store_failed,
-                errbackArgs=(request,),
+            return self._store.get_password(uuid).addCallbacks(
+                lambda password: text(password or ""), self._store_failed
             )
         body = request.content.read(openstack.PASSWORD_MAX_BYTES + 1) if request.content else b""
         if len(body) > openstack.PASSWORD_MAX_BYTES:
-            return self._write(
-                request, error(400, f"Password too long (at most {openstack.PASSWORD_MAX_BYTES})")
-            )
+            return error(400, f"Password too long (at most {openstack.PASSWORD_MAX_BYTES})")
         try:
             password = body.decode("utf-8")
         except UnicodeDecodeError:
-            return self._write(request, error(400, "Password must be UTF-8 text"))
+            return error(400, "Password must be UTF-8 text")
         if not password:
             # An empty password would lock the write-once slot with nothing in it.
-            return self._write(request, error(400, "Password must not be empty"))
+            return error(400, "Password must not be empty")
 
-        def stored(result: bool | None) -> Any:
+        def stored(result: bool | None) -> Reply:
             if result is None:
-                return self._write(request, NOT_FOUND)
+                return NOT_FOUND
             if not result:
-                return self._write(request, error(409, "Password already set"))
+                return error(409, "Password already set")
             audit_write("its password", uuid, _peer(request))
-            return self._write(request, text(""))
+            return text("")
 
-        return self._store.set_password(uuid, password).addCallbacks(
-            stored, self._store_failed, errbackArgs=(request,)
-        )
+        return self._store.set_password(uuid, password).addCallbacks(stored, self._store_failed)
 
     def failed(self, request: Request, failure: Failure) -> bytes:
         """Anything raised while answering is a bug: logged, a short 500."""
-        return handle_failure(request, failure, self.log)
+        return self._write(request, failure_reply(request, failure, self.log))
+
+    @classmethod
+    def _write_when_answered(cls, reply: Reply | None, request: Request) -> bytes | None:
+        # None: the caller hung up while its answer waited; nobody is left to answer.
+        return None if reply is None else cls._write(request, reply)
 
     @staticmethod
     def _write(request: Request, reply: Reply) -> bytes:
+        """The one place the site writes to a request: status, headers, body."""
         request.setResponseCode(reply.status)
         request.setHeader(b"Content-Type", reply.content_type.encode("ascii"))
         # An explicit length spares clients chunked decoding.
@@ -364,11 +374,6 @@ def _visible(record: NodeRecord | None, caller: Caller) -> NodeRecord | None:
     ):
         return None
     return record
-
-
-class _SystemClock:
-    def seconds(self) -> float:
-        return time.time()
 
 
 def _is_password(parts: list[str]) -> bool:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_vendordata -*-
+# -*- test-case-name: tests.web.test_vendordata -*-
 """Dynamic vendordata (Nova's vendordata v2): ``vendor_data2.json`` from the deployer's
 services.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -35,25 +35,26 @@ from service_identity import VerificationError
 from twisted.application.service import Service
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
     ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss
 
+from metadatad.clients.http import make_http_client
+from metadatad.clients.keystone import StaticToken
 from metadatad.config import Config, ConfigError, VendordataConfig, read_token_file
+from metadatad.core.nodes import Node
 from metadatad.db.vendordata import VendordataError
-from metadatad.keystone import StaticToken, make_keystone_client
+from metadatad.interfaces import TokenSource
 from metadatad.metadata import openstack
 from metadatad.metadata.reply import Reply, error, json_reply
 from metadatad.metrics import REGISTRY
-from metadatad.nodes import Node
 
 # A target's answer larger than this is refused (a runaway target must not fill memory).
 MAX_RESPONSE_BYTES = 256 * 1024
@@ -236,8 +237,9 @@ class _BodyReader(TwistedProtocol):
         self.done: Deferred[bytes] = Deferred(self._cancel)
 
     def _cancel(self, _: Deferred[bytes]) -> None:
+        # A response body's transport is a push producer (IPushProducer).
         if self.transport is not None:
-            self.transport.stopProducing()
+            IPushProducer(self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -261,12 +263,6 @@ class _BodyReader(TwistedProtocol):
 # --- token sources -------------------------------------------------------------------
 
 
-class TokenSource(Protocol):
-    """Where the service token comes from (a file, or Keystone)."""
-
-    def token(self) -> Deferred[str]: ...
-
-
 def read_service_token(config: Config) -> StaticToken:
     """The ``[vendordata] service_token_file`` token: one line without spaces."""
     filename = config.vendordata.service_token_file
@@ -274,14 +270,6 @@ def read_service_token(config: Config) -> StaticToken:
 
 
 # --- the glue ------------------------------------------------------------------------
-
-
-class Clock(Protocol):
-    """The part of IReactorTime used here."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, f: Callable[..., Any], *a: Any, **kw: Any) -> Any: ...
 
 
 class ErrorStore(Protocol):
@@ -312,7 +300,7 @@ class DynamicVendordata(Service):
         self,
         targets: Sequence[tuple[str, str]],
         http_client: Any,
-        clock: Clock,
+        clock: IReactorTime,
         *,
         token_source: TokenSource | None = None,
         connect_timeout: float = 3.0,
@@ -542,45 +530,11 @@ class DynamicVendordata(Service):
 # --- construction (tap.py) -----------------------------------------------------------
 
 
-def trust_policy(ca_file: str) -> BrowserLikePolicyForHTTPS:
-    """HTTPS verified against the certificates of ``ca_file`` (else the system's),
-    with service-identity hostname checks."""
-    if not ca_file:
-        return BrowserLikePolicyForHTTPS()
-    from twisted.internet.ssl import Certificate, trustRootFromCertificates
-
-    with open(ca_file, "rb") as f:
-        pem = f.read()
-    blocks = re.findall(
-        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, flags=re.DOTALL
-    )
-    roots = [Certificate.loadPEM(block) for block in blocks]
-    return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(roots))
-
-
-def make_http_client(
-    reactor: Any, ca_file: str, connect_timeout: float
-) -> tuple[Any, HTTPConnectionPool]:
-    """A treq HTTPClient with its own keep-alive pool, verified TLS and a connect
-    timeout; the pool is returned to be closed at stop."""
-    from treq.client import HTTPClient
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    agent = Agent(
-        reactor,
-        contextFactory=trust_policy(ca_file),
-        connectTimeout=connect_timeout,
-        pool=pool,
-    )
-    return HTTPClient(agent), pool  # type: ignore[arg-type]
-
-
 def make_vendordata(
     config: Config, reactor: Any, errors: ErrorStore | None, keystone: TokenSource | None = None
 ) -> DynamicVendordata | None:
     """The dynamic vendordata service of ``config``, or None when no target is set.
-    ``keystone``: the daemon's Keystone client (built here when not given and
-    ``[keystone] auth_url`` is set).
+    ``keystone``: the daemon's Keystone client (None without ``[keystone] auth_url``).
 
     Raises ConfigError for an unusable token file or CA file."""
     settings: VendordataConfig = config.vendordata
@@ -589,10 +543,8 @@ def make_vendordata(
     token_source: TokenSource | None = None
     if settings.service_token_file:
         token_source = read_service_token(config)
-    elif keystone is not None:
-        token_source = keystone
     else:
-        token_source = make_keystone_client(config, reactor)
+        token_source = keystone
     try:
         http, pool = make_http_client(reactor, settings.ca_file, settings.connect_timeout)
     except Exception as e:  # an unparsable certificate
@@ -623,5 +575,4 @@ __all__ = [
     "make_vendordata",
     "read_service_token",
     "request_body",
-    "trust_policy",
 ]

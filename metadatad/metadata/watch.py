@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_watch -*-
+# -*- test-case-name: tests.web.test_watch -*-
 """Long-poll watches on a project's peers and service view.
 
 A watcher is a :class:`~twisted.internet.defer.Deferred` in :class:`WatchHub` plus
@@ -22,12 +22,12 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,14 +50,6 @@ WAKEUPS = Counter(
 _RECENT = 16
 
 
-class Clock(Protocol):
-    """The part of IReactorTime the hub uses."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any) -> IDelayedCall: ...
-
-
 class _Waiter:
     __slots__ = ("after", "deferred", "project", "timer")
 
@@ -72,7 +64,7 @@ class _Waiter:
 class WatchHub:
     """Watchers per project, woken when the project's index passes theirs."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._waiters: dict[str, set[_Waiter]] = {}
         self._recent: dict[str, collections.deque[tuple[int, int]]] = {}
@@ -320,7 +312,7 @@ class WatchService(Service):
         self,
         hub: WatchHub,
         indexes: Callable[[list[str]], Deferred[dict[str, int]]],
-        clock: Any,
+        clock: IReactorTime,
         *,
         poll_interval: float = 1.0,
         listening_poll_interval: float = 15.0,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tftp_bootconfig -*-
+# -*- test-case-name: tests.tftp.test_tftp_bootconfig -*-
 """Which bytes a TFTP file name gets: a per-node config rendered from a template, or a
 static file under the root.
 
@@ -48,7 +48,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from metadatad.db.store import NodeRecord
+from metadatad.core.nodes import NodeRecord
 from metadatad.tftp import paths
 from metadatad.tftp.protocol import BytesSource, ErrorCode, FileSource, Source, TFTPError
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tftp_hub -*-
+# -*- test-case-name: tests.tftp.test_tftp_hub -*-
 """One reactor reader for every TFTP transfer socket.
 
 The reactor wraps every read event in ``log.callWithLogger`` (a logging context set
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -48,7 +48,7 @@ class ReaderHub:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFDSet,
         *,
         budget: float = 0.002,
         idle: float = 0.001,

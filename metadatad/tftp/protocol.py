@@ -35,14 +35,44 @@ batch: the timeout retransmits it.
 from __future__ import annotations
 
 import enum
-import os
-import re
-import stat
-import struct
 from collections.abc import Mapping, Sequence
-from typing import BinaryIO, Final, NamedTuple, Protocol, Self
+from typing import Final, NamedTuple
 
 import attrs
+
+from metadatad.tftp.packets import (
+    DEFAULT_BLKSIZE,
+    MAX_BLKSIZE,
+    MIN_BLKSIZE,
+    Ack,
+    Data,
+    Error,
+    ErrorCode,
+    MalformedPacket,
+    OAck,
+    Opcode,
+    Packet,
+    Request,
+    RequestRefused,
+    TFTPError,
+    decode_message,
+    encode_ack,
+    encode_data,
+    encode_error,
+    encode_oack,
+    encode_request,
+    error_reply,
+    pack_header,
+    parse_packet,
+    parse_request,
+    unknown_tid_reply,
+)
+from metadatad.tftp.sources import (
+    BytesSource,
+    FileSource,
+    NetasciiSource,
+    Source,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -77,422 +107,6 @@ __all__ = [
     "parse_request",
     "unknown_tid_reply",
 ]
-
-
-class Opcode(enum.IntEnum):
-    RRQ = 1
-    WRQ = 2
-    DATA = 3
-    ACK = 4
-    ERROR = 5
-    OACK = 6
-
-
-class ErrorCode(enum.IntEnum):
-    NOT_DEFINED = 0
-    FILE_NOT_FOUND = 1
-    ACCESS_VIOLATION = 2
-    DISK_FULL = 3
-    ILLEGAL_OPERATION = 4
-    UNKNOWN_TID = 5
-    FILE_EXISTS = 6
-    NO_SUCH_USER = 7
-    OPTION_NEGOTIATION = 8
-
-
-DEFAULT_BLKSIZE: Final = 512
-MIN_BLKSIZE: Final = 8
-MAX_BLKSIZE: Final = 65464  # RFC 2348
-MAX_REQUEST: Final = 512  # RFC 2347: "The maximum size of a request packet is 512 octets"
-MODES: Final = frozenset({"netascii", "octet", "mail"})
-
-_HEADER = struct.Struct(">HH")
-_pack_header = _HEADER.pack
-_unpack_header = _HEADER.unpack_from
-_PRINTABLE = re.compile(rb"[\x20-\x7e]*\Z")
-_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class TFTPError(Exception):
-    """A condition answered with a TFTP ERROR packet carrying ``code`` and ``message``."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"TFTP error {self.code}: {self.message}"
-
-    @property
-    def packet(self) -> bytes:
-        """The ERROR packet to send for this condition."""
-        return encode_error(self.code, self.message)
-
-
-class MalformedPacket(TFTPError):
-    """The datagram is not a well-formed TFTP packet (the only exception the codec raises)."""
-
-
-class RequestRefused(TFTPError):
-    """A well-formed packet at the request port that this read-only server will not serve."""
-
-
-# --------------------------------------------------------------------------- packets
-
-
-@attrs.frozen
-class Request:
-    """RRQ or WRQ. ``mode`` is lower case; ``options`` has lower-case names in request
-    order, and when the client repeats an option the first occurrence wins."""
-
-    opcode: Opcode
-    filename: str
-    mode: str = "octet"
-    options: dict[str, str] = attrs.field(factory=dict, hash=False)
-
-    def encode(self) -> bytes:
-        return encode_request(self.opcode, self.filename, self.mode, self.options)
-
-
-@attrs.frozen
-class Data:
-    block: int  # 16-bit wire number
-    payload: bytes
-
-    def encode(self) -> bytes:
-        return encode_data(self.block, self.payload)
-
-
-@attrs.frozen
-class Ack:
-    block: int
-
-    def encode(self) -> bytes:
-        return encode_ack(self.block)
-
-
-@attrs.frozen
-class Error:
-    code: int
-    message: str
-
-    def encode(self) -> bytes:
-        return encode_error(self.code, self.message)
-
-
-@attrs.frozen
-class OAck:
-    options: dict[str, str] = attrs.field(hash=False)
-
-    def encode(self) -> bytes:
-        return encode_oack(self.options)
-
-
-Packet = Request | Data | Ack | Error | OAck
-
-
-def encode_request(
-    opcode: int,
-    filename: str,
-    mode: str = "octet",
-    options: Mapping[str, str] | None = None,
-) -> bytes:
-    """RRQ/WRQ bytes (used by tests and clients; the server only parses requests)."""
-    parts = [filename, mode]
-    for name, value in (options or {}).items():
-        parts += (name, value)
-    return struct.pack(">H", opcode) + b"".join(p.encode("ascii") + b"\0" for p in parts)
-
-
-def encode_data(block: int, payload: bytes | memoryview) -> bytes:
-    """DATA for logical ``block`` (wrapped to 16 bits)."""
-    return _pack_header(Opcode.DATA, block & 0xFFFF) + payload
-
-
-def encode_ack(block: int) -> bytes:
-    return _pack_header(Opcode.ACK, block & 0xFFFF)
-
-
-def encode_error(code: int, message: str) -> bytes:
-    """ERROR packet; the message is forced to printable ASCII (it ends up in peers' logs)."""
-    text = _NOT_PRINTABLE.sub("?", message).encode("ascii")
-    return _pack_header(Opcode.ERROR, code & 0xFFFF) + text + b"\0"
-
-
-def encode_oack(options: Mapping[str, str]) -> bytes:
-    # No padding after the last value: Cisco switches reject trailing NULs (uftpd#43).
-    body = b"".join(
-        n.encode("ascii") + b"\0" + v.encode("ascii") + b"\0" for n, v in options.items()
-    )
-    return struct.pack(">H", Opcode.OACK) + body
-
-
-def parse_packet(datagram: bytes) -> Packet:
-    """Decode one datagram; raise ``MalformedPacket`` (and nothing else) if it is not TFTP.
-
-    Lenient where it costs nothing: trailing bytes after an ACK are ignored, an ERROR
-    message need not be terminated (a client's ERROR must always be able to end its
-    transfer), NUL padding after the options is ignored, and options with non-printable
-    names or values are dropped (RFC 2347: unknown options are ignored, not errors).
-    """
-    if len(datagram) < 2:
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "truncated packet")
-    opcode = (datagram[0] << 8) | datagram[1]
-    if opcode in (Opcode.RRQ, Opcode.WRQ):
-        return _parse_request(Opcode(opcode), datagram)
-    if opcode == Opcode.OACK:
-        return OAck(_parse_options(_split_strings(datagram)))
-    if opcode > Opcode.OACK or opcode == 0:
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, f"unknown opcode {opcode}")
-    if len(datagram) < 4:
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "truncated packet")
-    number = (datagram[2] << 8) | datagram[3]
-    if opcode == Opcode.DATA:
-        return Data(number, bytes(datagram[4:]))
-    if opcode == Opcode.ACK:
-        return Ack(number)
-    return Error(number, _decode_message(datagram[4:]))
-
-
-def parse_request(datagram: bytes) -> Request:
-    """Parse what arrived at the request port: a readable RRQ, or raise ``TFTPError``.
-
-    ``MalformedPacket`` for garbage, ``RequestRefused`` (code 4) for a WRQ, the obsolete
-    "mail" mode, or any other packet type (a stray DATA/ACK has no transfer here).
-    """
-    packet = parse_packet(datagram)
-    if not isinstance(packet, Request):
-        raise RequestRefused(ErrorCode.ILLEGAL_OPERATION, "expected a read request")
-    if packet.opcode == Opcode.WRQ:
-        raise RequestRefused(ErrorCode.ILLEGAL_OPERATION, "write requests are not supported")
-    if packet.mode == "mail":
-        raise RequestRefused(ErrorCode.ILLEGAL_OPERATION, "mail mode is not supported")
-    return packet
-
-
-def error_reply(datagram: bytes, code: int, message: str) -> bytes | None:
-    """The ERROR to send back to the sender of ``datagram``, or None when that datagram
-    was itself an ERROR (answering errors with errors can loop between two hosts)."""
-    if datagram[:2] == b"\x00\x05":
-        return None
-    return encode_error(code, message)
-
-
-def unknown_tid_reply(datagram: bytes) -> bytes | None:
-    """ERROR 5 for a datagram that reached a transfer socket from a foreign (addr, port).
-
-    The glue sends it to that sender and leaves the session alone (RFC 1350 §4)."""
-    return error_reply(datagram, ErrorCode.UNKNOWN_TID, "unknown transfer ID")
-
-
-def _split_strings(datagram: bytes) -> list[bytes]:
-    body = bytes(datagram[2:])
-    if not body:
-        return []
-    if not body.endswith(b"\0"):
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "unterminated string")
-    return body[:-1].split(b"\0")
-
-
-def _parse_request(opcode: Opcode, datagram: bytes) -> Request:
-    if len(datagram) > MAX_REQUEST:
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "request longer than 512 bytes")
-    fields = _split_strings(datagram)
-    if len(fields) < 2:
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "request without transfer mode")
-    raw_name, raw_mode = fields[0], fields[1]
-    if not raw_name:
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "empty file name")
-    if not _PRINTABLE.match(raw_name):
-        # Boot file names are ASCII; anything else is an attempt or a broken client.
-        raise MalformedPacket(
-            ErrorCode.ACCESS_VIOLATION,
-            "file name contains control or non-ASCII characters",
-        )
-    mode = raw_mode.lower()
-    if not _PRINTABLE.match(mode) or mode.decode("ascii") not in MODES:
-        raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "unknown transfer mode")
-    return Request(
-        opcode,
-        raw_name.decode("ascii"),
-        mode.decode("ascii"),
-        _parse_options(fields[2:]),
-    )
-
-
-def _parse_options(fields: list[bytes]) -> dict[str, str]:
-    while fields and not fields[-1]:
-        fields.pop()  # NUL padding some clients append
-    options: dict[str, str] = {}
-    for i in range(0, len(fields) - 1, 2):
-        name, value = fields[i], fields[i + 1]
-        if not name:
-            break  # an empty name ends the list (what PXELINUX does with padded OACKs)
-        if _PRINTABLE.match(name) and _PRINTABLE.match(value):
-            # RFC 2347 allows each option once; keeping the first means a repeated one
-            # cannot override what was already decided.
-            options.setdefault(name.decode("ascii").lower(), value.decode("ascii"))
-    return options
-
-
-def _decode_message(raw: bytes) -> str:
-    text = bytes(raw).split(b"\0", 1)[0].decode("ascii", "replace")
-    return _NOT_PRINTABLE.sub("?", text)
-
-
-# --------------------------------------------------------------------------- sources
-
-
-class Source(Protocol):
-    """What a transfer reads from: a fixed ``size`` and random-access ``read``.
-
-    ``read(offset, length)`` returns exactly ``min(length, size - offset)`` bytes; the
-    session aborts the transfer if a read comes back short (the file changed under it).
-    """
-
-    @property
-    def size(self) -> int: ...
-
-    def read(self, offset: int, length: int) -> bytes | memoryview: ...
-
-
-class BytesSource:
-    """A rendered file held in memory; reads are zero-copy memoryview slices."""
-
-    __slots__ = ("_view", "size")
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(bytes(data))
-        self.size = len(self._view)
-
-    def read(self, offset: int, length: int) -> memoryview:
-        return self._view[offset : offset + length]
-
-
-class FileSource:
-    """A static file, read with ``pread`` (no shared file position) in chunks.
-
-    One ``pread`` fills a chunk of many blocks and each block is a memoryview slice of
-    it: a lock-step transfer costs a syscall per chunk, not per block. Not ``mmap``: a
-    file truncated while mapped kills the whole daemon with SIGBUS on the next read.
-    The size is taken once, at construction, so a growing file cannot make tsize lie.
-    The source owns the file: ``close()`` closes it.
-    """
-
-    __slots__ = ("_buf", "_chunk", "_end", "_fd", "_file", "_start", "size")
-
-    def __init__(self, file: BinaryIO | int, *, chunk: int = 1 << 17) -> None:
-        self._file = None if isinstance(file, int) else file
-        self._fd = file if isinstance(file, int) else file.fileno()
-        self.size = os.fstat(self._fd).st_size
-        self._chunk = chunk
-        self._buf = memoryview(b"")
-        self._start = self._end = 0  # file offsets held in _buf
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> FileSource:
-        """Open a regular file for serving.
-
-        O_NOFOLLOW: the path should already be resolved (``paths.resolve``), so a symlink
-        here means it was swapped in since. O_NONBLOCK: opening a FIFO must not hang the
-        reactor. Raises ``IsADirectoryError`` / ``PermissionError`` for non-regular files.
-        """
-        flags = (
-            os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        )
-        fd = os.open(path, flags)
-        try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise IsADirectoryError(f"{os.fspath(path)} is a directory")
-            if not stat.S_ISREG(mode):
-                raise PermissionError(f"{os.fspath(path)} is not a regular file")
-            return cls(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def read(self, offset: int, length: int) -> memoryview:
-        start = offset - self._start
-        if start < 0 or offset + length > self._end:
-            # Outside the chunk: a new one from here (a retransmitted window that
-            # starts before the chunk, or the next chunk; reads mostly move forward).
-            chunk = os.pread(self._fd, max(length, self._chunk), offset)
-            self._buf = memoryview(chunk)
-            self._start = offset
-            self._end = offset + len(chunk)
-            start = 0
-            if len(chunk) < length:
-                return self._buf  # short: end of file (or it shrank)
-        return self._buf[start : start + length]
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        elif self._fd >= 0:
-            os.close(self._fd)
-        self._fd = -1
-        self._buf = memoryview(b"")
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class NetasciiSource:
-    """Netascii view of another source (LF -> CR LF, CR -> CR NUL) with its exact size.
-
-    The mapping is per byte, so chunks convert independently and the size is one pass
-    counting CR and LF. Reads are expected to move forward; a rewind within ``keep``
-    bytes is served from the buffer, an older one re-converts from the start (slow but
-    correct; only netascii test clients ever get here).
-    """
-
-    def __init__(self, inner: Source, *, chunk: int = 1 << 16, keep: int = 1 << 20) -> None:
-        self._inner = inner
-        self._inner_size = inner.size
-        self._chunk = chunk
-        self._keep = keep
-        extra = 0
-        offset = 0
-        while offset < self._inner_size:
-            raw = bytes(inner.read(offset, min(chunk, self._inner_size - offset)))
-            if not raw:
-                break
-            extra += raw.count(b"\n") + raw.count(b"\r")
-            offset += len(raw)
-        self.size = self._inner_size + extra
-        self._buf = bytearray()
-        self._out_start = 0  # output offset of self._buf[0]
-        self._in_pos = 0  # next input offset to convert
-
-    def read(self, offset: int, length: int) -> bytes:
-        end = min(offset + length, self.size)
-        if offset < self._out_start:
-            self._buf.clear()
-            self._out_start = self._in_pos = 0
-        buf = self._buf
-        while self._out_start + len(buf) < end and self._in_pos < self._inner_size:
-            drop = min(offset - self._keep - self._out_start, len(buf))
-            if drop > 0:
-                del buf[:drop]
-                self._out_start += drop
-            raw = bytes(
-                self._inner.read(self._in_pos, min(self._chunk, self._inner_size - self._in_pos))
-            )
-            if not raw:
-                break
-            self._in_pos += len(raw)
-            buf += raw.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
-        start = offset - self._out_start
-        with memoryview(buf) as view:
-            return bytes(view[start : start + max(0, end - offset)])
 
 
 # --------------------------------------------------------------------------- negotiation
@@ -701,7 +315,7 @@ class ReadSession:
                 # Any ERROR ends it quietly: ERROR 8 after the UEFI tsize probe, ERROR 0
                 # from PXELINUX closing the file, real failures alike (RFC 1350 §7).
                 code = (datagram[2] << 8) | datagram[3]
-                self.error = Error(code, _decode_message(datagram[4:]))
+                self.error = Error(code, decode_message(datagram[4:]))
                 return self._finish(Outcome.CLIENT_ERROR, now)
         # Malformed or unexpected packets are dropped: the timer still bounds the session.
         return Output((), self._deadline)
@@ -765,7 +379,7 @@ class ReadSession:
                 data = read(offset, want)
                 if len(data) != want:
                     return self._fail(now, ErrorCode.NOT_DEFINED, "file changed during transfer")
-                packets.append(_pack_header(3, block & 0xFFFF) + data)
+                packets.append(pack_header(3, block & 0xFFFF) + data)
         except OSError:
             return self._fail(now, ErrorCode.NOT_DEFINED, "read error")
         self._sent = last

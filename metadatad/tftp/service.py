@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tftp_daemon -*-
+# -*- test-case-name: tests.daemon.test_tftp_daemon -*-
 """Build the ``tftp`` service from the configuration (called by ``metadatad.tap``)."""
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ from twisted.logger import Logger
 
 from metadatad.config import Config
 from metadatad.db.bootevents import BootEvent
-from metadatad.metadata.cache import NodeCache
+from metadatad.db.cache import NodeCache
+from metadatad.errors import SetupError
 from metadatad.tftp.bootconfig import BootFiles, CachedLookup, Templates
 from metadatad.tftp.hub import ReaderHub
+from metadatad.tftp.listening import TFTPService
 from metadatad.tftp.protocol import SessionConfig
-from metadatad.tftp.server import TFTPServer, TFTPService
+from metadatad.tftp.server import TFTPServer
 
 log = Logger()
 
 
-class TFTPSetupError(Exception):
+class TFTPSetupError(SetupError):
     """The TFTP configuration cannot be used; ``str()`` is one line for the operator."""
 
 
@@ -78,7 +80,6 @@ def make_tftp_service(
         conductor=config.conductor.hostname,
         readers=ReaderHub(reactor),
     )
-    service = TFTPService(server, tftp.listen, reactor)
-    # For /metrics and SIGHUP (which clears it with the site's cache).
-    service.mac_cache = mac_cache
-    return service
+    # The MAC cache rides along for /metrics and SIGHUP (which clears it with the
+    # site's cache).
+    return TFTPService(server, tftp.listen, reactor, mac_cache=mac_cache)

@@ -1,0 +1,482 @@
+"""``twistd metadatad``: options, the composition of the named services, and the plugin."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
+from twisted.web.server import Site
+
+import metadatad.tap
+from metadatad.config import Config
+from metadatad.db.store import ReactorThreadError, Store
+from metadatad.hardening import HardenedSite
+from metadatad.tap import Options, QuietSite, makeService
+from tests.support.databases import ScratchDatabase, empty_database
+
+TOKEN = "admin-token-for-tests-0123456789"
+
+
+# The daemon's services in start order (stopped in reverse), without TFTP and DHCP.
+SERVICES = [
+    "store",
+    "membership",
+    "boot-events",
+    "vendordata-errors",
+    "peer-watch",
+    "metadata-http",
+    "admin-http",
+    "metrics",
+    "reload",
+]
+
+def write_conf(
+    directory: Path,
+    url: str,
+    admin_listen: str | None = "tcp:18776:interface=127.0.0.1",
+    token: bytes | None = TOKEN.encode() + b"\n",
+    metadata: str = "",
+) -> Path:
+    """A configuration file for ``url`` with metadata on 18775 and admin as given.
+
+    ``admin_listen=None`` leaves the admin listen address at its default; ``token=None``
+    writes no token file; ``metadata`` is added to the [metadata] section.
+    """
+    token_file = directory / "admin-token"
+    if token is not None:
+        token_file.write_bytes(token)
+    admin = f"token_file = {token_file}\n"
+    if admin_listen is not None:
+        admin += f"listen = {admin_listen}\n"
+    conf = directory / "metadatad.conf"
+    conf.write_text(
+        f"[database]\nurl = {url}\npool_size = 3\n"
+        f"[metadata]\nlisten = tcp:18775:interface=127.0.0.1\n{metadata}"
+        f"[admin]\n{admin}",
+        encoding="utf-8",
+    )
+    return conf
+
+
+def options_for(conf: Path) -> Options:
+    """Options as twistd parses them from ``--config conf``."""
+    options = Options()
+    options.parseOptions(["--config", str(conf)])
+    return options
+
+
+@pytest.fixture
+def migrated_url(tmp_path: Path, scratch_databases: dict[str, ScratchDatabase | Exception]) -> str:
+    """A migrated, empty SQLite database."""
+    return empty_database("sqlite", tmp_path, scratch_databases)
+
+
+@pytest.fixture
+def services() -> Iterator[list[MultiService]]:
+    """Services built by a test; their engines are disposed afterwards."""
+    built: list[MultiService] = []
+    yield built
+    for root in built:
+        # dispose() checks out no connection, so the reactor-thread guard allows it.
+        root.getServiceNamed("store").repository.engine.dispose()
+
+
+def build(conf: Path, services: list[MultiService], reactor: Any = None) -> MultiService:
+    """makeService for ``conf`` on a memory reactor (no port is bound)."""
+    root = makeService(options_for(conf), reactor or MemoryReactorClock())
+    services.append(root)
+    return root
+
+
+# --- Options ----------------------------------------------------------------------------
+
+
+def test_options_load_the_config(tmp_path: Path, migrated_url: str) -> None:
+    """`--config PATH` loads and checks that file into options["configuration"]."""
+    conf = write_conf(tmp_path, migrated_url)
+    options = options_for(conf)
+    config = options["configuration"]
+    assert isinstance(config, Config)
+    assert config.path == str(conf)
+    assert config.database.url == migrated_url
+    assert config.database.pool_size == 3
+    assert config.metadata.listen == "tcp:18775:interface=127.0.0.1"
+
+
+def test_short_option(tmp_path: Path, migrated_url: str) -> None:
+    """`-c PATH` is the same as `--config PATH`."""
+    conf = write_conf(tmp_path, migrated_url)
+    options = Options()
+    options.parseOptions(["-c", str(conf)])
+    assert options["configuration"].path == str(conf)
+
+
+def test_default_config_path() -> None:
+    """Without --config the packaged path /etc/metadatad/metadatad.conf is used."""
+    assert Options()["config"] == "/etc/metadatad/metadatad.conf"
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        (None, "No such file"),
+        ("[database]\npool_size = lots\n", "[database] pool_size:"),
+        ("[metadata]\nlisten = tcp:nope\n", "[metadata] listen:"),
+        ("[databse]\n", "unknown section [databse]"),
+        ("no section\n", "before any [section]"),
+    ],
+    ids=["missing", "bad-number", "bad-endpoint", "unknown-section", "syntax"],
+)
+def test_bad_config_is_a_usage_error(tmp_path: Path, text: str | None, detail: str) -> None:
+    """A bad configuration file is a UsageError whose message is one line naming the file."""
+    conf = tmp_path / "metadatad.conf"
+    if text is not None:
+        conf.write_text(text, encoding="utf-8")
+    with pytest.raises(usage.UsageError) as excinfo:
+        options_for(conf)
+    message = str(excinfo.value)
+    assert len(message.splitlines()) == 1
+    assert str(conf) in message
+    assert detail in message
+
+
+def test_extra_arguments_are_a_usage_error(tmp_path: Path, migrated_url: str) -> None:
+    """Positional arguments are refused."""
+    conf = write_conf(tmp_path, migrated_url)
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--config", str(conf), "surplus"])
+
+
+# --- makeService ------------------------------------------------------------------------
+
+
+def test_named_services_in_order(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """The daemon is a MultiService of store, membership, boot-events,
+    vendordata-errors, peer-watch, metadata-http, admin-http, metrics and reload."""
+    root = build(write_conf(tmp_path, migrated_url), services)
+    assert isinstance(root, MultiService)
+    assert [service.name for service in root] == SERVICES
+    assert isinstance(root.getServiceNamed("store"), Store)
+    for name in ("metadata-http", "admin-http"):
+        service = root.getServiceNamed(name)
+        assert isinstance(service, StreamServerEndpointService)
+        assert IService(service).parent is root
+    assert not root.running
+
+
+def test_each_backend_composes(
+    tmp_path: Path, database_url: str, services: list[MultiService]
+) -> None:
+    """makeService checks the schema and composes on every database backend."""
+    root = build(write_conf(tmp_path, database_url), services)
+    assert [service.name for service in root] == SERVICES
+    assert root.getServiceNamed("store").repository.engine.pool.size() == 3
+
+
+def test_without_admin_listen_there_is_no_admin_site(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """An empty [admin] listen leaves out admin-http, and needs no token file."""
+    root = build(write_conf(tmp_path, migrated_url, admin_listen="", token=None), services)
+    assert [service.name for service in root] == [
+        "store",
+        "membership",
+        "boot-events",
+        "vendordata-errors",
+        "peer-watch",
+        "metadata-http",
+        "metrics",
+        "reload",
+    ]
+    with pytest.raises(KeyError):
+        root.getServiceNamed("admin-http")
+
+
+def test_start_listens_on_configured_addresses_and_stops(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """Starting listens on both configured endpoints; stopping ends with the store."""
+    reactor = MemoryReactorClock()
+    root = build(write_conf(tmp_path, migrated_url), services, reactor)
+    stopped: list[str] = []
+    for service in root:
+        original = service.stopService
+
+        def record(original: Any = original, name: str = service.name) -> Any:
+            stopped.append(name)
+            return original()
+
+        service.stopService = record  # type: ignore[method-assign]
+    root.startService()
+    assert root.running
+    listening = sorted((port, interface) for port, _f, _b, interface in reactor.tcpServers)
+    assert listening == [(18775, "127.0.0.1"), (18776, "127.0.0.1")]
+    for _port, factory, _backlog, _interface in reactor.tcpServers:
+        assert isinstance(factory, Site)
+        assert factory.displayTracebacks is False
+    results: list[Any] = []
+    root.stopService().addBoth(results.append)
+    assert len(results) == 1
+    assert not isinstance(results[0], Failure), results[0]
+    assert stopped == [
+        "reload",
+        "metrics",
+        "admin-http",
+        "metadata-http",
+        "peer-watch",
+        "vendordata-errors",
+        "boot-events",
+        "membership",
+        "store",
+    ]
+    assert not root.running
+
+
+@pytest.mark.parametrize(("access_log", "site_class"), [("false", QuietSite), ("true", Site)])
+def test_access_log_chooses_the_site(
+    tmp_path: Path,
+    migrated_url: str,
+    services: list[MultiService],
+    access_log: str,
+    site_class: type,
+) -> None:
+    """[metadata] access_log = false serves through QuietSite, true through a logging Site
+    (the metadata site's HardenedSite logs only when asked to)."""
+    reactor = MemoryReactorClock()
+    conf = write_conf(tmp_path, migrated_url, metadata=f"access_log = {access_log}\n")
+    root = build(conf, services, reactor)
+    root.startService()
+    try:
+        factories = [factory for _port, factory, _backlog, _interface in reactor.tcpServers]
+        hardened = [f for f in factories if isinstance(f, HardenedSite)]
+        assert len(hardened) == 1
+        assert hardened[0].access_log is (access_log == "true")
+        for factory in factories:
+            if factory not in hardened:
+                assert type(factory) is site_class
+    finally:
+        root.stopService()
+
+
+def test_unbindable_port_fails_start(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """A port that cannot be bound stops start-up with one line naming the service."""
+
+    class BusyAdminPort(MemoryReactorClock):
+        def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            if port == 18776:
+                raise CannotListenError(interface, port, OSError("address in use"))
+            return super().listenTCP(port, factory, backlog, interface)
+
+    root = build(write_conf(tmp_path, migrated_url), services, BusyAdminPort())
+    with pytest.raises(SystemExit) as excinfo:
+        root.startService()
+    root.getServiceNamed("store").stopService()
+    message = str(excinfo.value.code)
+    assert len(message.splitlines()) == 1
+    assert "admin-http" in message and "tcp:18776:interface=127.0.0.1" in message
+
+
+def test_store_guard_forbids_queries_on_the_building_thread(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """After makeService, a query on the thread that built it (the reactor's) is refused."""
+    root = build(write_conf(tmp_path, migrated_url), services)
+    store = root.getServiceNamed("store")
+    with pytest.raises(ReactorThreadError):
+        store.repository.list_nodes()
+
+
+def test_unmigrated_database_exits_with_the_fix(
+    tmp_path: Path, services: list[MultiService]
+) -> None:
+    """An empty database stops makeService with SystemExit saying to run `db upgrade`."""
+    url = f"sqlite:///{tmp_path / 'never-migrated.sqlite'}"
+    with pytest.raises(SystemExit) as excinfo:
+        build(write_conf(tmp_path, url), services)
+    message = str(excinfo.value.code)
+    assert len(message.splitlines()) == 1
+    assert message.startswith("metadatad: ")
+    assert "metadatad-manage --config CONF db upgrade" in message
+
+
+@pytest.mark.parametrize(
+    ("token", "detail"),
+    [(None, "No such file"), (b"", "one token"), (b"two words\n", "without spaces")],
+    ids=["missing", "empty", "spaces"],
+)
+def test_bad_admin_token_file_exits_naming_it(
+    tmp_path: Path,
+    migrated_url: str,
+    services: list[MultiService],
+    token: bytes | None,
+    detail: str,
+) -> None:
+    """With the admin site on, a missing/empty/spaced token file is a SystemExit naming it."""
+    with pytest.raises(SystemExit) as excinfo:
+        build(write_conf(tmp_path, migrated_url, token=token), services)
+    message = str(excinfo.value.code)
+    assert len(message.splitlines()) == 1
+    assert "[admin] token_file" in message
+    assert str(tmp_path / "admin-token") in message
+    assert detail in message
+
+
+def test_default_admin_listen_needs_the_token(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """The admin site is on by default, so a missing token file stops the daemon."""
+    with pytest.raises(SystemExit) as excinfo:
+        build(write_conf(tmp_path, migrated_url, admin_listen=None, token=None), services)
+    assert "[admin] token_file" in str(excinfo.value.code)
+
+
+def test_non_utf8_admin_token_exits_naming_it(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """A binary token file is a SystemExit naming [admin] token_file."""
+    with pytest.raises(SystemExit, match=r"token_file"):
+        build(write_conf(tmp_path, migrated_url, token=b"\xff\xfe\xfd\n"), services)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://metadatad:hunter2@127.0.0.1:1/metadatad",
+        "sqlite:////nonexistent-directory/metadatad.sqlite",
+    ],
+    ids=["refused", "sqlite-unopenable"],
+)
+def test_unusable_database_exits_with_one_line(tmp_path: Path, url: str) -> None:
+    """A database makeService cannot use is a one-line SystemExit, not a traceback."""
+    with pytest.raises(SystemExit) as excinfo:
+        makeService(options_for(write_conf(tmp_path, url)), MemoryReactorClock())
+    message = str(excinfo.value.code)
+    assert len(message.splitlines()) == 1
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [("sqlite://", "in-memory"), ("mysql://root@127.0.0.1:1/metadatad", "driver is not installed")],
+)
+def test_unusable_database_url_is_a_usage_error(tmp_path: Path, url: str, detail: str) -> None:
+    """URLs that can never work are refused with the configuration, before any service."""
+    with pytest.raises(UsageError, match=detail):
+        options_for(write_conf(tmp_path, url))
+
+
+# --- the twistd plugin ------------------------------------------------------------------
+
+
+def test_plugin_is_discoverable() -> None:
+    """getPlugins(IServiceMaker) finds tapname "metadatad" built from metadatad.tap."""
+    makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "metadatad"]
+    assert len(makers) == 1
+    (maker,) = makers
+    assert maker.options is metadatad.tap.Options
+    assert maker.makeService is metadatad.tap.makeService
+    assert maker.description
+
+
+def twistd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``twistd`` next to this interpreter, in ``tmp_path``."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_twistd_refuses_bad_config_with_one_line(tmp_path: Path) -> None:
+    """The real `twistd metadatad` with a bad config exits 1 printing the one-line reason."""
+    conf = tmp_path / "metadatad.conf"
+    conf.write_text("[database]\npool_size = lots\n", encoding="utf-8")
+    result = twistd(tmp_path, "metadatad", "--config", str(conf))
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert f"{conf}: [database] pool_size: expected an integer, got 'lots'" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_twistd_refuses_unmigrated_database(tmp_path: Path) -> None:
+    """The real `twistd metadatad` on an empty database exits 1 saying to run db upgrade."""
+    conf = write_conf(tmp_path, f"sqlite:///{tmp_path / 'empty.sqlite'}", admin_listen="")
+    result = twistd(tmp_path, "metadatad", "--config", str(conf))
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "metadatad-manage --config CONF db upgrade" in output
+    assert "Traceback" not in output
+
+
+def test_systemd_endpoint_without_activation_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A systemd: listen address outside socket activation is one line, not a traceback."""
+    from twisted.web.resource import Resource
+
+    from metadatad.tap import _listen, make_site
+
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("LISTEN_PID", raising=False)
+    with pytest.raises(SystemExit) as excinfo:
+        _listen(
+            MultiService(),
+            "metadata-http",
+            MemoryReactorClock(),
+            "systemd:domain=INET:index=0",
+            make_site(Resource(), False),
+        )
+    assert "metadata-http" in str(excinfo.value.code)
+    assert len(str(excinfo.value.code).splitlines()) == 1
+
+
+def test_tftp_service_is_named_and_last(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """[tftp] listen adds the "tftp" service last (stopped first), one listener per
+    address; a broken template stops start-up with one line."""
+    conf = write_conf(tmp_path, migrated_url)
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    with open(conf, "a", encoding="utf-8") as f:
+        f.write(f"[tftp]\nlisten = 127.0.0.1:0 127.0.0.2:0\ntemplates = {templates}\n")
+    root = build(conf, services)
+    names = [service.name for service in root]
+    assert names == [
+        "store",
+        "membership",
+        "boot-events",
+        "vendordata-errors",
+        "peer-watch",
+        "metadata-http",
+        "admin-http",
+        "tftp",
+        "metrics",
+        "reload",
+    ]
+    tftp = root.getServiceNamed("tftp")
+    assert [s.name for s in tftp] == ["tftp-127.0.0.1:0", "tftp-127.0.0.2:0"]
+    (templates / "grub.tmpl").write_text("$nope\n")
+    with pytest.raises(SystemExit) as excinfo:
+        build(conf, services)
+    message = str(excinfo.value.code)
+    assert len(message.splitlines()) == 1 and "$nope" in message and "[tftp] templates" in message

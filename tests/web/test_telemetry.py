@@ -1,0 +1,193 @@
+"""/metrics in memory: request counting around a Klein resource, the collector over a
+real NodeCache, MembershipService and TFTPServer (clocks injected), the route's auth
+and content type."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from klein import Klein
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from metadatad.admin.site import AdminSite
+from metadatad.cluster.membership import MembershipService
+from metadatad.core.conductors import ConductorInfo
+from metadatad.db.cache import NodeCache
+from metadatad.metrics import REGISTRY
+from metadatad.telemetry import (
+    COLLECTOR,
+    DaemonCollector,
+    MeasuredResource,
+    MetricsService,
+    Sources,
+)
+from metadatad.testing import MemoryClusterRepository, MemoryNodeRepository, MemoryStore
+from tests.support.factories import make_node
+from tests.support.sites import Client
+from tests.tftp.test_tftp_server import Harness, download
+
+TOKEN = "t0ken-for-tests"
+
+
+def samples(registry: Any = REGISTRY) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client import generate_latest
+
+    found = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class Slow:
+    """A Klein app whose answer the test releases."""
+
+    app = Klein()
+
+    def __init__(self) -> None:
+        self.pending: Deferred[bytes] = Deferred()
+
+    @app.route("/slow")
+    def slow(self, request: Any) -> Deferred[bytes]:
+        return self.pending
+
+    @app.route("/missing")
+    def missing(self, request: Any) -> bytes:
+        request.setResponseCode(404)
+        return b"no"
+
+
+def test_requests_are_counted_with_their_duration() -> None:
+    """Each finished request counts once by site, method and code; its duration is the
+    clock's time from arrival to the last byte."""
+    clock = Clock()
+    slow = Slow()
+    resource = MeasuredResource(slow.app.resource(), "test-site", clock)
+    stub, client = StubTreq(resource), Client(resource)
+    labels = {"site": "test-site", "method": "GET", "code": "200"}
+    before = samples()
+
+    d = stub.get("http://169.254.169.254/slow")
+    stub.flush()
+    assert value(samples(), "metadatad_http_requests_total", **labels) == value(
+        before, "metadatad_http_requests_total", **labels
+    )
+    clock.advance(0.3)
+    slow.pending.callback(b"done")
+    stub.flush()
+    assert d.called
+    client.get("/missing")
+    client.request("BREW", "/missing")
+
+    after = samples()
+    counted = "metadatad_http_requests_total"
+    assert value(after, counted, **labels) == value(before, counted, **labels) + 1
+    for method in ("GET", "other"):
+        code = {"site": "test-site", "method": method, "code": "404"}
+        assert value(after, counted, **code) == value(before, counted, **code) + 1
+    total = "metadatad_http_request_duration_seconds_sum"
+    assert value(after, total, site="test-site") == pytest.approx(
+        value(before, total, site="test-site") + 0.3
+    )
+    bucket = "metadatad_http_request_duration_seconds_bucket"
+    slow_bucket = {"site": "test-site", "le": "0.25"}
+    assert value(after, bucket, **slow_bucket) == value(before, bucket, **slow_bucket) + 2
+
+
+def membership(clock: Clock) -> MembershipService:
+    nodes = MemoryNodeRepository()
+    nodes.upsert_nodes([make_node(i) for i in range(10)])
+    service = MembershipService(
+        MemoryClusterRepository(nodes, now=clock.seconds),
+        ConductorInfo("c1", "", "10.0.0.1", "http://10.0.0.1:8775"),
+        clock,
+        heartbeat_interval=1,
+        heartbeat_timeout=5,
+        run=maybeDeferred,
+        points=64,
+    )
+    service.log = Logger(observer=lambda event: None)  # type: ignore[misc]
+    return service
+
+
+def test_collector_reads_the_daemon_parts(tmp_path: Path) -> None:
+    """Cache hits and misses, heartbeat age, membership state, ring and TFTP counters
+    come from the parts themselves, at scrape time."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    registry = CollectorRegistry()
+    collector = DaemonCollector()
+    registry.register(collector)
+    assert samples(registry) == {}
+
+    cache = NodeCache(lambda ip: succeed(None), lambda uuid: succeed(None), clock, ttl=10)
+    member = membership(clock)
+    tftp = Harness(tmp_path)
+    collector.sources = Sources({"metadata": cache}, member, tftp.server, clock)
+    found = samples(registry)
+    assert value(found, "metadatad_node_cache_misses_total", cache="metadata") == 0
+    assert math.isnan(value(found, "metadatad_heartbeat_age_seconds"))
+    assert value(found, "metadatad_membership_state", state="stopped") == 1
+
+    cache.by_ip("10.0.0.2")
+    cache.by_ip("10.0.0.2")
+    member.startService()
+    clock.advance(0)
+    clock.advance(2.5)
+    tftp.request("small.bin")
+    download(tftp, tftp.sockets[0])
+    found = samples(registry)
+    assert value(found, "metadatad_node_cache_misses_total", cache="metadata") == 1
+    assert value(found, "metadatad_node_cache_hits_total", cache="metadata") == 1
+    assert 0 <= value(found, "metadatad_heartbeat_age_seconds") <= 1
+    assert value(found, "metadatad_heartbeat_timeout_seconds") == 5
+    assert value(found, "metadatad_membership_state", state="ok") == 1
+    assert value(found, "metadatad_ring_generation") >= 1
+    assert value(found, "metadatad_ring_members", group="") == 1
+    assert value(found, "metadatad_owned_nodes") == 10
+    assert value(found, "metadatad_tftp_requests_total") == 1
+    assert value(found, "metadatad_tftp_sent_bytes_total") == 1000
+    assert value(found, "metadatad_tftp_events_total", event="transfers_complete") == 1
+    assert value(found, "metadatad_tftp_active_transfers") == 0
+    member.stopService()
+
+
+def test_metrics_service_attaches_while_running() -> None:
+    """The ``metrics`` service shows its parts only while it runs."""
+    clock = Clock()
+    cache = NodeCache(lambda ip: succeed(None), lambda uuid: succeed(None), clock, ttl=10)
+    service = MetricsService(Sources({"probe": cache}), collector=COLLECTOR)
+    assert ("metadatad_node_cache_hits_total", (("cache", "probe"),)) not in samples()
+    service.startService()
+    try:
+        assert ("metadatad_node_cache_hits_total", (("cache", "probe"),)) in samples()
+    finally:
+        service.stopService()
+    assert ("metadatad_node_cache_hits_total", (("cache", "probe"),)) not in samples()
+
+
+def test_metrics_route_needs_the_token() -> None:
+    """GET /metrics is the registry in the classic text format, behind the token."""
+    client = Client(
+        AdminSite(MemoryStore(), TOKEN).resource(),  # type: ignore[arg-type]
+        base="http://127.0.0.1:8776",
+    )
+    answer = client.get("/metrics")
+    assert answer.status == 401
+    answer = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status == 200
+    assert answer.header("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    names = {family.name for family in text_string_to_metric_families(answer.text)}
+    assert "metadatad_http_requests" in names
