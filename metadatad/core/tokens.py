@@ -70,9 +70,14 @@ def _unb64(text: str) -> bytes:
     if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
         raise TokenError("malformed token")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise TokenError("malformed token") from None
+    # Base64 ignores the unused low bits of the last character: without this check a
+    # token with its last character changed would still verify (one token, one text).
+    if _b64(decoded) != text:
+        raise TokenError("malformed token")
+    return decoded
 
 
 class TokenSigner:
