@@ -289,14 +289,16 @@ class StaticToken:
 def make_keystone_client(config: Config, reactor: Any) -> KeystoneTokenClient | None:
     """The daemon's one Keystone client (None without ``[keystone] auth_url``), over
     an HTTP client of its own that trusts ``[keystone] ca_file``.  Its requests time
-    out after ``[dhcp] neutron_timeout`` when the Neutron provider uses it, else 10 s.
+    out after ``[keystone] timeout``, or when that is empty after ``[dhcp]
+    neutron_timeout`` when the Neutron provider uses it, else 10 s.
 
     Raises ConfigError for an unusable CA file."""
     if not config.keystone.auth_url:
         return None
-    timeout = 10.0
-    if config.dhcp.provider == "neutron" and not config.dhcp.neutron_token_file:
-        timeout = config.dhcp.neutron_timeout
+    timeout = config.keystone.timeout
+    if timeout is None:
+        uses_neutron = config.dhcp.provider == "neutron" and not config.dhcp.neutron_token_file
+        timeout = config.dhcp.neutron_timeout if uses_neutron else 10.0
     try:
         http, _ = make_http_client(reactor, config.keystone.ca_file, timeout)
     except Exception as e:  # an unreadable or unparsable certificate file

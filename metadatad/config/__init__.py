@@ -37,6 +37,7 @@ from metadatad.config.values import (
     _optional_http_url,
     _optional_ip,
     _optional_load_factor,
+    _optional_timeout,
     _required_header,
     _string,
     _udp_addresses,
@@ -138,6 +139,9 @@ class KeystoneConfig:
     user_domain_name: str = "Default"
     project_domain_name: str = "Default"
     ca_file: str = ""
+    # Seconds a request to Keystone may take; None: [dhcp] neutron_timeout when the
+    # neutron provider uses Keystone, else 10.
+    timeout: float | None = None
 
 
 @attrs.frozen
@@ -307,6 +311,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "user_domain_name": _nonempty_string,
             "project_domain_name": _nonempty_string,
             "ca_file": _ca_file,
+            "timeout": _optional_timeout,
         },
     ),
     "logging": (LoggingConfig, {"format": _choice("text", "json")}),

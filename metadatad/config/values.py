@@ -155,6 +155,12 @@ def _optional_load_factor(raw: str) -> float | None:
     return _number(1.0, 100.0)(raw)
 
 
+def _optional_timeout(raw: str) -> float | None:
+    if not raw.strip():
+        return None
+    return _number(0.1, 600)(raw)
+
+
 def _required_header(raw: str) -> tuple[str, str | None] | None:
     """``Name`` or ``Name: value`` (e.g. ``Metadata-Flavor: metadatad``); empty: none."""
     value = raw.strip()

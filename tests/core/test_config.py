@@ -202,6 +202,7 @@ EVERY_KEY = {
         "user_domain_name": "svc",
         "project_domain_name": "svc-projects",
         "ca_file": "CAFILE",
+        "timeout": "7.5",
     },
     "tftp": {
         "listen": "10.0.0.1, 10.1.0.1:6969 [2001:db8::1]:69",
@@ -318,6 +319,7 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         user_domain_name="svc",
         project_domain_name="svc-projects",
         ca_file=str(ca_file),
+        timeout=7.5,
     )
     assert SECRET not in repr(config.keystone)
     assert config.tftp == TFTPConfig(
@@ -620,6 +622,7 @@ BAD_VALUES = [
     ("keystone", "auth_url", "keystone:5000", "http://"),
     ("keystone", "user_domain_name", "", "empty"),
     ("keystone", "ca_file", "/nonexistent/ca.pem", "cannot read"),
+    ("keystone", "timeout", "0", "0.1"),
     ("tftp", "listen", "systemd:domain=INET", "one of index= or name="),
     ("tftp", "listen", "systemd:domain=UNIX:index=0", "domain=INET"),
     ("tftp", "listen", "systemd:domain=INET:index=x", "index must be"),

@@ -394,6 +394,25 @@ def test_neutron_timeout_applies_to_keystone_when_neutron_uses_it(tmp_path: Path
     assert neutron is not None and neutron._timeout == 4.0
 
 
+def test_keystone_timeout_key_wins(tmp_path: Path) -> None:
+    """``[keystone] timeout`` sets Keystone's own time-out, with or without Neutron."""
+    keystone = (
+        "[keystone]\nauth_url = http://127.0.0.1:5000/v3\nusername = md\npassword = pw\n"
+        "project_name = service\ntimeout = 2.5\n"
+    )
+    plain = make_keystone_client(_config(tmp_path, keystone), global_reactor)
+    assert plain is not None and plain._timeout == 2.5
+    neutron = make_keystone_client(
+        _config(
+            tmp_path,
+            keystone + "[dhcp]\nprovider = neutron\nneutron_timeout = 4\n"
+            "[conductor]\ntftp_address = 10.0.0.5\n",
+        ),
+        global_reactor,
+    )
+    assert neutron is not None and neutron._timeout == 2.5
+
+
 def test_vendordata_and_neutron_share_one_client(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
