@@ -42,6 +42,7 @@ from metadatad.config.values import (
     _string,
     _udp_addresses,
     _vendordata_targets,
+    check_ca_file,
 )
 from metadatad.core.addresses import IPNetwork
 from metadatad.core.ring import DEFAULT_POINTS, MAX_POINTS
@@ -347,11 +348,13 @@ def load_config(path: str | Path) -> Config:
     except configparser.Error as e:
         message = " ".join(str(e).split())
         raise ConfigError(f"{path}: {message}") from None
-    return parse_config(path, {s: dict(parser.items(s)) for s in parser.sections()})
+    config = parse_config(path, {s: dict(parser.items(s)) for s in parser.sections()})
+    return read_files(config)
 
 
 def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config:
-    """Build a :class:`Config` from raw strings, as read from ``path``."""
+    """Build a :class:`Config` from raw strings, as read from ``path``; no I/O (the
+    files the configuration names are read by :func:`read_files`)."""
     built: dict[str, Any] = {}
     for section, keys in sections.items():
         if section not in _SCHEMA:
@@ -374,8 +377,6 @@ def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config
                 values[key] = parsers[key](raw)
             except BadValue as e:
                 raise ConfigError(f"{path}: [{section}] {key}: {e}") from None
-        if section == "vendordata" and values.get("static_file"):
-            values["static"] = _load_static_vendordata(path, values["static_file"])
         built[section] = cls(**values)
         if section == "conductor":
             _check_heartbeats(path, built[section], keys)
@@ -455,6 +456,20 @@ def _check_keystone(path: str, keystone: KeystoneConfig) -> None:
     for key in ("username", "password", "project_name"):
         if not getattr(keystone, key):
             raise ConfigError(f"{path}: [keystone] {key}: must be set when auth_url is set")
+
+
+def read_files(config: Config) -> Config:
+    """``config`` with the files it names read and checked: the static vendordata
+    document, and the CA files of ``[vendordata]`` and ``[keystone]``."""
+    for section in ("vendordata", "keystone"):
+        try:
+            check_ca_file(getattr(config, section).ca_file)
+        except BadValue as e:
+            raise ConfigError(f"{config.path}: [{section}] ca_file: {e}") from None
+    if not config.vendordata.static_file:
+        return config
+    static = _load_static_vendordata(config.path, config.vendordata.static_file)
+    return attrs.evolve(config, vendordata=attrs.evolve(config.vendordata, static=static))
 
 
 def _load_static_vendordata(path: str, filename: str) -> Mapping[str, Any]:

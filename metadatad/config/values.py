@@ -257,10 +257,15 @@ def _vendordata_targets(raw: str) -> tuple[tuple[str, str], ...]:
 
 
 def _ca_file(raw: str) -> str:
-    """Empty (the system's trust store) or a readable file of PEM certificates."""
-    value = raw.strip()
+    """Empty (the system's trust store) or the path of a file of PEM certificates
+    (read by :func:`check_ca_file` when the file is loaded, not here)."""
+    return raw.strip()
+
+
+def check_ca_file(value: str) -> None:
+    """``value`` is empty or a readable file of PEM certificates."""
     if not value:
-        return ""
+        return
     try:
         with open(value, "rb") as f:
             content = f.read()
@@ -268,7 +273,6 @@ def _ca_file(raw: str) -> str:
         raise BadValue(f"cannot read {value}: {e.strerror}") from None
     if b"-----BEGIN CERTIFICATE-----" not in content:
         raise BadValue(f"{value} holds no PEM certificate")
-    return value
 
 
 def _udp_addresses(raw: str) -> tuple[tuple[str, int], ...]:
