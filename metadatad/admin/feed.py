@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.test_console_feed -*-
+"""The cluster as the console shows it, polled once a second while someone watches.
+
+One poll serves every open cluster page: :meth:`ClusterFeed.subscribe` adds a
+listener, and the feed asks membership for the conductors (judged by the database's
+clock) and the ring report every ``interval`` seconds only while it has listeners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["ClusterFeed", "merge"]
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+def merge(
+    conductors: Sequence[Mapping[str, Any]], ring: Mapping[str, Any], timeout: float
+) -> dict[str, Any]:
+    """One snapshot: per conductor its group, heartbeat age and liveness (by the
+    database's clock), what the ring assigns it and what it holds, and whether it is a
+    member of the ring's current generation."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for c in conductors:
+        by_name[c["name"]] = {
+            "name": c["name"],
+            "group": c.get("group"),
+            "live": bool(c.get("live")),
+            "online": bool(c.get("online", True)),
+            "heartbeat_age": c.get("heartbeat_age"),
+            "assigned": 0,
+            "claimed": c.get("nodes", 0),
+            "in_ring": False,
+        }
+    for r in ring.get("conductors", []):
+        entry = by_name.setdefault(
+            r["name"],
+            {
+                "name": r["name"],
+                "group": r.get("group"),
+                "live": False,
+                "online": False,
+                "heartbeat_age": None,
+                "claimed": 0,
+            },
+        )
+        entry["assigned"] = r.get("assigned", 0)
+        entry["claimed"] = r.get("claimed", entry.get("claimed", 0))
+        entry["in_ring"] = bool(r.get("live"))
+    return {
+        "generation": ring.get("generation"),
+        "changed_at": ring.get("changed_at"),
+        "nodes": ring.get("nodes", 0),
+        "unowned": ring.get("unowned", 0),
+        "pending": ring.get("pending", 0),
+        "heartbeat_timeout": timeout,
+        "conductors": [by_name[name] for name in sorted(by_name)],
+    }
+
+
+class ClusterFeed:
+    """Polls ``cluster`` (the membership service) for its listeners."""
+
+    log = Logger()
+
+    def __init__(self, cluster: Any, clock: Any, interval: float = 1.0) -> None:
+        self._cluster = cluster
+        self._clock = clock
+        self._interval = interval
+        self._listeners: list[Listener] = []
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = clock
+        self._polling: Deferred[Any] | None = None
+        self.latest: dict[str, Any] | None = None
+
+    def snapshot(self) -> Deferred[dict[str, Any]]:
+        """The cluster now (one poll)."""
+        return gatherResults(
+            [self._cluster.conductors(), self._cluster.ring()], consumeErrors=True
+        ).addCallback(lambda both: merge(both[0], both[1], self._cluster.heartbeat_timeout))
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(snapshot)`` now (when one is known) and after every poll;
+        returns the function that stops it."""
+        self._listeners.append(listener)
+        if self.latest is not None:
+            listener(self.latest)
+        if not self._loop.running:
+            self._loop.start(self._interval, now=True)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+            if not self._listeners and self._loop.running:
+                self._loop.stop()
+                self.latest = None  # stale by the time someone watches again
+
+        return unsubscribe
+
+    def _poll(self) -> None:
+        # Never raises (a LoopingCall that fails stops); one poll at a time.
+        if self._polling is not None:
+            return
+        self._polling = self.snapshot()
+        self._polling.addCallbacks(self._publish, self._failed)
+
+    def _publish(self, snapshot: dict[str, Any]) -> None:
+        self._polling = None
+        self.latest = snapshot
+        for listener in list(self._listeners):
+            try:
+                listener(snapshot)
+            except Exception:
+                # A browser that left mid-write: drop it, keep the others.
+                self.log.failure("console listener failed")
+                self._listeners.remove(listener)
+
+    def _failed(self, failure: Failure) -> None:
+        self._polling = None
+        self.log.warn("console: cluster poll failed: {error}", error=failure.value)
