@@ -49,7 +49,7 @@ SECURITY_HEADERS = {
     b"base-uri 'none'",
     b"X-Content-Type-Options": b"nosniff",
     b"X-Frame-Options": b"DENY",
-    b"Referrer-Policy": b"no-referrer",
+    b"Referrer-Policy": b"same-origin",
     b"Cache-Control": b"no-store",
 }
 _NO_OWNER: dict[str, Any] = {"owner": None, "ring_owner": None, "standbys": []}
