@@ -143,7 +143,9 @@ class Conductors:
         if not self.pushes.exists():
             return 0
         lines = self.pushes.read_text().splitlines()
-        return sum(1 for line in lines if line.strip() and json.loads(line).get("node_uuid") == uuid)
+        return sum(
+            1 for line in lines if line.strip() and json.loads(line).get("node_uuid") == uuid
+        )
 
     def close(self) -> list[str]:
         errors = []
@@ -256,9 +258,7 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- both conductors live, both in the ring ---------------------------------------
     wait_for(lambda: rows() == {"c1": "yes", "c2": "yes"}, WAIT, "both conductors live")
     wait_for(lambda: members() == ["c1", "c2"], WAIT, "both in the ring")
-    wait_for(
-        lambda: "on" in by_css(By.ID, "stream-state").get_attribute("class"), WAIT, "stream"
-    )
+    wait_for(lambda: "on" in by_css(By.ID, "stream-state").get_attribute("class"), WAIT, "stream")
     generation = int(by_css(By.ID, "generation").text)
     shots.take("console-cluster")
 
@@ -317,9 +317,11 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
 
     filename = "pxelinux.cfg/01-" + MAC.replace(":", "-")
     wait_for(
-        lambda: f"TFTP {filename}: complete" in (text := timeline())
-        and "metadata crawl" in text
-        and "IMDSv2" in text,
+        lambda: (
+            f"TFTP {filename}: complete" in (text := timeline())
+            and "metadata crawl" in text
+            and "IMDSv2" in text
+        ),
         WAIT,
         "the TFTP fetch and the crawl on the timeline",
     )

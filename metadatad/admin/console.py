@@ -280,9 +280,12 @@ class Console:
     @app.route("/console/events", methods=["GET"])
     def events(self, request: Request) -> Any:
         """Server-sent events: the cluster page's live parts, once a second."""
-        if self._session(request) is None or self._feed is None:
-            request.setResponseCode(401 if self._feed is not None else 503)
+        if self._session(request) is None:
+            request.setResponseCode(401)
             return b"log in first\n"
+        if self._feed is None:
+            request.setResponseCode(503)
+            return b"conductor membership is not running\n"
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")

@@ -272,7 +272,9 @@ def _when(moment: datetime | None) -> str:
 
 def _action_button(uuid: str, action: str, extra: str = "") -> Markup:
     label = ACTIONS[action][0]
-    target = f"/console/nodes/{uuid}/{action}" + (f"?target={extra}" if extra else "")
+    target = f"/console/nodes/{uuid}/{action}" + (
+        "?" + urlencode({"target": extra}) if extra else ""
+    )
     return Markup('<a class="button" id="{}" href="{}">{}</a>').format(
         action + ("-" + extra if extra else ""), target, label
     )
@@ -305,18 +307,18 @@ def node_page(
         ownership.get("ring_generation", "-"),
         "-" if status is None else f"{status.outcome} ({status.detail}, {_when(status.at)})",
     )
+    mappings = Markup("")
     if push is None:
         dhcp = Markup("<p>No DHCP mapping recorded (no provider, or not claimed yet).</p>")
     else:
         dhcp = Markup(
             '<dl><dt>Push state</dt><dd id="push-state" class="push-{}">{}</dd>'
             "<dt>Attempts</dt><dd>{}</dd><dt>Last error</dt><dd>{}</dd></dl>"
-            "<h4>Desired</h4><pre>{}</pre><h4>Pushed</h4><pre>{}</pre>"
+        ).format(push["status"], push["status"], push["attempts"], push.get("last_error") or "-")
+        mappings = Markup(
+            "<details><summary>DHCP mapping: desired and pushed</summary>"
+            "<h4>Desired</h4><pre>{}</pre><h4>Pushed</h4><pre>{}</pre></details>"
         ).format(
-            push["status"],
-            push["status"],
-            push["attempts"],
-            push.get("last_error") or "-",
             json.dumps(push.get("mapping"), indent=1, sort_keys=True),
             json.dumps(push.get("pushed"), indent=1, sort_keys=True),
         )
@@ -350,21 +352,23 @@ def node_page(
     )
     body = Markup(
         '<h2>Node <span id="node-name">{}</span></h2><p><code>{}</code></p>{}'
-        "<section><h3>Who holds it</h3>{}</section>"
+        '<div class="columns"><section><h3>Who holds it</h3>{}</section>'
         "<section><h3>DHCP</h3>{}</section>"
+        '<section><h3>Actions</h3><p class="actions">{}</p>'
+        '<h3>Vendordata errors</h3><ul id="vendordata-errors">{}</ul></section></div>'
         '<section><h3>Boot timeline</h3><ol class="timeline" id="timeline">{}</ol></section>'
-        '<section><h3>Vendordata errors</h3><ul id="vendordata-errors">{}</ul></section>'
-        '<section><h3>Actions</h3><p class="actions">{}</p></section>'
-        '<section><h3>Document</h3><pre id="document">{}</pre></section>'
+        '<section>{}<details><summary>Node document</summary><pre id="document">{}</pre>'
+        "</details></section>"
     ).format(
         document.get("name", ""),
         uuid,
         Markup('<p class="notice" id="notice">{}</p>').format(notice) if notice else "",
         who,
         dhcp,
-        steps or Markup("<li>nothing recorded yet</li>"),
-        errors or Markup("<li>none</li>"),
         actions or "-",
+        errors or Markup("<li>none</li>"),
+        steps or Markup("<li>nothing recorded yet</li>"),
+        mappings,
         json.dumps(document, indent=1, sort_keys=True),
     )
     return _layout(f"Node {document.get('name', '')}", body, csrf, "nodes")

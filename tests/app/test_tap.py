@@ -34,6 +34,7 @@ SERVICES = [
     "store",
     "membership",
     "boot-events",
+    "node-activity",
     "vendordata-errors",
     "peer-watch",
     "metadata-http",
