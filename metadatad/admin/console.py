@@ -42,6 +42,7 @@ __all__ = ["Console", "ConsoleRoot", "Sessions"]
 
 COOKIE = b"metadatad_console"
 SESSION_LIFETIME = 12 * 3600.0
+CHOICES_LIFETIME = 10.0
 STATIC = {"console.css": b"text/css; charset=utf-8", "console.js": b"text/javascript"}
 SECURITY_HEADERS = {
     b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -138,6 +139,7 @@ class Console:
         self._vendordata_errors = vendordata_errors
         self._peers = peers
         self._dhcp = dhcp
+        self._choices: tuple[float, Any] = (float("-inf"), None)
         self._static = {
             name: (resources.files("metadatad.admin") / "static" / name).read_bytes()
             for name in STATIC
@@ -318,7 +320,7 @@ class Console:
             d = gatherResults(
                 [
                     self._store.run(self._queries.page, wanted),
-                    self._store.run(self._queries.choices),
+                    self._filter_choices(),
                 ],
                 consumeErrors=True,
             )
@@ -333,6 +335,20 @@ class Console:
             return d.addCallback(done).addErrback(_first_failure)
 
         return self._page(request, render)
+
+    def _filter_choices(self) -> Deferred[Any]:
+        """The owners and outcomes the filters offer, read at most every 10 s."""
+        expires, cached = self._choices
+        now = self._clock.seconds()
+        if cached is not None and now < expires:
+            return succeed(cached)
+
+        def keep(choices: Any) -> Any:
+            self._choices = (now + CHOICES_LIFETIME, choices)
+            return choices
+
+        d: Deferred[Any] = self._store.run(self._queries.choices)
+        return d.addCallback(keep)
 
     @app.route("/console/nodes/<string:uuid>", methods=["GET", "HEAD"])
     def node(self, request: Request, uuid: str) -> Any:

@@ -79,10 +79,48 @@ class ConsoleQueries:
     # --- the nodes table -------------------------------------------------------------
 
     def page(self, wanted: NodeFilter) -> tuple[int, list[NodeRow]]:
-        """``(how many nodes match, the rows of the page)``, by name then uuid."""
-        conditions = self._conditions(wanted)
+        """``(how many nodes match, the rows of the page)``, by name then uuid.
+
+        Two steps: the matching uuids (joining only the tables a filter needs), then
+        the details of the page's nodes alone."""
+        conditions, joins = self._conditions(wanted)
+        source: Any = nodes
+        for table in (node_claims, dhcp_pushes, node_boot_status):
+            if table in joins:
+                source = source.outerjoin(table, table.c.node_uuid == nodes.c.uuid)
+        offset = (max(1, wanted.page) - 1) * wanted.per_page
+        # The total rides along (a window count): one pass over the matches, not two.
+        page = (
+            select(nodes.c.uuid, func.count().over().label("total"))
+            .select_from(source)
+            .where(*conditions)
+            .order_by(nodes.c.name, nodes.c.uuid)
+            .offset(offset)
+            .limit(wanted.per_page)
+        )
+        with self.engine.connect() as connection:
+            found = connection.execute(page).all()
+            if not found:
+                count = select(func.count()).select_from(
+                    select(nodes.c.uuid).select_from(source).where(*conditions).subquery()
+                )
+                return int(connection.execute(count).scalar() or 0), []
+            total = int(found[0].total)
+            uuids = [row.uuid for row in found]
+            rows = {row.uuid: row for row in connection.execute(self._details(uuids))}
+            addresses: dict[str, list[tuple[str, str | None]]] = {u: [] for u in uuids}
+            for mac, node_uuid, ip in connection.execute(
+                select(ports.c.mac, ports.c.node_uuid, ports.c.ip)
+                .where(ports.c.node_uuid.in_(uuids))
+                .order_by(ports.c.mac)
+            ):
+                addresses[node_uuid].append((mac, ip))
+        return total, [_row(rows[uuid], addresses[uuid]) for uuid in uuids if uuid in rows]
+
+    @staticmethod
+    def _details(uuids: list[str]) -> Any:
         in_sync, failed = _push_state()
-        push = (
+        return (
             select(
                 nodes.c.uuid,
                 nodes.c.name,
@@ -101,69 +139,38 @@ class ConsoleQueries:
                 .outerjoin(dhcp_pushes, dhcp_pushes.c.node_uuid == nodes.c.uuid)
                 .outerjoin(node_boot_status, node_boot_status.c.node_uuid == nodes.c.uuid)
             )
-            .where(*conditions)
+            .where(nodes.c.uuid.in_(uuids))
         )
-        count = select(func.count()).select_from(push.subquery())
-        offset = (max(1, wanted.page) - 1) * wanted.per_page
-        query = push.order_by(nodes.c.name, nodes.c.uuid).offset(offset).limit(wanted.per_page)
-        with self.engine.connect() as connection:
-            total = int(connection.execute(count).scalar() or 0)
-            rows = connection.execute(query).all()
-            uuids = [row.uuid for row in rows]
-            addresses: dict[str, list[tuple[str, str | None]]] = {u: [] for u in uuids}
-            if uuids:
-                for mac, node_uuid, ip in connection.execute(
-                    select(ports.c.mac, ports.c.node_uuid, ports.c.ip)
-                    .where(ports.c.node_uuid.in_(uuids))
-                    .order_by(ports.c.mac)
-                ):
-                    addresses[node_uuid].append((mac, ip))
-        return total, [
-            NodeRow(
-                uuid=row.uuid,
-                name=row.name,
-                conductor_group=row.conductor_group,
-                owner=row.owner,
-                push=(
-                    "none"
-                    if row.push_row is None
-                    else "pushed"
-                    if row.in_sync
-                    else "failed"
-                    if row.failed
-                    else "pending"
-                ),
-                outcome=row.outcome,
-                vendordata_error=bool(row.vendordata_error),
-                macs=tuple(mac for mac, _ in addresses[row.uuid]),
-                ips=tuple(ip for _, ip in addresses[row.uuid] if ip),
-            )
-            for row in rows
-        ]
 
-    def _conditions(self, wanted: NodeFilter) -> list[Any]:
+    def _conditions(self, wanted: NodeFilter) -> tuple[list[Any], set[Any]]:
+        """The WHERE conditions of ``wanted``, and the tables they need joined."""
         conditions: list[Any] = []
+        joins: set[Any] = set()
         search = wanted.search.strip().lower()
         if search:
             mac = search.replace("-", ":")
-            conditions.append(
+            by_port = select(ports.c.node_uuid).where(
                 or_(
-                    func.lower(nodes.c.name).contains(search, autoescape=True),
-                    nodes.c.uuid.contains(search, autoescape=True),
-                    exists().where(
-                        ports.c.node_uuid == nodes.c.uuid,
-                        or_(
-                            ports.c.mac.contains(mac, autoescape=True),
-                            func.lower(ports.c.ip).contains(search, autoescape=True),
-                        ),
-                    ),
+                    ports.c.mac.contains(mac, autoescape=True),
+                    func.lower(ports.c.ip).contains(search, autoescape=True),
                 )
             )
-        if wanted.owner == "-":
-            conditions.append(node_claims.c.owner.is_(None))
-        elif wanted.owner:
-            conditions.append(node_claims.c.owner == wanted.owner)
+            conditions.append(
+                or_(
+                    nodes.c.name.icontains(search, autoescape=True),
+                    nodes.c.uuid.contains(search, autoescape=True),
+                    nodes.c.uuid.in_(by_port),
+                )
+            )
+        if wanted.owner:
+            joins.add(node_claims)
+            if wanted.owner == "-":
+                conditions.append(node_claims.c.owner.is_(None))
+            else:
+                conditions.append(node_claims.c.owner == wanted.owner)
         in_sync, failed = _push_state()
+        if wanted.push in PUSH_STATES:
+            joins.add(dhcp_pushes)
         if wanted.push == "none":
             conditions.append(dhcp_pushes.c.node_uuid.is_(None))
         elif wanted.push == "pushed":
@@ -181,11 +188,13 @@ class ConsoleQueries:
                     dhcp_pushes.c.permanent.is_(False),
                 )
             )
-        if wanted.outcome == NO_BOOT:
-            conditions.append(node_boot_status.c.outcome.is_(None))
-        elif wanted.outcome:
-            conditions.append(node_boot_status.c.outcome == wanted.outcome)
-        return conditions
+        if wanted.outcome:
+            joins.add(node_boot_status)
+            if wanted.outcome == NO_BOOT:
+                conditions.append(node_boot_status.c.outcome.is_(None))
+            else:
+                conditions.append(node_boot_status.c.outcome == wanted.outcome)
+        return conditions, joins
 
     def choices(self) -> dict[str, list[str]]:
         """The filters' values that exist: owners and boot outcomes."""
@@ -254,3 +263,23 @@ class ConsoleQueries:
         """Names of the conductors live now (the what-if choices)."""
         members = ClusterRepository(self.engine).live_members(timeout)
         return sorted(name for _group, name in members)
+
+
+def _row(row: Any, addresses: list[tuple[str, str | None]]) -> NodeRow:
+    if row.push_row is None:
+        push = "none"
+    elif row.in_sync:
+        push = "pushed"
+    else:
+        push = "failed" if row.failed else "pending"
+    return NodeRow(
+        uuid=row.uuid,
+        name=row.name,
+        conductor_group=row.conductor_group,
+        owner=row.owner,
+        push=push,
+        outcome=row.outcome,
+        vendordata_error=bool(row.vendordata_error),
+        macs=tuple(mac for mac, _ in addresses),
+        ips=tuple(ip for _, ip in addresses if ip),
+    )

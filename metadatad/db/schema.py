@@ -230,6 +230,9 @@ node_activity = Table(
     Index("ix_node_activity_last_at", "last_at"),
 )
 
+# The console's nodes table pages by name (migration 0010).
+Index("ix_nodes_name_uuid", nodes.c.name, nodes.c.uuid)
+
 # Each node's last boot outcome (the console's filter): the outcome of its newest TFTP
 # transfer, or ``metadata`` once it read its metadata after that.
 node_boot_status = Table(

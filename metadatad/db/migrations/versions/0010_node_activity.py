@@ -1,4 +1,5 @@
-"""Node activity for the console's boot timeline, and each node's last boot outcome.
+"""Node activity for the console's boot timeline, each node's last boot outcome, and
+an index of nodes by name for the console's table.
 
 Revision ID: 0010
 Revises: 0006
@@ -47,8 +48,12 @@ def upgrade() -> None:
     )
     op.create_index("ix_node_boot_status_outcome", "node_boot_status", ["outcome"])
     op.create_index("ix_node_boot_status_at", "node_boot_status", ["at"])
+    # The console's nodes table: pages by name from the index, and searches that read
+    # the narrow index instead of the documents.
+    op.create_index("ix_nodes_name_uuid", "nodes", ["name", "uuid"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_nodes_name_uuid", table_name="nodes")
     op.drop_table("node_boot_status")
     op.drop_table("node_activity")
