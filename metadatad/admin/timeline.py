@@ -15,6 +15,16 @@ from metadatad.db.bootevents import BootEvent
 
 __all__ = ["Entry", "timeline"]
 
+# Within one second (the stored precision), the order a boot goes through.
+BOOT_ORDER = {
+    "dhcp": 0,
+    "tftp": 1,
+    "token": 2,
+    "metadata": 3,
+    "vendordata": 4,
+    "peer-post": 5,
+    "operator": 6,
+}
 # Metadata rows closer than this are one crawl (cloud-init's runs are seconds apart).
 CRAWL_GAP = timedelta(seconds=120)
 
@@ -77,7 +87,7 @@ def timeline(
             )
         )
     entries.extend(_http(activity))
-    entries.sort(key=lambda e: (e.at, e.kind))
+    entries.sort(key=lambda e: (e.at, BOOT_ORDER.get(e.kind, len(BOOT_ORDER))))
     return entries
 
 
