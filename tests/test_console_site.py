@@ -242,6 +242,11 @@ class FakeCluster:
 
     def __init__(self) -> None:
         self.live = True
+        self.rings = 0
+
+    @property
+    def state(self) -> Any:
+        return type("State", (), {"generation": 2 if self.live else 3})()
 
     def conductors(self) -> Deferred[list[dict[str, Any]]]:
         return succeed(
@@ -252,6 +257,7 @@ class FakeCluster:
         )
 
     def ring(self) -> Deferred[dict[str, Any]]:
+        self.rings += 1
         names = ["c1", "c2"] if self.live else ["c1"]
         return succeed(
             {
@@ -272,14 +278,20 @@ def test_feed_polls_while_watched_and_merges() -> None:
     seen: list[dict[str, Any]] = []
     stop = feed.subscribe(seen.append)
     assert len(seen) == 1 and [c["in_ring"] for c in seen[0]["conductors"]] == [True, True]
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert (len(seen), cluster.rings) == (3, 1)  # the same generation: no new report
     cluster.live = False
     clock.advance(1.0)
-    assert seen[-1]["generation"] == 3
+    assert seen[-1]["generation"] == 3 and cluster.rings == 2
     c2 = seen[-1]["conductors"][1]
     assert (c2["live"], c2["in_ring"], c2["assigned"]) == (False, False, 0)
-    stop()
     clock.advance(5.0)
-    assert len(seen) == 2 and not clock.getDelayedCalls()
+    assert cluster.rings == 3  # refreshed after 5 s anyway
+    stop()
+    count = len(seen)
+    clock.advance(5.0)
+    assert len(seen) == count and not clock.getDelayedCalls()
 
 
 def test_merge_keeps_conductors_known_to_one_side() -> None:

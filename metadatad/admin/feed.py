@@ -3,7 +3,10 @@
 
 One poll serves every open cluster page: :meth:`ClusterFeed.subscribe` adds a
 listener, and the feed asks membership for the conductors (judged by the database's
-clock) and the ring report every ``interval`` seconds only while it has listeners.
+clock) every ``interval`` seconds only while it has listeners.  The ring report (it
+places every node) is asked for again only when this conductor has seen a new
+generation, or ``ring_refresh`` seconds after the last one: the conductors' heartbeats
+share membership's threads with these reads.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,10 +73,15 @@ class ClusterFeed:
 
     log = Logger()
 
-    def __init__(self, cluster: Any, clock: Any, interval: float = 1.0) -> None:
+    def __init__(
+        self, cluster: Any, clock: Any, interval: float = 1.0, ring_refresh: float = 5.0
+    ) -> None:
         self._cluster = cluster
         self._clock = clock
         self._interval = interval
+        self._ring_refresh = ring_refresh
+        # The last ring report: (the generation this conductor had seen, when, report).
+        self._ring: tuple[int | None, float, dict[str, Any]] | None = None
         self._listeners: list[Listener] = []
         self._loop = LoopingCall(self._poll)
         self._loop.clock = clock
@@ -83,8 +91,24 @@ class ClusterFeed:
     def snapshot(self) -> Deferred[dict[str, Any]]:
         """The cluster now (one poll)."""
         return gatherResults(
-            [self._cluster.conductors(), self._cluster.ring()], consumeErrors=True
+            [self._cluster.conductors(), self._ring_report()], consumeErrors=True
         ).addCallback(lambda both: merge(both[0], both[1], self._cluster.heartbeat_timeout))
+
+    def _ring_report(self) -> Deferred[dict[str, Any]]:
+        state = getattr(self._cluster, "state", None)
+        seen = getattr(state, "generation", None)
+        now = self._clock.seconds()
+        if self._ring is not None:
+            generation, at, report = self._ring
+            if generation == seen and now - at < self._ring_refresh:
+                return succeed(report)
+
+        def keep(report: dict[str, Any]) -> dict[str, Any]:
+            self._ring = (seen, now, report)
+            return report
+
+        d: Deferred[dict[str, Any]] = self._cluster.ring()
+        return d.addCallback(keep)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(snapshot)`` now (when one is known) and after every poll;
