@@ -85,6 +85,8 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     service = Service(executable_path=chromedriver, port=free_port())
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(WAIT)
+    # Finding an element waits (up to 5 s) for it to appear: pages load after clicks.
+    driver.implicitly_wait(5)
     try:
         yield driver
     finally:
@@ -236,6 +238,15 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     shots = Shots(browser, tmp_path)
     by_css = browser.find_element
 
+    def follow(element: Any) -> None:
+        """Click a link or button and wait until the browser has left the page."""
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        page = browser.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(browser, WAIT).until(expected_conditions.staleness_of(page))
+
     def rows() -> dict[str, str]:
         found = browser.find_elements(By.CSS_SELECTOR, "table.conductors tbody tr")
         return {r.get_attribute("data-conductor"): r.get_attribute("data-live") for r in found}
@@ -247,12 +258,12 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- a bad token is refused, the right one logs in --------------------------------
     browser.get(c1.admin_url + "/")
     by_css(By.ID, "token").send_keys("not-the-token")
-    by_css(By.ID, "login").click()
+    follow(by_css(By.ID, "login"))
     assert "refused" in by_css(By.ID, "login-error").text
     assert browser.find_elements(By.ID, "conductors") == []
     shots.take("console-login")
     by_css(By.ID, "token").send_keys(c1.admin_token)
-    by_css(By.ID, "login").click()
+    follow(by_css(By.ID, "login"))
     assert "token" not in browser.current_url
 
     # --- both conductors live, both in the ring ---------------------------------------
@@ -265,7 +276,7 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- what-if: the nodes c2 holds would move to c1 ---------------------------------
     browser.get(c1.admin_url + "/console/whatif")
     by_css(By.CSS_SELECTOR, "#conductor option[value='c2']").click()
-    by_css(By.ID, "show").click()
+    follow(by_css(By.ID, "show"))
     moves = browser.find_elements(By.CSS_SELECTOR, "#moves tbody tr")
     assert moves, "c2 holds some of the 40 nodes"
     assert all(row.find_elements(By.TAG_NAME, "td")[4].text == "c1" for row in moves)
@@ -304,11 +315,11 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- find it by MAC, open it, see the timeline ------------------------------------
     browser.get(c1.admin_url + "/console/nodes")
     by_css(By.ID, "search").send_keys(MAC.upper())
-    by_css(By.ID, "find").click()
+    follow(by_css(By.ID, "find"))
     links = browser.find_elements(By.CSS_SELECTOR, "#nodes a.node")
     assert [link.text for link in links] == [NODE["name"]]
     shots.take("console-nodes")
-    links[0].click()
+    follow(links[0])
     assert by_css(By.ID, "node-name").text == NODE["name"]
 
     def timeline() -> str:
@@ -332,19 +343,17 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- re-push, confirmed ------------------------------------------------------------
     before = conductors.pushed(NODE["uuid"])
     assert before >= 1
-    by_css(By.ID, "repush").click()
+    follow(by_css(By.ID, "repush"))
     shots.take("console-confirm")
-    by_css(By.ID, "confirm").click()
-    notices = browser.find_elements(By.ID, "notice")
-    assert notices, browser.page_source
-    assert "pushes it" in notices[0].text
+    follow(by_css(By.ID, "confirm"))
+    assert "pushes it" in by_css(By.ID, "notice").text
     wait_for(lambda: conductors.pushed(NODE["uuid"]) > before, WAIT, "the script ran again")
 
     # --- a node named <script> is text -------------------------------------------------
     browser.get(c1.admin_url + "/console/nodes?q=script")
     links = browser.find_elements(By.CSS_SELECTOR, "#nodes a.node")
     assert [link.text for link in links] == [EVIL["name"]]
-    links[0].click()
+    follow(links[0])
     assert by_css(By.ID, "node-name").text == EVIL["name"]
     scripts = browser.find_elements(By.TAG_NAME, "script")
     assert [s.get_attribute("src").rsplit("/", 1)[-1] for s in scripts] == ["console.js"]

@@ -274,7 +274,7 @@ class FakeCluster:
 def test_feed_polls_while_watched_and_merges() -> None:
     clock = Clock()
     cluster = FakeCluster()
-    feed = ClusterFeed(cluster, clock)
+    feed = ClusterFeed(cluster, clock, interval=1.0)
     seen: list[dict[str, Any]] = []
     stop = feed.subscribe(seen.append)
     assert len(seen) == 1 and [c["in_ring"] for c in seen[0]["conductors"]] == [True, True]

@@ -281,7 +281,7 @@ class Console:
 
     @app.route("/console/events", methods=["GET"])
     def events(self, request: Request) -> Any:
-        """Server-sent events: the cluster page's live parts, once a second."""
+        """Server-sent events: the cluster page's live parts, twice a second."""
         if self._session(request) is None:
             request.setResponseCode(401)
             return b"log in first\n"

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_console_feed -*-
-"""The cluster as the console shows it, polled once a second while someone watches.
+"""The cluster as the console shows it, polled twice a second while someone watches.
 
 One poll serves every open cluster page: :meth:`ClusterFeed.subscribe` adds a
 listener, and the feed asks membership for the conductors (judged by the database's
@@ -74,7 +74,7 @@ class ClusterFeed:
     log = Logger()
 
     def __init__(
-        self, cluster: Any, clock: Any, interval: float = 1.0, ring_refresh: float = 5.0
+        self, cluster: Any, clock: Any, interval: float = 0.5, ring_refresh: float = 5.0
     ) -> None:
         self._cluster = cluster
         self._clock = clock
