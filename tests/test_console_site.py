@@ -294,6 +294,20 @@ def test_feed_polls_while_watched_and_merges() -> None:
     assert len(seen) == count and not clock.getDelayedCalls()
 
 
+def test_feed_polls_at_once_on_a_new_generation() -> None:
+    clock = Clock()
+    cluster = FakeCluster()
+    feed = ClusterFeed(cluster, clock, interval=0.5)
+    seen: list[dict[str, Any]] = []
+    stop = feed.subscribe(seen.append)
+    clock.advance(0.1)
+    assert len(seen) == 1  # not due yet, same generation
+    cluster.live = False  # membership saw generation 3
+    clock.advance(0.1)
+    assert len(seen) == 2 and seen[-1]["generation"] == 3
+    stop()
+
+
 def test_merge_keeps_conductors_known_to_one_side() -> None:
     snapshot = merge(
         [{"name": "a", "live": True, "heartbeat_age": 1.0, "nodes": 2}],

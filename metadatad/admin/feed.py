@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 __all__ = ["ClusterFeed", "merge"]
 
 Listener = Callable[[dict[str, Any]], None]
+TICK = 0.1
 
 
 def merge(
@@ -83,9 +84,13 @@ class ClusterFeed:
         # The last ring report: (the generation this conductor had seen, when, report).
         self._ring: tuple[int | None, float, dict[str, Any]] | None = None
         self._listeners: list[Listener] = []
-        self._loop = LoopingCall(self._poll)
+        # Ticks ten times a second: a poll is due every ``interval``, and at once when
+        # this conductor has seen a new generation (an in-memory check).
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         self._polling: Deferred[Any] | None = None
+        self._next_poll = float("-inf")
+        self._polled_generation: int | None = None
         self.latest: dict[str, Any] | None = None
 
     def snapshot(self) -> Deferred[dict[str, Any]]:
@@ -117,7 +122,8 @@ class ClusterFeed:
         if self.latest is not None:
             listener(self.latest)
         if not self._loop.running:
-            self._loop.start(self._interval, now=True)
+            self._next_poll = float("-inf")
+            self._loop.start(min(TICK, self._interval), now=True)
 
         def unsubscribe() -> None:
             if listener in self._listeners:
@@ -127,6 +133,16 @@ class ClusterFeed:
                 self.latest = None  # stale by the time someone watches again
 
         return unsubscribe
+
+    def _seen_generation(self) -> int | None:
+        return getattr(getattr(self._cluster, "state", None), "generation", None)
+
+    def _tick(self) -> None:
+        now = self._clock.seconds()
+        if now >= self._next_poll or self._seen_generation() != self._polled_generation:
+            self._next_poll = now + self._interval - 1e-9
+            self._polled_generation = self._seen_generation()
+            self._poll()
 
     def _poll(self) -> None:
         # Never raises (a LoopingCall that fails stops); one poll at a time.
