@@ -318,6 +318,14 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     follow(by_css(By.ID, "find"))
     links = browser.find_elements(By.CSS_SELECTOR, "#nodes a.node")
     assert [link.text for link in links] == [NODE["name"]]
+
+    def last_boot() -> str:
+        browser.refresh()
+        return str(browser.find_elements(By.CSS_SELECTOR, "#nodes tbody td")[6].text)
+
+    # Its last boot outcome: it read its metadata after its TFTP fetch.
+    wait_for(lambda: last_boot() == "metadata", WAIT, "the last boot outcome")
+    links = browser.find_elements(By.CSS_SELECTOR, "#nodes a.node")
     shots.take("console-nodes")
     follow(links[0])
     assert by_css(By.ID, "node-name").text == NODE["name"]
