@@ -154,6 +154,12 @@ def test_bad_token_refused_good_token_makes_a_session(setup: Setup) -> None:
     assert setup.client.get("/console/nodes", headers={"Cookie": session}).status == 200
 
 
+def test_a_token_in_the_url_is_refused(setup: Setup) -> None:
+    answer = setup.post(f"/console/login?token={TOKEN}", data=b"", headers=FORM)
+    assert answer.status == 400 and answer.header("Set-Cookie") is None
+    assert "never in the URL" in answer.text
+
+
 def test_sessions_expire_and_belong_to_their_token(setup: Setup) -> None:
     session = setup.login()
     other = Sessions("another-token", setup.clock).issue()

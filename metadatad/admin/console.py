@@ -19,10 +19,11 @@ import secrets
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from klein import Klein
 from markupsafe import Markup
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -194,8 +195,6 @@ class Console:
         return result
 
     def _unavailable(self, failure: Failure, request: Request) -> bytes:
-        from sqlalchemy.exc import SQLAlchemyError
-
         failure.trap(SQLAlchemyError, ConnectionError)
         self.log.warn("console request failed on the store: {error}", error=failure.value)
         self._html(request, 503)
@@ -221,6 +220,10 @@ class Console:
     @app.route("/console/login", methods=["POST"])
     def login(self, request: Request) -> bytes:
         """Check the posted token; on success, a session cookie and back to ``/``."""
+        if b"token" in parse_qs(urlsplit(request.uri).query):
+            # A token in a URL lands in logs and histories: refused, even when right.
+            self._html(request, 400)
+            return pages.login_page("The token goes in the form, never in the URL.")
         offered = _arg(request, "token", 4096).strip().encode("utf-8")
         if not self._token or not hmac.compare_digest(offered, self._token):
             self.log.warn(
