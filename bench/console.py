@@ -44,8 +44,8 @@ from sqlalchemy import insert, text  # noqa: E402
 from bench.failover import Scratch  # noqa: E402
 from metadatad.db.schema import node_boot_status  # noqa: E402
 from metadatad.db.store import make_engine  # noqa: E402
-from tests.daemon import Daemon, http_request  # noqa: E402
-from tests.factories import node_document  # noqa: E402
+from tests.support.daemon import Daemon, http_request  # noqa: E402
+from tests.support.factories import node_document  # noqa: E402
 
 TARGET = 0.200
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_site -*-
+# -*- test-case-name: tests.web.test_console_site -*-
 """The operator console: HTML pages on the admin listener, at ``/`` and ``/console/``.
 
 Authentication: the login form posts the admin token once; the answer is a session
@@ -12,21 +12,24 @@ POST carrying a CSRF token (an HMAC of the session's nonce), and a cross-origin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from importlib import resources
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 from urllib.parse import parse_qs, urlsplit
 
 from klein import Klein
 from markupsafe import Markup
 from sqlalchemy.exc import SQLAlchemyError
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -34,27 +37,36 @@ from metadatad.admin import pages
 from metadatad.admin.feed import ClusterFeed
 from metadatad.admin.site import with_peer_entries
 from metadatad.admin.timeline import timeline
+from metadatad.core.nodes import NodeValidationError, parse_node
+from metadatad.db.activity import ActivityRecorder
 from metadatad.db.console import ConsoleQueries, NodeFilter
 from metadatad.db.dhcp import DhcpPushRepository
-from metadatad.httputil import handle_failure
-from metadatad.nodes import NodeValidationError, parse_node
+from metadatad.interfaces import BootEvents, ClusterView, PeerEntries, VendordataErrors
+from metadatad.metadata.reply import Reply, failure_reply
 
 __all__ = ["Console", "ConsoleRoot", "Sessions"]
 
 COOKIE = b"metadatad_console"
 SESSION_LIFETIME = 12 * 3600.0
 CHOICES_LIFETIME = 10.0
-STATIC = {"console.css": b"text/css; charset=utf-8", "console.js": b"text/javascript"}
-SECURITY_HEADERS = {
-    b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
-    b"img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-    b"base-uri 'none'",
-    b"X-Content-Type-Options": b"nosniff",
-    b"X-Frame-Options": b"DENY",
-    b"Referrer-Policy": b"same-origin",
-    b"Cache-Control": b"no-store",
-}
+HTML = "text/html; charset=utf-8"
+STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript"}
+SECURITY_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "same-origin"),
+    ("Cache-Control", "no-store"),
+)
 _NO_OWNER: dict[str, Any] = {"owner": None, "ring_owner": None, "standbys": []}
+
+P = ParamSpec("P")
+Route = Callable[Concatenate["Console", Request, str | None, P], Coroutine[Any, Any, Reply]]
+Served = Callable[Concatenate["Console", Request, P], Deferred[bytes]]
 
 
 class Sessions:
@@ -102,6 +114,59 @@ def _arg(request: Request, name: str, limit: int = 256) -> str:
     return values[0][:limit].decode("utf-8", errors="replace")
 
 
+def _page(status: int, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    """An HTML answer with the console's security headers."""
+    return Reply(status, body, HTML, SECURITY_HEADERS + headers)
+
+
+def _see_other(location: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return _page(303, b"", (("Location", location), *headers))
+
+
+def _write(reply: Reply, request: IRequest) -> bytes:
+    """The one place the console writes a reply to a request (the event stream, a
+    stream rather than one reply, writes its events itself)."""
+    request.setResponseCode(reply.status)
+    request.setHeader(b"Content-Type", reply.content_type.encode("ascii"))
+    for name, value in reply.headers:
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return reply.body
+
+
+_LOG_IN_FIRST = _page(401, pages.login_page("Log in first."))
+_FORGED = _page(403, b"forbidden: the form did not come from this console\n")
+
+
+def _not_found(what: str) -> Reply:
+    return _page(404, str(Markup("<p>No {}.</p>").format(what)).encode("utf-8"))
+
+
+def _route(*, session: bool = True, post: bool = False) -> Callable[[Route[P]], Served[P]]:
+    """Serve a console route: the session check (unless ``session`` is false), the
+    CSRF and origin check of a ``post``, the route's coroutine as a Deferred (it gets
+    the session's CSRF token, "" for a bearer caller, None without a session), a
+    database failure as a 503 page, and the reply written out."""
+
+    def decorate(route: Route[P]) -> Served[P]:
+        @functools.wraps(route)
+        def serve(
+            console: Console, request: Request, *args: P.args, **kwargs: P.kwargs
+        ) -> Deferred[bytes]:
+            csrf = console._session(request)
+            if session and csrf is None:
+                answer = succeed(_LOG_IN_FIRST)
+            elif post and csrf is not None and console._forged(request, csrf):
+                answer = succeed(_FORGED)
+            else:
+                answer = ensureDeferred(route(console, request, csrf, *args, **kwargs))
+                answer.addErrback(console._unavailable)
+            return answer.addCallback(_write, request)
+
+        return serve
+
+    return decorate
+
+
 class Console:
     """The console's routes.  Collaborators are the daemon's own services."""
 
@@ -111,20 +176,22 @@ class Console:
     def __init__(
         self,
         token: str,
-        clock: Any,
+        clock: IReactorTime,
         store: Any,
         queries: ConsoleQueries,
         *,
         conductor: str = "",
         heartbeat_timeout: float = 60.0,
-        cluster: Any = None,
+        cluster: ClusterView | None = None,
         feed: ClusterFeed | None = None,
-        boot_events: Any = None,
-        activity: Any = None,
-        vendordata_errors: Any = None,
-        peers: Any = None,
+        boot_events: BootEvents | None = None,
+        activity: ActivityRecorder | None = None,
+        vendordata_errors: VendordataErrors | None = None,
+        peers: PeerEntries | None = None,
         dhcp: Any = None,
     ) -> None:
+        """``store`` is the node store with ``run(f, *args)`` (its threadpool);
+        ``dhcp`` the local DHCP pusher (``nodes_changed()``), None without one."""
         self._token = token.encode("utf-8")
         self._clock = clock
         self._sessions = Sessions(token, clock)
@@ -152,12 +219,6 @@ class Console:
 
     # --- plumbing ------------------------------------------------------------------
 
-    def _html(self, request: Request, status: int = 200) -> None:
-        request.setResponseCode(status)
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
-
     def _session(self, request: Request) -> str | None:
         """The CSRF token of the caller's session ("" for a bearer caller), or None."""
         header = request.getHeader(b"authorization") or b""
@@ -167,130 +228,89 @@ class Console:
         nonce = self._sessions.nonce(request.getCookie(COOKIE))
         return None if nonce is None else self._sessions.csrf(nonce)
 
-    def _refuse(self, request: Request) -> bytes:
-        self._html(request, 401)
-        return pages.login_page("Log in first.")
-
     def _forged(self, request: Request, csrf: str) -> bool:
         """A POST that did not come from our own form."""
         origin = request.getHeader(b"origin")
         if origin is not None:
-            host = request.getHeader(b"host") or b""
-            if origin.decode("latin-1") == "null" or urlsplit(
-                origin.decode("latin-1")
-            ).netloc != host.decode("latin-1"):
+            host = (request.getHeader(b"host") or b"").decode("latin-1")
+            claimed = origin.decode("latin-1")
+            if claimed == "null" or urlsplit(claimed).netloc != host:
                 return True
         if csrf == "":  # a bearer caller
             return False
         return not hmac.compare_digest(_arg(request, "csrf").encode(), csrf.encode())
 
-    def _page(self, request: Request, render: Callable[[str], Any]) -> Any:
-        csrf = self._session(request)
-        if csrf is None:
-            return self._refuse(request)
-        self._html(request)
-        result = render(csrf)
-        if isinstance(result, Deferred):
-            return result.addErrback(self._unavailable, request)
-        return result
-
-    def _unavailable(self, failure: Failure, request: Request) -> bytes:
+    def _unavailable(self, failure: Failure) -> Reply:
         failure.trap(SQLAlchemyError, ConnectionError)
         self.log.warn("console request failed on the store: {error}", error=failure.value)
-        self._html(request, 503)
-        request.setHeader(b"Retry-After", b"5")
-        return str(Markup("<p>The database did not answer; retry.</p>")).encode()
+        body = str(Markup("<p>The database did not answer; retry.</p>")).encode()
+        return _page(503, body, (("Retry-After", "5"),))
+
+    def _cookie(self, request: Request, value: str, *, expire: bool = False) -> tuple[str, str]:
+        attributes = "; Path=/; HttpOnly; SameSite=Strict"
+        if request.isSecure():
+            attributes += "; Secure"
+        if expire:
+            attributes += "; Max-Age=0"
+        return ("Set-Cookie", f"{COOKIE.decode()}={value}{attributes}")
 
     @app.handle_errors(Exception)
-    def failed(self, request: Request, failure: Failure) -> bytes:
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
         """Routing errors keep their status; anything else is a bug."""
-        return handle_failure(request, failure, self.log)
+        return _write(failure_reply(request, failure, self.log), request)
 
     # --- login ---------------------------------------------------------------------
 
     @app.route("/", methods=["GET", "HEAD"])
-    def index(self, request: Request) -> Any:
+    @_route(session=False)
+    async def index(self, request: Request, csrf: str | None) -> Reply:
         """The cluster page, or the login form."""
-        csrf = self._session(request)
         if csrf is None:
-            self._html(request)
-            return pages.login_page()
-        return self._page(request, self._cluster_page)
+            return _page(200, pages.login_page())
+        snapshot = await self._feed.snapshot() if self._feed is not None else {}
+        return _page(200, pages.cluster_page(snapshot, csrf))
 
     @app.route("/console/login", methods=["POST"])
-    def login(self, request: Request) -> bytes:
+    @_route(session=False)
+    async def login(self, request: Request, csrf: str | None) -> Reply:
         """Check the posted token; on success, a session cookie and back to ``/``."""
         if b"token" in parse_qs(urlsplit(request.uri).query):
             # A token in a URL lands in logs and histories: refused, even when right.
-            self._html(request, 400)
-            return pages.login_page("The token goes in the form, never in the URL.")
+            return _page(400, pages.login_page("The token goes in the form, never in the URL."))
         offered = _arg(request, "token", 4096).strip().encode("utf-8")
         if not self._token or not hmac.compare_digest(offered, self._token):
             self.log.warn(
                 "console login refused from {peer}",
                 peer=getattr(request.getClientAddress(), "host", "?"),
             )
-            self._html(request, 401)
-            return pages.login_page("That token was refused.")
-        request.addCookie(
-            COOKIE,
-            self._sessions.issue().encode("ascii"),
-            path=b"/",
-            httpOnly=True,
-            secure=request.isSecure(),
-            sameSite="strict",
-        )
-        return self._see_other(request, b"/")
+            return _page(401, pages.login_page("That token was refused."))
+        return _see_other("/", (self._cookie(request, self._sessions.issue()),))
 
     @app.route("/console/logout", methods=["POST"])
-    def logout(self, request: Request) -> bytes:
+    @_route(post=True)
+    async def logout(self, request: Request, csrf: str | None) -> Reply:
         """Forget the session cookie (a copy of it stays valid until it expires)."""
-        csrf = self._session(request)
-        if csrf is not None and self._forged(request, csrf):
-            self._html(request, 403)
-            return b"forbidden\n"
-        request.addCookie(
-            COOKIE,
-            b"",
-            path=b"/",
-            httpOnly=True,
-            secure=request.isSecure(),
-            sameSite="strict",
-            max_age=b"0",
-        )
-        return self._see_other(request, b"/")
-
-    def _see_other(self, request: Request, location: bytes) -> bytes:
-        self._html(request, 303)
-        request.setHeader(b"Location", location)
-        return b""
+        return _see_other("/", (self._cookie(request, "", expire=True),))
 
     @app.route("/console/static/<string:name>", methods=["GET", "HEAD"])
-    def static(self, request: Request, name: str) -> bytes:
+    @_route(session=False)
+    async def static(self, request: Request, csrf: str | None, name: str) -> Reply:
         """The console's stylesheet and script (shipped in the package)."""
         if name not in self._static:
-            request.setResponseCode(404)
-            return b"not found\n"
-        request.setHeader(b"Content-Type", STATIC[name])
-        request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        return self._static[name]
+            return _page(404, b"not found\n")
+        headers = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-cache"))
+        return Reply(200, self._static[name], STATIC[name], headers)
 
     # --- the cluster -----------------------------------------------------------------
 
-    def _cluster_page(self, csrf: str) -> Deferred[bytes]:
-        snapshot = self._feed.snapshot() if self._feed is not None else succeed({})
-        return snapshot.addCallback(lambda found: pages.cluster_page(found, csrf))
-
     @app.route("/console/events", methods=["GET"])
     def events(self, request: Request) -> Any:
-        """Server-sent events: the cluster page's live parts, twice a second."""
+        """Server-sent events: the cluster page's live parts, twice a second.  A stream
+        written event by event (not one reply); refusals are replies."""
         if self._session(request) is None:
-            request.setResponseCode(401)
-            return b"log in first\n"
+            return _write(Reply(401, b"log in first\n"), request)
         if self._feed is None:
-            request.setResponseCode(503)
-            return b"conductor membership is not running\n"
+            return _write(Reply(503, b"conductor membership is not running\n"), request)
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")
@@ -299,15 +319,15 @@ class Console:
             data = json.dumps(pages.cluster_fragments(snapshot), separators=(",", ":"))
             request.write(b"event: cluster\ndata: " + data.encode("utf-8") + b"\n\n")
 
-        feed = self._feed
-        unsubscribe = feed.subscribe(send)
+        unsubscribe = self._feed.subscribe(send)
         # Fires never: the stream ends when the browser leaves (Klein cancels it).
         return Deferred(lambda _: unsubscribe())
 
     # --- nodes -------------------------------------------------------------------------
 
     @app.route("/console/nodes", methods=["GET", "HEAD"])
-    def nodes(self, request: Request) -> Any:
+    @_route()
+    async def nodes(self, request: Request, csrf: str | None) -> Reply:
         """One page of the nodes table."""
         page = _arg(request, "page", 9)
         wanted = NodeFilter(
@@ -317,27 +337,15 @@ class Console:
             outcome=_arg(request, "outcome", 32),
             page=int(page) if page.isdigit() and int(page) > 0 else 1,
         )
-
-        def render(csrf: str) -> Deferred[bytes]:
-            started = self._clock.seconds()
-            d = gatherResults(
-                [
-                    self._store.run(self._queries.page, wanted),
-                    self._filter_choices(),
-                ],
-                consumeErrors=True,
-            )
-
-            def done(results: list[Any]) -> bytes:
-                (total, rows), choices = results
-                elapsed = self._clock.seconds() - started
-                return pages.nodes_page(
-                    wanted, total, rows, choices=choices, csrf=csrf, elapsed=elapsed
-                )
-
-            return d.addCallback(done).addErrback(_first_failure)
-
-        return self._page(request, render)
+        started = self._clock.seconds()
+        found = self._store.run(self._queries.page, wanted)
+        choices = await self._filter_choices()
+        total, rows = await found
+        elapsed = self._clock.seconds() - started
+        body = pages.nodes_page(
+            wanted, total, rows, choices=choices, csrf=csrf or "", elapsed=elapsed
+        )
+        return _page(200, body)
 
     def _filter_choices(self) -> Deferred[Any]:
         """The owners and outcomes the filters offer, read at most every 10 s."""
@@ -354,24 +362,18 @@ class Console:
         return d.addCallback(keep)
 
     @app.route("/console/nodes/<string:uuid>", methods=["GET", "HEAD"])
-    def node(self, request: Request, uuid: str) -> Any:
+    @_route()
+    async def node(self, request: Request, csrf: str | None, uuid: str) -> Reply:
         """One node: who holds it, its DHCP mapping, its boot timeline, its document."""
         notice = {
             "repush": "The mapping is due again: its owner pushes it at its next cycle.",
             "clear-vendordata": "The vendordata error was cleared.",
             "delete-shared-keys": "The shared keys were deleted.",
         }.get(_arg(request, "done", 32), "")
-        return self._page(
-            request,
-            lambda csrf: Deferred.fromCoroutine(self._node_page(request, uuid, csrf, notice)),
-        )
-
-    async def _node_page(self, request: Request, uuid: str, csrf: str, notice: str) -> bytes:
         canonical = _uuid(uuid)
         record = None if canonical is None else await self._store.get_node(canonical)
         if canonical is None or record is None:
-            request.setResponseCode(404)
-            return str(Markup("<p>No node {}.</p>").format(uuid)).encode()
+            return _not_found(f"node {uuid}")
         document = (
             await with_peer_entries(self._peers, canonical, record)
             if self._peers is not None
@@ -393,57 +395,43 @@ class Console:
         events = await self._boot_events.recent(canonical) if self._boot_events else []
         activity = await self._activity.recent(canonical) if self._activity else []
         status = await self._activity.status(canonical) if self._activity else None
-        return pages.node_page(
+        body = pages.node_page(
             document,
             ownership=ownership,
             push=push,
             vendordata_errors=[e.to_document() for e in errors],
             entries=timeline(push, events, activity),
             status=status,
-            csrf=csrf,
+            csrf=csrf or "",
             notice=notice,
         )
+        return _page(200, body)
 
     @app.route("/console/nodes/<string:uuid>/<string:action>", methods=["GET", "HEAD"])
-    def confirm(self, request: Request, uuid: str, action: str) -> Any:
+    @_route()
+    async def confirm(self, request: Request, csrf: str | None, uuid: str, action: str) -> Reply:
         """The confirmation page of an action."""
         if action not in pages.ACTIONS:
-            request.setResponseCode(404)
-            return b"no such action\n"
-
-        async def render(csrf: str) -> bytes:
-            canonical = _uuid(uuid)
-            record = None if canonical is None else await self._store.get_node(canonical)
-            if canonical is None or record is None:
-                request.setResponseCode(404)
-                return str(Markup("<p>No node {}.</p>").format(uuid)).encode()
-            return pages.confirm_page(
-                canonical, record.node.name, action, _arg(request, "target", 64), csrf
-            )
-
-        return self._page(request, lambda csrf: Deferred.fromCoroutine(render(csrf)))
+            return _not_found(f"action {action}")
+        canonical = _uuid(uuid)
+        record = None if canonical is None else await self._store.get_node(canonical)
+        if canonical is None or record is None:
+            return _not_found(f"node {uuid}")
+        target = _arg(request, "target", 64)
+        return _page(
+            200, pages.confirm_page(canonical, record.node.name, action, target, csrf or "")
+        )
 
     @app.route("/console/nodes/<string:uuid>/<string:action>", methods=["POST"])
-    def act(self, request: Request, uuid: str, action: str) -> Any:
+    @_route(post=True)
+    async def act(self, request: Request, csrf: str | None, uuid: str, action: str) -> Reply:
         """Carry out a confirmed action, then back to the node's page."""
-        csrf = self._session(request)
-        if csrf is None:
-            return self._refuse(request)
-        if self._forged(request, csrf):
-            self._html(request, 403)
-            return b"forbidden: the form did not come from this console\n"
         canonical = _uuid(uuid)
         if action not in pages.ACTIONS or canonical is None:
-            request.setResponseCode(404)
-            return b"no such node or action\n"
-        d = Deferred.fromCoroutine(self._act(canonical, action, _arg(request, "target", 64)))
-
-        def done(_: object) -> bytes:
-            self.log.info("console: {action} on node {uuid}", action=action, uuid=canonical)
-            location = f"/console/nodes/{canonical}?done={action}"
-            return self._see_other(request, location.encode("ascii"))
-
-        return d.addCallback(done).addErrback(self._unavailable, request)
+            return _not_found("such node or action")
+        await self._act(canonical, action, _arg(request, "target", 64))
+        self.log.info("console: {action} on node {uuid}", action=action, uuid=canonical)
+        return _see_other(f"/console/nodes/{canonical}?done={action}")
 
     async def _act(self, uuid: str, action: str, target: str) -> None:
         if action == "repush":
@@ -465,26 +453,16 @@ class Console:
     # --- what-if -----------------------------------------------------------------------
 
     @app.route("/console/whatif", methods=["GET", "HEAD"])
-    def what_if(self, request: Request) -> Any:
+    @_route()
+    async def what_if(self, request: Request, csrf: str | None) -> Reply:
         """Which nodes would move if a conductor died."""
         chosen = _arg(request, "conductor")
-
-        async def render(csrf: str) -> bytes:
-            live = await self._store.run(self._queries.live_conductors, self._timeout)
-            total, moves = 0, None
-            if chosen in live:
-                total, moves = await self._store.run(self._queries.what_if, chosen, self._timeout)
-            return pages.whatif_page(live, chosen, total=total, moves=moves, csrf=csrf)
-
-        return self._page(request, lambda csrf: Deferred.fromCoroutine(render(csrf)))
-
-
-def _first_failure(failure: Failure) -> Failure:
-    """The failure inside gatherResults' FirstError."""
-    error = failure.value
-    assert isinstance(error, FirstError)
-    sub: Failure = error.subFailure
-    return sub
+        live = await self._store.run(self._queries.live_conductors, self._timeout)
+        total, moves = 0, None
+        if chosen in live:
+            total, moves = await self._store.run(self._queries.what_if, chosen, self._timeout)
+        body = pages.whatif_page(live, chosen, total=total, moves=moves, csrf=csrf or "")
+        return _page(200, body)
 
 
 def _uuid(text: str) -> str | None:

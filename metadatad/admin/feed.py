@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_feed -*-
+# -*- test-case-name: tests.web.test_console_site -*-
 """The cluster as the console shows it, polled twice a second while someone watches.
 
 One poll serves every open cluster page: :meth:`ClusterFeed.subscribe` adds a

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_pages -*-
+# -*- test-case-name: tests.web.test_console_site -*-
 """The console's HTML, rendered on the server.
 
 Every value goes through :class:`markupsafe.Markup`'s formatting, which escapes

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_timeline -*-
+# -*- test-case-name: tests.web.test_console_activity -*-
 """A node's boot timeline: its DHCP mapping, TFTP transfers and HTTP activity, in
 time order (pure: no I/O, no clock)."""
 

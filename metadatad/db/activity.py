@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_activity -*-
+# -*- test-case-name: tests.db.test_console_queries -*-
 """What each node did over HTTP, for the console's boot timeline, and its last boot outcome.
 
 The metadata site, the vendordata caller, the TFTP server and the console hand events

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_queries -*-
+# -*- test-case-name: tests.db.test_console_queries -*-
 """The console's queries (synchronous, run on the store's threadpool).
 
 :meth:`ConsoleQueries.page` is the nodes table: one page of nodes matching a search
@@ -16,8 +16,9 @@ import attrs
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.engine import Engine
 
-from metadatad.cluster.placement import Placement, moves_without
-from metadatad.db.cluster import ClusterRepository, RingState
+from metadatad.core.conductors import RingState
+from metadatad.core.placement import Placement, moves_without
+from metadatad.db.cluster import ClusterRepository
 from metadatad.db.schema import (
     dhcp_pushes,
     node_boot_status,

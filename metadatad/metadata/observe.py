@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_activity -*-
+# -*- test-case-name: tests.web.test_console_activity -*-
 """What the metadata site and the vendordata caller tell the activity recorder."""
 
 from __future__ import annotations

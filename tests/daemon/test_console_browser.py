@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, free_port, http_request
-from tests.databases import empty_database
-from tests.factories import node_document
-from tests.test_tftp_daemon import free_udp_port
+from tests.daemon.test_tftp_daemon import free_udp_port
+from tests.support.daemon import Daemon, free_port, http_request
+from tests.support.databases import empty_database
+from tests.support.factories import node_document
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
+from metadatad.core.nodes import parse_node
 from metadatad.db.activity import Activity, ActivityRepository, BootStatus
 from metadatad.db.console import ConsoleQueries, NodeFilter
 from metadatad.db.schema import dhcp_pushes, node_claims
 from metadatad.db.store import NodeRepository, make_engine
-from metadatad.nodes import parse_node
-from tests.factories import node_document
+from tests.support.factories import node_document
 
 T0 = datetime(2026, 12, 6, 10, 0, 0)
 

@@ -16,13 +16,13 @@ from twisted.web.resource import Resource
 
 from metadatad.admin.console import Console, ConsoleRoot, Sessions
 from metadatad.admin.feed import ClusterFeed, merge
+from metadatad.core.nodes import parse_node
 from metadatad.db.console import ConsoleQueries
 from metadatad.db.migrate import upgrade
 from metadatad.db.schema import dhcp_pushes, node_claims
 from metadatad.db.store import NodeRepository, make_engine
-from metadatad.nodes import parse_node
-from tests.factories import node_document
-from tests.sites import Client
+from tests.support.factories import node_document
+from tests.support.sites import Client
 
 TOKEN = "console-token-0123456789abcdef"
 NODE = node_document(0)
@@ -147,7 +147,7 @@ def test_bad_token_refused_good_token_makes_a_session(setup: Setup) -> None:
     answer = setup.post("/console/login", data=b"token=" + TOKEN.encode(), headers=FORM)
     assert answer.status == 303 and answer.header("Location") == "/"
     cookie = answer.header("Set-Cookie") or ""
-    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
     session = cookie.split(";")[0]
     page = setup.client.get("/", headers={"Cookie": session})
     assert page.status == 200 and "Log out" in page.text
