@@ -88,11 +88,16 @@ class ConsoleQueries:
         source: Any = nodes
         for table in (node_claims, dhcp_pushes, node_boot_status):
             if table in joins:
-                source = source.outerjoin(table, table.c.node_uuid == nodes.c.uuid)
+                # An inner join where a row must exist: the planner may hash it.
+                join = source.outerjoin if joins[table] else source.join
+                source = join(table, table.c.node_uuid == nodes.c.uuid)
         offset = (max(1, wanted.page) - 1) * wanted.per_page
-        # The total rides along (a window count): one pass over the matches, not two.
+        # Without joined filters the total rides along (a window count): one pass over
+        # the matches.  With them, two statements: the page stops after its 50 names
+        # (the name index) and the count is free to hash-join.
+        window = () if joins else (func.count().over().label("total"),)
         page = (
-            select(nodes.c.uuid, func.count().over().label("total"))
+            select(nodes.c.uuid, *window)
             .select_from(source)
             .where(*conditions)
             .order_by(nodes.c.name, nodes.c.uuid)
@@ -101,13 +106,14 @@ class ConsoleQueries:
         )
         with self.engine.connect() as connection:
             found = connection.execute(page).all()
-            if not found:
-                count = select(func.count()).select_from(
-                    select(nodes.c.uuid).select_from(source).where(*conditions).subquery()
-                )
-                return int(connection.execute(count).scalar() or 0), []
-            total = int(found[0].total)
             uuids = [row.uuid for row in found]
+            if found and not joins:
+                total = int(found[0].total)
+            else:
+                count = select(func.count()).select_from(source).where(*conditions)
+                total = int(connection.execute(count).scalar() or 0)
+            if not uuids:
+                return total, []
             rows = {row.uuid: row for row in connection.execute(self._details(uuids))}
             addresses: dict[str, list[tuple[str, str | None]]] = {u: [] for u in uuids}
             for mac, node_uuid, ip in connection.execute(
@@ -143,10 +149,11 @@ class ConsoleQueries:
             .where(nodes.c.uuid.in_(uuids))
         )
 
-    def _conditions(self, wanted: NodeFilter) -> tuple[list[Any], set[Any]]:
-        """The WHERE conditions of ``wanted``, and the tables they need joined."""
+    def _conditions(self, wanted: NodeFilter) -> tuple[list[Any], dict[Any, bool]]:
+        """The WHERE conditions of ``wanted``, and the tables they need joined (True:
+        an outer join, the filter asks for nodes without a row there)."""
         conditions: list[Any] = []
-        joins: set[Any] = set()
+        joins: dict[Any, bool] = {}
         search = wanted.search.strip().lower()
         if search:
             mac = search.replace("-", ":")
@@ -164,14 +171,14 @@ class ConsoleQueries:
                 )
             )
         if wanted.owner:
-            joins.add(node_claims)
+            joins[node_claims] = wanted.owner == "-"
             if wanted.owner == "-":
                 conditions.append(node_claims.c.owner.is_(None))
             else:
                 conditions.append(node_claims.c.owner == wanted.owner)
         in_sync, failed = _push_state()
         if wanted.push in PUSH_STATES:
-            joins.add(dhcp_pushes)
+            joins[dhcp_pushes] = wanted.push == "none"
         if wanted.push == "none":
             conditions.append(dhcp_pushes.c.node_uuid.is_(None))
         elif wanted.push == "pushed":
@@ -190,7 +197,7 @@ class ConsoleQueries:
                 )
             )
         if wanted.outcome:
-            joins.add(node_boot_status)
+            joins[node_boot_status] = wanted.outcome == NO_BOOT
             if wanted.outcome == NO_BOOT:
                 conditions.append(node_boot_status.c.outcome.is_(None))
             else:
