@@ -14,6 +14,8 @@ setup(
     packages=find_packages(include=["metadatad", "metadatad.*"]) + ["twisted.plugins"],
     package_data={
         "metadatad.db": ["migrations/*.py", "migrations/versions/*.py"],
+        # The console's stylesheet and script: plain files, no build step.
+        "metadatad.admin": ["static/*.css", "static/*.js"],
     },
     include_package_data=True,
     install_requires=[
@@ -25,6 +27,7 @@ setup(
         "attrs>=23.2.0",
         "service-identity>=24.1.0",
         "prometheus_client>=0.20",
+        "markupsafe>=2.1",
     ],
     extras_require={
         "postgresql": ["psycopg[binary]>=3.1.18"],
@@ -38,6 +41,8 @@ setup(
             "botocore>=1.34",
             "tftpy>=0.8.7",
             "import-linter>=2.1",
+            # The console's browser tests drive Debian's chromium through chromedriver.
+            "selenium>=4.20",
         ],
         # bench/tftp.py's Python peer servers.
         "bench": ["fbtftp>=0.5", "py3tftp>=1.3"],

@@ -16,11 +16,13 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from metadatad.admin.site import AdminSite
+from metadatad.admin.wiring import with_console
 from metadatad.clients.keystone import make_keystone_client
 from metadatad.cluster.membership import MembershipService
 from metadatad.config import Config, ConfigError, load_config, read_admin_token
 from metadatad.core.conductors import ConductorInfo
 from metadatad.core.identity import Identifier
+from metadatad.db.activity import ActivityRecorder, ActivityRepository, fan_out
 from metadatad.db.bootevents import BootEventRepository, BootEventStore
 from metadatad.db.cache import NodeCache
 from metadatad.db.cluster import ClusterRepository, bound_waits
@@ -32,6 +34,7 @@ from metadatad.errors import SetupError
 from metadatad.hardening import HardenedSite, Limits
 from metadatad.logs import RootService
 from metadatad.metadata.guard import make_guard
+from metadatad.metadata.observe import RecordingVendordataErrors, request_observer
 from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
 from metadatad.metadata.wiring import make_peer_services
@@ -120,9 +123,19 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         BootEventRepository(engine), reactor, retention_days=config.tftp.event_retention
     )
     boot_events.setServiceParent(root)
+    # The console's boot timeline (HTTP activity, last boot outcome), kept as long.
+    activity = ActivityRecorder(
+        ActivityRepository(engine),
+        reactor,
+        config.conductor.hostname,
+        retention_days=config.tftp.event_retention,
+    )
+    activity.setServiceParent(root)
     vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
     vendordata_errors.setServiceParent(root)
-    vendordata = make_vendordata(config, reactor, vendordata_errors, keystone)
+    vendordata = make_vendordata(
+        config, reactor, RecordingVendordataErrors(vendordata_errors, activity), keystone
+    )
     if vendordata is not None:
         vendordata.setServiceParent(root)
 
@@ -139,6 +152,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         vendordata=vendordata,
         peer_routes=peer_routes,
         guard=make_guard(config.metadata, reactor),
+        observe=request_observer(activity),
     )
     _listen(
         root,
@@ -165,7 +179,24 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             reactor,
             config.admin.listen,
             make_site(
-                MeasuredResource(admin_site.resource(), "admin", reactor),
+                MeasuredResource(
+                    with_console(
+                        admin_site.resource(),
+                        config,
+                        reactor,
+                        engine=engine,
+                        token=admin_token,
+                        store=store,
+                        membership=membership,
+                        boot_events=boot_events,
+                        activity=activity,
+                        vendordata_errors=vendordata_errors,
+                        peers=peer_store,
+                        dhcp=dhcp,
+                    ),
+                    "admin",
+                    reactor,
+                ),
                 config.metadata.access_log,
             ),
         )
@@ -177,7 +208,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             cache,
             reactor,
             owns=membership.owns,
-            record=boot_events.record,
+            record=fan_out(boot_events.record, activity.tftp),
         )
         tftp.setServiceParent(root)
         caches["tftp"] = tftp.mac_cache

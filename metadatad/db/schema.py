@@ -206,3 +206,42 @@ dhcp_pushes = Table(
     Column("pushed_at", Float, nullable=True),
     Index("ix_dhcp_pushes_owner_next_attempt", "owner", "next_attempt"),
 )
+
+# --- the console's boot timeline (migration 0010) ----------------------------------------
+
+# What a node did over HTTP, one row per node, kind and detail per flush interval (a
+# crawl of 40 requests is one or two rows): metadata requests (``requests``, and whether
+# every one carried an IMDSv2 token), token PUTs, peer posts, vendordata results and
+# operator actions.  Pruned with the boot events' retention.  No foreign key: a deleted
+# node's history stays until it expires, like its boot events.
+node_activity = Table(
+    "node_activity",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("node_uuid", String(36), nullable=False),
+    Column("conductor", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("detail", String(255), nullable=False),
+    Column("requests", Integer, nullable=False),
+    Column("imdsv2", Boolean, nullable=False),
+    Column("first_at", DateTime, nullable=False),
+    Column("last_at", DateTime, nullable=False),
+    Index("ix_node_activity_node_uuid_last_at", "node_uuid", "last_at"),
+    Index("ix_node_activity_last_at", "last_at"),
+)
+
+# The console's nodes table pages by name (migration 0010).
+Index("ix_nodes_name_uuid", nodes.c.name, nodes.c.uuid)
+
+# Each node's last boot outcome (the console's filter): the outcome of its newest TFTP
+# transfer, or ``metadata`` once it read its metadata after that.
+node_boot_status = Table(
+    "node_boot_status",
+    metadata,
+    Column("node_uuid", String(36), primary_key=True),
+    Column("outcome", String(32), nullable=False),
+    Column("detail", String(255), nullable=False),
+    Column("at", DateTime, nullable=False),
+    Index("ix_node_boot_status_outcome", "outcome"),
+    Index("ix_node_boot_status_at", "at"),
+)

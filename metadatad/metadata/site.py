@@ -70,12 +70,16 @@ class MetadataSite:
         vendordata: Any = None,
         peer_routes: PeerRoutes | None = None,
         guard: Guard | None = None,
+        observe: Callable[[Request, str, bool, bool], None] | None = None,
     ) -> None:
         self._cache = cache
         if guard is None:
             from twisted.internet import reactor
 
             guard = Guard(reactor)
+        # ``observe(request, node uuid, with an IMDSv2 token, is a token PUT)`` for every
+        # request answered for a known node (the console's boot timeline).
+        self._observe = observe
         # Tokens, rate, size and header rules: checked here for every path.
         self._guard = guard
         self._store = store
@@ -156,6 +160,10 @@ class MetadataSite:
         if denied is not None:
             node = visible.node.uuid if visible else None
             return self._guard.deny(request, denied, _peer(request), node)
+        if self._observe is not None and visible is not None:
+            self._observe(
+                request, visible.node.uuid, screened.token_node is not None, screened.token_request
+            )
         if screened.token_request:
             if visible is None:
                 return error(404, "Not Found: no node for this caller")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from metadatad import cli
+from metadatad.admin.console import Console
 from metadatad.admin.site import AdminSite
 from metadatad.config import _SCHEMA, Config, ConfigError, load_config, parse_config
 
@@ -101,9 +102,11 @@ def test_sample_errors_are_what_the_code_prints(
 
 
 def test_api_md_documents_every_admin_route() -> None:
-    """Each route and method of the admin site has a ``### `METHOD /path` `` heading."""
+    """Each route and method of the admin site and the console has a
+    ``### `METHOD /path` `` heading."""
     headings = set(re.findall(r"^### `(\w+ \S+)`", API.read_text(encoding="utf-8"), re.M))
-    for rule in AdminSite.app.url_map.iter_rules():
+    rules = [*AdminSite.app.url_map.iter_rules(), *Console.app.url_map.iter_rules()]
+    for rule in rules:
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"<\1>", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             assert f"{method} {path}" in headings

@@ -1,0 +1,380 @@
+# -*- test-case-name: tests.db.test_console_queries -*-
+"""What each node did over HTTP, for the console's boot timeline, and its last boot outcome.
+
+The metadata site, the vendordata caller, the TFTP server and the console hand events
+to :class:`ActivityRecorder`.  It aggregates them in memory (a cloud-init crawl of 40
+requests becomes one row per flush interval: first and last request, how many, and
+whether every one carried an IMDSv2 token), writes a batch every ``flush_interval``
+seconds on a one-thread pool of its own, and prunes rows past the boot events'
+retention, exactly like :class:`~metadatad.db.bootevents.BootEventStore`.  The buffer
+is bounded: past ``max_buffer`` distinct rows, new ones are dropped (and counted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import attrs
+from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from metadatad.db.bootevents import BootEvent, utc_moment
+from metadatad.db.bulk import chunks_for, member_of
+from metadatad.db.schema import node_activity, node_boot_status
+
+__all__ = ["Activity", "ActivityRecorder", "ActivityRepository", "BootStatus", "fan_out"]
+
+PRUNE_INTERVAL = 3600.0
+# The outcome a node's boot status takes once it reads its metadata.
+METADATA_OUTCOME = "metadata"
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat() + "Z"
+
+
+@attrs.frozen
+class Activity:
+    """One aggregated row: ``requests`` events of ``kind`` between first and last."""
+
+    node_uuid: str
+    conductor: str
+    kind: str  # metadata, token, peer-post, vendordata, operator
+    detail: str
+    requests: int
+    imdsv2: bool
+    first_at: datetime
+    last_at: datetime
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON form (times in ISO 8601, UTC)."""
+        document = attrs.asdict(self)
+        document["first_at"] = _iso(self.first_at)
+        document["last_at"] = _iso(self.last_at)
+        return document
+
+    def row(self) -> dict[str, Any]:
+        """Column values, texts cut to their widths."""
+        row = attrs.asdict(self)
+        row["detail"] = self.detail[:255]
+        row["conductor"] = self.conductor[:255]
+        return row
+
+
+@attrs.frozen
+class BootStatus:
+    """A node's last boot outcome: a TFTP transfer's, or ``metadata``."""
+
+    outcome: str
+    detail: str
+    at: datetime
+
+
+class ActivityRepository:
+    """Synchronous queries on ``node_activity`` and ``node_boot_status``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def add(self, rows: Sequence[Activity], statuses: Mapping[str, BootStatus]) -> None:
+        """Store ``rows``, and move each node's boot status forward (never back)."""
+        if rows:
+            with self.engine.begin() as connection:
+                connection.execute(insert(node_activity), [r.row() for r in rows])
+        if statuses:
+            try:
+                self._set_statuses(statuses)
+            except IntegrityError:
+                # Another conductor inserted one of these nodes meanwhile: they exist now.
+                self._set_statuses(statuses)
+
+    def _set_statuses(self, statuses: Mapping[str, BootStatus]) -> None:
+        uuids = sorted(statuses)
+        with self.engine.begin() as connection:
+            existing: set[str] = set()
+            for chunk in chunks_for(connection, uuids):
+                existing.update(
+                    connection.execute(
+                        select(node_boot_status.c.node_uuid).where(
+                            member_of(connection, node_boot_status.c.node_uuid, chunk)
+                        )
+                    ).scalars()
+                )
+            values = [
+                {
+                    "u": uuid,
+                    "o": statuses[uuid].outcome[:32],
+                    "d": statuses[uuid].detail[:255],
+                    "a": statuses[uuid].at,
+                }
+                for uuid in uuids
+            ]
+            updates = [v for v in values if v["u"] in existing]
+            if updates:
+                connection.execute(
+                    update(node_boot_status)
+                    .where(
+                        node_boot_status.c.node_uuid == bindparam("u"),
+                        node_boot_status.c.at <= bindparam("a"),
+                    )
+                    .values(outcome=bindparam("o"), detail=bindparam("d"), at=bindparam("a")),
+                    updates,
+                )
+            inserts = [
+                {"node_uuid": v["u"], "outcome": v["o"], "detail": v["d"], "at": v["a"]}
+                for v in values
+                if v["u"] not in existing
+            ]
+            if inserts:
+                connection.execute(insert(node_boot_status), inserts)
+
+    def recent(self, node_uuid: str, limit: int = 100) -> list[Activity]:
+        """The node's newest ``limit`` rows, newest first."""
+        query = (
+            select(node_activity)
+            .where(node_activity.c.node_uuid == node_uuid)
+            .order_by(node_activity.c.last_at.desc(), node_activity.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [
+                Activity(**{f.name: getattr(row, f.name) for f in attrs.fields(Activity)})
+                for row in connection.execute(query)
+            ]
+
+    def status(self, node_uuid: str) -> BootStatus | None:
+        """The node's last boot outcome, or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(node_boot_status).where(node_boot_status.c.node_uuid == node_uuid)
+            ).first()
+        return None if row is None else BootStatus(row.outcome, row.detail, row.at)
+
+    def prune(self, before: datetime) -> int:
+        """Delete rows older than ``before``; returns how many activity rows went."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                delete(node_activity).where(node_activity.c.last_at < before)
+            )
+            connection.execute(delete(node_boot_status).where(node_boot_status.c.at < before))
+            return int(result.rowcount or 0)
+
+
+@attrs.define
+class _Pending:
+    first: float
+    last: float
+    requests: int = 0
+    imdsv2: bool = True
+
+
+class ActivityRecorder(Service):
+    """Aggregates node activity in memory and writes it in batches."""
+
+    name = "node-activity"
+    log = Logger()
+
+    def __init__(
+        self,
+        repository: ActivityRepository,
+        reactor: Any,
+        conductor: str,
+        *,
+        flush_interval: float = 1.0,
+        retention_days: float = 7.0,
+        max_buffer: int = 100_000,
+        run: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        self.repository = repository
+        self._clock = reactor
+        self._conductor = conductor
+        self._flush_interval = flush_interval
+        self._retention = retention_days * 86400.0
+        self._max_buffer = max_buffer
+        self._pending: dict[tuple[str, str, str], _Pending] = {}
+        self._statuses: dict[str, tuple[str, str, float]] = {}
+        self._writing: Deferred[None] | None = None
+        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="metadatad-node-activity")
+        self._run = run or self._in_pool
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._last_prune = float("-inf")
+        self.dropped = 0
+
+    def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._clock, self._pool, f, *args)
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+        self._loop.start(self._flush_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        return self.flush().addBoth(lambda _: self._pool.stop())
+
+    # --- what happened (never blocks, never fails) -----------------------------------
+
+    def note(self, node_uuid: str, kind: str, detail: str, imdsv2: bool = False) -> None:
+        """Count one event of ``kind`` for the node (same kind and detail within a
+        flush interval: one row)."""
+        now = self._clock.seconds()
+        key = (node_uuid, kind, detail[:255])
+        pending = self._pending.get(key)
+        if pending is None:
+            if len(self._pending) >= self._max_buffer:
+                self.dropped += 1
+                return
+            pending = self._pending[key] = _Pending(now, now)
+        pending.last = now
+        pending.requests += 1
+        pending.imdsv2 = pending.imdsv2 and imdsv2
+
+    def metadata_request(self, node_uuid: str, method: str, path: str, imdsv2: bool) -> None:
+        """A request of the metadata site answered for this node."""
+        del path  # one row per crawl, not per path: the path is in the access log
+        self.note(node_uuid, "metadata", method, imdsv2)
+        self._status(node_uuid, METADATA_OUTCOME, "read its metadata")
+
+    def tftp(self, event: BootEvent) -> None:
+        """A TFTP transfer reached a decision: the node's boot status follows it."""
+        if event.node_uuid is not None:
+            detail = f"{event.filename}: {event.error}" if event.error else event.filename
+            self._status(event.node_uuid, event.outcome, detail)
+
+    def vendordata(self, node_uuid: str, target: str, reason: str | None) -> None:
+        """A dynamic vendordata target answered (``reason`` None) or failed."""
+        self.note(node_uuid, "vendordata", f"{target}: {'ok' if reason is None else reason}")
+
+    def _status(self, node_uuid: str, outcome: str, detail: str) -> None:
+        if node_uuid in self._statuses or len(self._statuses) < self._max_buffer:
+            self._statuses[node_uuid] = (outcome, detail, self._clock.seconds())
+        else:
+            self.dropped += 1
+
+    # --- reads -----------------------------------------------------------------------
+
+    def recent(self, node_uuid: str, limit: int = 100) -> Deferred[list[Activity]]:
+        """The node's newest rows, newest first (buffered ones included)."""
+        waiting = self._rows(node_uuid)
+
+        def merged(stored: list[Activity]) -> list[Activity]:
+            rows = waiting + stored
+            rows.sort(key=lambda a: a.last_at, reverse=True)
+            return rows[:limit]
+
+        return self._run(self.repository.recent, node_uuid, limit).addCallback(merged)
+
+    def status(self, node_uuid: str) -> Deferred[BootStatus | None]:
+        """The node's last boot outcome (a buffered one first)."""
+        waiting = self._statuses.get(node_uuid)
+        if waiting is not None:
+            return succeed(BootStatus(waiting[0], waiting[1], utc_moment(waiting[2])))
+        return self._run(self.repository.status, node_uuid)
+
+    def _rows(self, only: str | None = None) -> list[Activity]:
+        return [
+            Activity(
+                uuid,
+                self._conductor,
+                kind,
+                detail,
+                p.requests,
+                p.imdsv2 and kind == "metadata",
+                utc_moment(p.first),
+                utc_moment(p.last),
+            )
+            for (uuid, kind, detail), p in self._pending.items()
+            if only is None or uuid == only
+        ]
+
+    # --- writing ---------------------------------------------------------------------
+
+    def flush(self) -> Deferred[None]:
+        """Write what is buffered; failures are logged and the batch is kept."""
+        if self._writing is not None:
+            d: Deferred[None] = Deferred()
+            self._writing.addBoth(lambda _: self.flush().chainDeferred(d))
+            return d
+        if not self._pending and not self._statuses:
+            return succeed(None)
+        rows = self._rows()
+        statuses = {
+            uuid: BootStatus(outcome, detail, utc_moment(at))
+            for uuid, (outcome, detail, at) in self._statuses.items()
+        }
+        pending, kept_statuses = self._pending, self._statuses
+        self._pending, self._statuses = {}, {}
+        writing = self._run(self.repository.add, rows, statuses)
+        self._writing = writing
+
+        def done(result: object) -> None:
+            self._writing = None
+            if isinstance(result, Failure):
+                self.log.warn(
+                    "could not store {count} node activity rows, will retry: {error}",
+                    count=len(rows),
+                    error=result.value,
+                )
+                _keep(self._pending, pending)
+                for uuid, status in kept_statuses.items():
+                    self._statuses.setdefault(uuid, status)
+
+        writing.addBoth(done)
+        result: Deferred[None] = Deferred()
+        writing.addBoth(lambda _: result.callback(None))
+        return result
+
+    def _tick(self) -> Deferred[None]:
+        d = self.flush()
+        now = self._clock.seconds()
+        if self._retention > 0 and now - self._last_prune >= PRUNE_INTERVAL:
+            self._last_prune = now
+            cutoff = utc_moment(now) - timedelta(seconds=self._retention)
+
+            def prune(_: object) -> Deferred[None]:
+                return self._run(self.repository.prune, cutoff).addCallbacks(
+                    lambda count: None,
+                    lambda failure: self.log.warn(
+                        "could not prune node activity: {error}", error=failure.value
+                    ),
+                )
+
+            d.addCallback(prune)
+        return d
+
+
+def _keep(
+    into: dict[tuple[str, str, str], _Pending], failed: dict[tuple[str, str, str], _Pending]
+) -> None:
+    """Merge a batch that could not be written back into the buffer."""
+    for key, p in failed.items():
+        now = into.get(key)
+        if now is None:
+            into[key] = p
+        else:
+            into[key] = _Pending(
+                p.first, now.last, p.requests + now.requests, p.imdsv2 and now.imdsv2
+            )
+
+
+def fan_out(*recorders: Callable[[BootEvent], None]) -> Callable[[BootEvent], None]:
+    """One TFTP event recorder that hands each event to every one of ``recorders``."""
+
+    def record(event: BootEvent) -> None:
+        for recorder in recorders:
+            recorder(event)
+
+    return record
