@@ -207,7 +207,7 @@ dhcp_pushes = Table(
     Index("ix_dhcp_pushes_owner_next_attempt", "owner", "next_attempt"),
 )
 
-# --- the console's boot timeline (migration 0010) ----------------------------------------
+# --- the console's boot timeline (migration 0007) ----------------------------------------
 
 # What a node did over HTTP, one row per node, kind and detail per flush interval (a
 # crawl of 40 requests is one or two rows): metadata requests (``requests``, and whether
@@ -230,7 +230,7 @@ node_activity = Table(
     Index("ix_node_activity_last_at", "last_at"),
 )
 
-# The console's nodes table pages by name (migration 0010).
+# The console's nodes table pages by name (migration 0007).
 Index("ix_nodes_name_uuid", nodes.c.name, nodes.c.uuid)
 
 # Each node's last boot outcome (the console's filter): the outcome of its newest TFTP

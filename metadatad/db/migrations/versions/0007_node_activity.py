@@ -1,7 +1,7 @@
 """Node activity for the console's boot timeline, each node's last boot outcome, and
 an index of nodes by name for the console's table.
 
-Revision ID: 0010
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-06
 """
@@ -9,7 +9,7 @@ Create Date: 2026-12-06
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
+revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
