@@ -21,6 +21,7 @@ from metadatad.cluster.commands import CommandError as ClusterCommandError
 from metadatad.cluster.commands import add_commands as add_cluster_commands
 from metadatad.cluster.commands import run_command as run_cluster_command
 from metadatad.config import Config, ConfigError, load_config
+from metadatad.core.jsoninput import JSONInputError, parse_json
 from metadatad.core.nodes import (
     ConflictError,
     NodeValidationError,
@@ -171,14 +172,15 @@ def _run(args: argparse.Namespace, config: Config, stdout: TextIO, stdin: TextIO
 def _import(repository: NodeRepository, filename: str, stdout: TextIO, stdin: TextIO) -> int:
     try:
         if filename == "-":
-            document: Any = json.load(stdin)
+            text: str | bytes = stdin.read()
         else:
-            with open(filename, encoding="utf-8") as f:
-                document = json.load(f)
+            with open(filename, "rb") as f:
+                text = f.read()
+        document: Any = parse_json(text)
     except OSError as e:
         raise CommandError(f"{filename}: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CommandError(f"{filename}: not valid JSON: {e}") from None
+    except (JSONInputError, UnicodeDecodeError) as e:
+        raise CommandError(f"{filename}: {e}; nothing was imported") from None
     try:
         new_nodes = parse_nodes(strip_read_only(document))
         created = repository.upsert_nodes(new_nodes, as_list=isinstance(document, list))

@@ -9,6 +9,10 @@
 - answer ``408`` and close when a request is not complete ``client_timeout`` seconds
   after its first byte (slow clients: Twisted's idle timeout restarts on every byte);
 - close connections idle for ``idle_timeout`` seconds;
+- abort a connection whose client has taken none of its pending response for
+  ``write_timeout`` seconds (Twisted's idle timeout is off while a response is
+  written, and ``loseConnection`` waits for the buffer to drain: a client that stops
+  reading would otherwise hold the connection and the response's memory forever);
 - refuse a connection beyond ``max_connections_per_source`` open ones from one address
   (but from ``exempt`` networks: the trusted proxies, which speak for many machines);
 - can send one response with a low IP TTL (:func:`limit_response_hops`, for IMDSv2's
@@ -60,6 +64,7 @@ class Limits:
     client_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections_per_source: int = 64
+    write_timeout: float = 30.0
 
 
 class HardenedRequest(Request):
@@ -84,6 +89,8 @@ class HardenedChannel(HTTPChannel):
 
     refused = False
     _deadline: Any = None
+    _stall: Any = None
+    _unsent_then: int | None = None
     _saved_hops: tuple[int, int, int] | None = None
     _source: str | None = None
 
@@ -132,11 +139,50 @@ class HardenedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
+        self._cancel_stall()
         factory = getattr(self, "factory", None)
         if isinstance(factory, HardenedSite) and self._source is not None:
             factory.released(self._source)
             self._source = None
         super().connectionLost(reason)
+
+    # --- clients that stop reading ----------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: the client must take some of it within
+        ``write_timeout`` seconds."""
+        super().pauseProducing()
+        if self._stall is None:
+            self._unsent_then = _unsent(self.transport)
+            self._stall = self.callLater(self.limits.write_timeout, self._check_stall)
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained."""
+        self._cancel_stall()
+        super().resumeProducing()
+
+    def _check_stall(self) -> None:
+        self._stall = None
+        unsent = _unsent(self.transport)
+        if unsent is not None and self._unsent_then is not None and unsent < self._unsent_then:
+            # Slow but moving: another period.
+            self._unsent_then = unsent
+            self._stall = self.callLater(self.limits.write_timeout, self._check_stall)
+            return
+        REFUSED_CONNECTIONS.labels(self.name, "write stall").inc()
+        transport: Any = self.transport
+        _log.info(
+            "audit: dropped {peer}: took none of its response for {seconds} s",
+            peer=_host(transport.getPeer()),
+            seconds=self.limits.write_timeout,
+        )
+        transport.abortConnection()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
 
     def _too_slow(self) -> None:
         self._deadline = None
@@ -203,6 +249,19 @@ class HardenedChannel(HTTPChannel):
                     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, -1)
             except OSError:
                 pass
+
+
+def _unsent(transport: Any) -> int | None:
+    """Bytes written to a TCP transport and not yet taken by the kernel (None when the
+    transport does not say, as TLS: then only a drained buffer counts as progress)."""
+    buffer = getattr(transport, "dataBuffer", None)
+    if not isinstance(buffer, bytes):
+        return None
+    return (
+        len(buffer)
+        - int(getattr(transport, "offset", 0))
+        + int(getattr(transport, "_tempDataLen", 0))
+    )
 
 
 def _socket_of(transport: Any) -> socket.socket | None:

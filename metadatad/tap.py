@@ -20,6 +20,7 @@ from metadatad.admin.wiring import with_console
 from metadatad.clients.keystone import make_keystone_client
 from metadatad.cluster.membership import MembershipService
 from metadatad.config import Config, ConfigError, load_config, read_admin_token
+from metadatad.core.backlog import ADMIN_BACKLOG, METADATA_BACKLOG, with_backlog
 from metadatad.core.conductors import ConductorInfo
 from metadatad.core.identity import Identifier
 from metadatad.db.activity import ActivityRecorder, ActivityRepository, fan_out
@@ -56,7 +57,9 @@ class Options(usage.Options):
         try:
             self["configuration"] = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a UsageError: twistd prints its whole usage text before one of those,
+            # burying the line that names the file, section and key.
+            raise SystemExit(f"metadatad: {e}") from None
 
 
 class QuietSite(Site):
@@ -167,6 +170,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         admin_site = AdminSite(
             store,
             admin_token,
+            max_body_bytes=config.admin.max_body_bytes,
             boot_events=boot_events,
             cluster=membership,
             vendordata_errors=vendordata_errors,
@@ -178,7 +182,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             "admin-http",
             reactor,
             config.admin.listen,
-            make_site(
+            HardenedSite(
                 MeasuredResource(
                     with_console(
                         admin_site.resource(),
@@ -197,8 +201,12 @@ def _compose(config: Config, reactor: Any) -> MultiService:
                     "admin",
                     reactor,
                 ),
+                _limits(config.admin),
+                "admin",
                 config.metadata.access_log,
+                reactor=reactor,
             ),
+            ADMIN_BACKLOG,
         )
     tftp_server = None
     if config.tftp.listen:
@@ -231,15 +239,20 @@ def _compose(config: Config, reactor: Any) -> MultiService:
 def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
     """The metadata site's Site: size limits, slow-client timeouts, connection caps."""
     m = config.metadata
-    limits = Limits(
-        max_header_bytes=m.max_header_bytes,
-        max_body_bytes=m.max_body_bytes,
-        client_timeout=m.client_timeout,
-        idle_timeout=m.idle_timeout,
-        max_connections_per_source=m.max_connections_per_source,
-    )
     return HardenedSite(
-        resource, limits, "metadata", m.access_log, exempt=m.trusted_proxies, reactor=reactor
+        resource, _limits(m), "metadata", m.access_log, exempt=m.trusted_proxies, reactor=reactor
+    )
+
+
+def _limits(section: Any) -> Limits:
+    """The connection limits of a ``[metadata]`` or ``[admin]`` section."""
+    return Limits(
+        max_header_bytes=section.max_header_bytes,
+        max_body_bytes=section.max_body_bytes,
+        client_timeout=section.client_timeout,
+        idle_timeout=section.idle_timeout,
+        max_connections_per_source=section.max_connections_per_source,
+        write_timeout=section.write_timeout,
     )
 
 
@@ -282,9 +295,16 @@ class _ListeningService(StreamServerEndpointService):
             ) from None
 
 
-def _listen(root: MultiService, name: str, reactor: Any, description: str, site: Site) -> None:
+def _listen(  # noqa: PLR0917
+    root: MultiService,
+    name: str,
+    reactor: Any,
+    description: str,
+    site: Site,
+    backlog: int = METADATA_BACKLOG,
+) -> None:
     try:
-        endpoint = serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, with_backlog(description, backlog))
     except Exception as e:  # systemd: endpoints meet their descriptors only here
         raise SystemExit(f"metadatad: {name}: cannot use endpoint {description!r}: {e}") from None
     service = _ListeningService(endpoint, site)

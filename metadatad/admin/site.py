@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
+from metadatad.core.jsoninput import JSONInputError, parse_json
 from metadatad.core.nodes import (
     ConflictError,
     NodeRecord,
@@ -95,8 +96,11 @@ class AdminSite:
         vendordata_errors: VendordataErrors | None = None,
         peers: PeerEntries | None = None,
         dhcp: PushStates | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._store = store
+        # ``[admin] max_body_bytes``: the largest import document.
+        self._max_body = max_body_bytes
         self._token = token.encode("utf-8")
         # Without these the routes answer without what they tell (see each route).
         self._boot_events = boot_events
@@ -194,7 +198,7 @@ class AdminSite:
     @_route()
     async def import_nodes(self, request: Request) -> Reply:
         """Create or replace one node or a list of them, all or nothing."""
-        document = _read_json(request)
+        document = _read_json(request, self._max_body)
         try:
             new_nodes = parse_nodes(strip_read_only(document))
         except NodeValidationError as e:
@@ -239,7 +243,7 @@ class AdminSite:
     async def put_node(self, request: Request, uuid: str) -> Reply:
         """Create or replace one node."""
         canonical = _check_uuid(uuid)
-        document = strip_read_only(_read_json(request))
+        document = strip_read_only(_read_json(request, self._max_body))
         if isinstance(document, dict):
             document.setdefault("uuid", canonical)
             named = document["uuid"]
@@ -386,14 +390,15 @@ def _check_uuid(uuid: str) -> str:
         raise BadRequest(400, e.as_json()) from None
 
 
-def _read_json(request: Request) -> Any:
+def _read_json(request: Request, limit: int) -> Any:
+    too_large = BadRequest(413, {"error": "too large", "message": f"at most {limit} bytes"})
     length = request.getHeader(b"content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise BadRequest(413, {"error": "too large", "message": f"at most {MAX_BODY_BYTES} bytes"})
-    body = request.content.read(MAX_BODY_BYTES + 1) if request.content is not None else b""
-    if len(body) > MAX_BODY_BYTES:
-        raise BadRequest(413, {"error": "too large", "message": f"at most {MAX_BODY_BYTES} bytes"})
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    body = request.content.read(limit + 1) if request.content is not None else b""
+    if len(body) > limit:
+        raise too_large
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        return parse_json(body)
+    except JSONInputError as e:
         raise BadRequest(400, {"error": "invalid JSON", "message": str(e)}) from None

@@ -89,6 +89,7 @@ class MetadataConfig:
     client_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections_per_source: int = 64
+    write_timeout: float = 30.0
 
 
 @attrs.frozen
@@ -97,6 +98,12 @@ class AdminConfig:
 
     listen: str = "tcp:8776:interface=127.0.0.1"
     token_file: str = "/etc/metadatad/admin-token"
+    max_header_bytes: int = 8192
+    max_body_bytes: int = 64 * 1024 * 1024
+    client_timeout: float = 60.0
+    idle_timeout: float = 60.0
+    max_connections_per_source: int = 16
+    write_timeout: float = 30.0
 
 
 @attrs.frozen
@@ -126,6 +133,8 @@ class VendordataConfig:
     ca_file: str = ""
     cache_ttl: float = 60.0
     service_token_file: str = ""
+    max_concurrent_calls: int = 16
+    failure_ttl: float = 5.0
     static: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
 
@@ -234,9 +243,22 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "client_timeout": _number(0.1, 3600),
             "idle_timeout": _number(1, 86400),
             "max_connections_per_source": _integer(1, 100_000),
+            "write_timeout": _number(1, 3600),
         },
     ),
-    "admin": (AdminConfig, {"listen": _optional_endpoint, "token_file": _string}),
+    "admin": (
+        AdminConfig,
+        {
+            "listen": _optional_endpoint,
+            "token_file": _string,
+            "max_header_bytes": _integer(1024, 1_048_576),
+            "max_body_bytes": _integer(1024, 1024 * 1024 * 1024),
+            "client_timeout": _number(0.1, 3600),
+            "idle_timeout": _number(1, 86400),
+            "max_connections_per_source": _integer(1, 100_000),
+            "write_timeout": _number(1, 3600),
+        },
+    ),
     "conductor": (
         ConductorConfig,
         {
@@ -262,6 +284,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "ca_file": _ca_file,
             "cache_ttl": _number(0, 86400),
             "service_token_file": _string,
+            "max_concurrent_calls": _integer(1, 10_000),
+            "failure_ttl": _number(0, 3600),
         },
     ),
     "tftp": (

@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from metadatad.core.jsoninput import JSONInputError, check_document, is_valid_text
+
 USER_DATA_MAX_BYTES = 64 * 1024
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -25,6 +27,7 @@ _FIRMWARES = ("bios", "uefi")
 # DHCP option values a node may set (boot file, iPXE script URL): Ironic's 64-character
 # limit, which Neutron imposes; checked here so a bad node is refused at import.
 BOOT_OPTION_MAX = 64
+NETWORK_DATA_MAX_DEPTH = 16
 
 
 class NodeValidationError(ValueError):
@@ -148,6 +151,8 @@ def _text(max_length: int = 255, allow_empty: bool = True) -> Callable[[str, Any
             raise _fail(field, f"must be at most {max_length} characters")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise _fail(field, "must not contain control characters")
+        if not is_valid_text(value):
+            raise _fail(field, "must be valid Unicode text (no lone surrogates)")
         return value
 
     return check
@@ -239,12 +244,21 @@ def _mac(field: str, value: Any) -> str:
 
 
 def _ip(field: str, value: Any) -> str:
+    """A port address in the form identity compares callers in: an IPv4-mapped IPv6
+    address becomes IPv4 and a zone (``%eth0``) is dropped, as they are from callers'
+    addresses; otherwise ``::ffff:10.0.0.2`` would dodge the uniqueness of ``10.0.0.2``
+    and a zoned address would never match a caller."""
     if not isinstance(value, str):
         raise _fail(field, f"must be a string, not {_type_name(value)}")
     try:
-        address = ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value.split("%", 1)[0] if "%" in value else value)
+        if "%" in value:
+            # The zone must at least be a zone: ip_address checks its syntax.
+            ipaddress.IPv6Address(value)
     except ValueError:
         raise _fail(field, f"not an IP address: {value[:64]!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     if address.is_multicast or address.is_unspecified:
         raise _fail(field, f"not a host address: {value!r}")
     return str(address)
@@ -315,6 +329,11 @@ def _network_data(field: str, value: Any) -> dict[str, Any] | None:
         for index, item in enumerate(value[key]):
             if not isinstance(item, dict):
                 raise _fail(f"{field}.{key}[{index}]", "must be an object")
+    try:
+        # Free-form below this level: stored as JSON, so bounded and valid text.
+        check_document(value, NETWORK_DATA_MAX_DEPTH)
+    except JSONInputError as e:
+        raise _fail(field, str(e)) from None
     return value
 
 

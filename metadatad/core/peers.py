@@ -10,7 +10,6 @@ layer decides the status code of each kind.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Final
 
 import attrs
 
+from metadatad.core.jsoninput import JSONInputError, parse_json
 from metadatad.core.nodes import Node
 
 PREFIX = "from_server_"
@@ -70,9 +70,9 @@ def parse_entries(body: bytes) -> dict[str, str]:
     Nova's ``{"meta": {...}}`` wrapper is accepted too.  Keys match ``KEY_PATTERN``.
     """
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PeerError(INVALID, f"the body is not valid JSON: {e}") from None
+        document = parse_json(body)
+    except JSONInputError as e:
+        raise PeerError(INVALID, f"the body is refused: {e}") from None
     if (
         isinstance(document, dict)
         and set(document) == {"meta"}

@@ -7,9 +7,14 @@ later) is treated alike:
 1. :meth:`Guard.screen`, before identity: a body over the limit (413), the token path's
    method, version, ``X-Forwarded-For`` and TTL rules (405/403/403/400), the optional
    required header (403); it also checks a supplied token's signature and expiry, and
-   notes a missing token under ``require_tokens``.
+   notes a missing token under ``require_tokens``.  Its refusals wait for step 2.
 2. :meth:`Guard.admit`, once the caller is known: its token bucket (429), then the
-   token refusal noted by ``screen`` (401), so that bad tokens count against the rate.
+   refusal noted by ``screen``, so that every bad request counts against the rate.
+   A caller that cannot be identified is charged by its address
+   (:meth:`Guard.unidentified`).
+
+Header values are read as bytes and decoded as Latin-1: any octet is a character, so
+a non-UTF-8 byte is just a value that does not match (a 4xx), never a decoding error.
 3. :meth:`Guard.authorise`, once its node is known: a supplied token must be that
    node's (401).
 4. :meth:`Guard.issue` answers the token ``PUT`` (with the low IP TTL).
@@ -29,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from metadatad.core.identity import FORWARDED_FOR, Caller
+from metadatad.core.identity import FORWARDED_FOR, Caller, normalise_ip
 from metadatad.core.ratelimit import RateLimiter, retry_after
 from metadatad.core.tokens import MAX_TTL, TokenError, TokenSigner, TTLError, parse_ttl
 from metadatad.hardening import limit_response_hops
@@ -113,30 +118,15 @@ class Guard:
         # Audit lines per peer and reason: a few at once, then one per 10 s.
         self._log_budget = RateLimiter(0.1, 5, max_keys=10_000)
 
-    def screen(self, request: Request, parts: list[str]) -> Screened | Denied:
-        """Checks that need no identity (see the module docstring)."""
-        size = _body_size(request)
-        if size > self._max_body:
-            return Denied(error(413, "Content Too Large"), "request body too large")
+    def screen(self, request: Request, parts: list[str]) -> Screened:
+        """Checks that need no identity (see the module docstring); a refusal is kept
+        in the result for :meth:`admit`."""
         token_request = is_token_path(parts)
-        ttl = 0
-        if token_request:
-            if request.method != b"PUT":
-                reply = error(405, "Method Not Allowed")
-                return Denied(attrs.evolve(reply, headers=(("Allow", "PUT"),)), "token method")
-            if parts[0] != "latest":
-                # As AWS: tokens come from /latest/api/token only.
-                return Denied(error(403, "Forbidden"), "token PUT on a dated version")
-            if request.requestHeaders.hasHeader(FORWARDED_FOR):
-                # A proxy adds X-Forwarded-For; a token must not travel through one.
-                return Denied(error(403, "Forbidden"), "token PUT with X-Forwarded-For")
-            try:
-                ttl = parse_ttl(_header(request, TTL_HEADER))
-            except TTLError as e:
-                return Denied(error(400, f"Bad Request: {e}"), "bad token TTL")
+        ttl_or_refusal = self._first_refusal(request, parts, token_request)
+        if isinstance(ttl_or_refusal, Denied):
+            return Screened(token_request, refusal=ttl_or_refusal)
+        ttl = ttl_or_refusal
         public = is_public_listing(parts)
-        if self._require_header is not None and not public and not self._has_required(request):
-            return Denied(error(403, "Forbidden: required header missing"), "required header")
         tokens = _header(request, TOKEN_HEADER)
         if not tokens:
             if self.require_tokens and not token_request and not public:
@@ -153,14 +143,55 @@ class Guard:
             return Screened(token_request, ttl, refusal=refusal)
         return Screened(token_request, ttl, node)
 
+    def _first_refusal(
+        self, request: Request, parts: list[str], token_request: bool
+    ) -> Denied | int:
+        """The first rule ``request`` breaks, or the TTL a token ``PUT`` asks for."""
+        size = _body_size(request)
+        if size > self._max_body:
+            return Denied(error(413, "Content Too Large"), "request body too large")
+        ttl = 0
+        if token_request:
+            if request.method != b"PUT":
+                reply = error(405, "Method Not Allowed")
+                return Denied(attrs.evolve(reply, headers=(("Allow", "PUT"),)), "token method")
+            if parts[0] != "latest":
+                # As AWS: tokens come from /latest/api/token only.
+                return Denied(error(403, "Forbidden"), "token PUT on a dated version")
+            if request.requestHeaders.hasHeader(FORWARDED_FOR.encode("ascii")):
+                # A proxy adds X-Forwarded-For; a token must not travel through one.
+                return Denied(error(403, "Forbidden"), "token PUT with X-Forwarded-For")
+            try:
+                ttl = parse_ttl(_header(request, TTL_HEADER))
+            except TTLError as e:
+                return Denied(error(400, f"Bad Request: {e}"), "bad token TTL")
+        public = is_public_listing(parts)
+        if self._require_header is not None and not public and not self._has_required(request):
+            return Denied(error(403, "Forbidden: required header missing"), "required header")
+        return ttl
+
+    def unidentified(self, peer: str, status: int, message: str) -> Denied:
+        """The refusal of a request whose identity headers are unusable, charged to the
+        bucket of the address it came from (429 once that is empty)."""
+        try:
+            key = f"ip:{normalise_ip(peer)}"
+        except ValueError:
+            key = f"peer:{peer}"
+        denied = self._charge(key, Denied(error(status, message), message))
+        assert denied is not None
+        return denied
+
     def admit(self, caller: Caller, screened: Screened) -> Denied | None:
         """Spend one request of ``caller``'s bucket, or refuse with 429; then the
         refusal :meth:`screen` kept for a known caller, if any."""
         key = f"id:{caller.instance_id}" if caller.instance_id is not None else f"ip:{caller.ip}"
+        return self._charge(key, screened.refusal)
+
+    def _charge(self, key: str, refusal: Denied | None) -> Denied | None:
         wait = self._limiter.take(key, self._clock.seconds())
         if wait <= 0:
             self._limited.discard(key)
-            return screened.refusal
+            return refusal
         first = key not in self._limited
         if first and len(self._limited) < 100_000:
             self._limited.add(key)
@@ -247,10 +278,11 @@ def _shown(raw: bytes) -> str:
 
 
 def _header(request: Request, name: str) -> list[str] | None:
-    values = request.requestHeaders.getRawHeaders(name)
+    # A bytes name: with a str name Twisted decodes values as UTF-8, which may fail.
+    values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
     if not values:
         return None
-    return [v.decode("latin-1") if isinstance(v, bytes) else v for v in values]
+    return [v.decode("latin-1") for v in values]
 
 
 def _body_size(request: Request) -> int:

@@ -32,7 +32,7 @@ from metadatad.core.nodes import NodeRecord
 from metadatad.db.cache import CacheEntry, NodeCache
 from metadatad.db.store import Store
 from metadatad.metadata import ec2, openstack
-from metadatad.metadata.guard import Denied, Guard, Screened, audit_write
+from metadatad.metadata.guard import Guard, Screened, audit_write
 from metadatad.metadata.peers import SHARED_NAMES
 from metadatad.metadata.peersite import Answer, PeerRoutes
 from metadatad.metadata.reply import (
@@ -115,10 +115,9 @@ class MetadataSite:
         parts = split_path(request.path)
         method = request.method
         screened = self._guard.screen(request, parts)
-        if isinstance(screened, Denied):
-            return self._guard.deny(request, screened, _peer(request))
         if (
-            not screened.token_request
+            screened.refusal is None
+            and not screened.token_request
             and method not in _READ_METHODS
             and not (method == b"POST" and (_is_password(parts) or _is_peer_post(parts)))
         ):
@@ -129,10 +128,10 @@ class MetadataSite:
         try:
             caller = self._identifier.identify(_peer(request), _header_getter(request))
         except IdentityError as e:
-            self.log.info(
-                "refused metadata request from {peer}: {reason}", peer=_peer(request), reason=e
-            )
-            return error(e.status, e.message)
+            # Counted against the address it came from, and audit-logged sparingly.
+            peer = _peer(request)
+            denied = self._guard.unidentified(peer, e.status, e.message)
+            return self._guard.deny(request, denied, peer)
         refused = self._guard.admit(caller, screened)
         if refused is not None:
             return self._guard.deny(request, refused, _peer(request))
@@ -396,9 +395,8 @@ def _header_getter(request: Request) -> Callable[[str], list[str] | None]:
     headers = request.requestHeaders
 
     def get(name: str) -> list[str] | None:
-        values = headers.getRawHeaders(name)
-        return (
-            [v.decode("latin-1") if isinstance(v, bytes) else v for v in values] if values else None
-        )
+        # A bytes name: with a str name Twisted decodes values as UTF-8, which may fail.
+        values = headers.getRawHeaders(name.encode("ascii"))
+        return [v.decode("latin-1") for v in values] if values else None
 
     return get

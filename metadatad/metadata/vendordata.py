@@ -9,7 +9,8 @@ sends) with a service token in ``X-Auth-Token``; the JSON answer becomes the
 - Answers are cached per (target, node, node revision) for ``cache_ttl`` seconds, or
   for the target's ``Cache-Control: max-age``; ``no-store``/``no-cache`` are not
   cached.  The cache is bounded in entries and bytes (least recently used go first).
-- Concurrent requests for one entry share one upstream call.
+- Concurrent requests for one entry share one upstream call; calls per target and
+  failures remembered for ``failure_ttl`` are :mod:`~metadatad.metadata.vendorgate`'s.
 - A target that times out, fails to connect or verify, answers non-2xx, too much or
   not JSON gives ``{}`` for that target and a warning.  With ``failure_fatal`` the
   request is answered 500 instead and the node is marked (``vendordata_error``).
@@ -21,6 +22,7 @@ and clock in ``__init__``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import OrderedDict
@@ -54,6 +56,7 @@ from metadatad.db.vendordata import VendordataError
 from metadatad.interfaces import TokenSource
 from metadatad.metadata import openstack
 from metadatad.metadata.reply import Reply, error, json_reply
+from metadatad.metadata.vendorgate import TargetGate
 from metadatad.metrics import REGISTRY
 
 # A target's answer larger than this is refused (a runaway target must not fill memory).
@@ -70,14 +73,14 @@ USER_AGENT = b"metadatad-vendordata"
 UPSTREAM = Counter(
     "metadatad_vendordata_upstream_requests",
     "Calls to dynamic vendordata targets, by target and outcome "
-    "(ok, timeout, connect, tls, http, invalid-json, too-large, auth, error).",
+    "(ok, timeout, connect, tls, http, invalid-json, too-large, auth, busy, error).",
     ["target", "outcome"],
     registry=REGISTRY,
 )
 LOOKUPS = Counter(
     "metadatad_vendordata_cache_lookups",
     "Dynamic vendordata lookups by target and result: hit (cached), shared (joined a "
-    "call in flight), miss (called the target).",
+    "call in flight), miss (called the target), failed (a failure kept, no call).",
     ["target", "result"],
     registry=REGISTRY,
 )
@@ -312,6 +315,8 @@ class DynamicVendordata(Service):
         cache: ResponseCache | None = None,
         pool: HTTPConnectionPool | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_concurrent_calls: int = 16,
+        failure_ttl: float = 5.0,
     ) -> None:
         self.targets = tuple(targets)
         self._http = http_client
@@ -327,6 +332,8 @@ class DynamicVendordata(Service):
         self._pool = pool
         self._max_response_bytes = max_response_bytes
         self._in_flight: dict[tuple[str, str, int], list[Deferred[Outcome]]] = {}
+        # Calls running at once per target, and targets known to be down.
+        self._gate = TargetGate([n for n, _ in targets], clock, max_concurrent_calls, failure_ttl)
         self.upstream_calls = 0
         if token_source is None and targets:
             self.log.warn(
@@ -343,8 +350,9 @@ class DynamicVendordata(Service):
     # --- what the site calls ----------------------------------------------------
 
     def forget(self) -> None:
-        """Drop the cached answers (SIGHUP): the next read asks the targets again."""
+        """Drop the cached answers and failures (SIGHUP): the next read asks again."""
         self._cache.clear()
+        self._gate.forget()
 
     def render(self, record: Any, static: Mapping[str, Any]) -> Deferred[Reply]:
         """``vendor_data2.json`` for the node of ``record`` (a NodeRecord): never
@@ -384,9 +392,16 @@ class DynamicVendordata(Service):
     def _target(self, name: str, url: str, record: Any) -> Deferred[Outcome]:
         key = (name, record.node.uuid, record.revision)
         cached = self._cache.get(key, self._clock.seconds())
-        if cached is not _MISSING:
+        if cached is not _MISSING and not isinstance(cached, TargetFailure):
             LOOKUPS.labels(name, "hit").inc()
             return succeed(Outcome(name, cached))
+        failure = cached if cached is not _MISSING else self._gate.down(name)
+        if failure is not None:
+            LOOKUPS.labels(name, "failed").inc()
+            if cached is _MISSING and self._failure_fatal and self._errors is not None:
+                self._mark(record, name, failure.reason)
+                self._cache.put(key, failure, len(failure.reason), self._gate.down_until(name))
+            return succeed(Outcome(name, {}, failure))
         result: Deferred[Outcome] = Deferred()
         waiting = self._in_flight.get(key)
         if waiting is not None:
@@ -395,11 +410,13 @@ class DynamicVendordata(Service):
             return result
         LOOKUPS.labels(name, "miss").inc()
         self._in_flight[key] = [result]
-        self.upstream_calls += 1
-        self._call(name, url, record.node).addBoth(self._called, key, record)
+        call = functools.partial(self._call, name, url, record.node)
+        busy = functools.partial(TargetFailure, "busy")  # no slot of the target in time
+        self._gate.turn(name, self._timeout, call, busy).addBoth(self._called, key, record)
         return result
 
     def _call(self, name: str, url: str, node: Node) -> Deferred[tuple[Any, float, int]]:
+        self.upstream_calls += 1
         body = json.dumps(request_body(node)).encode("utf-8")
         headers = {
             b"Content-Type": [b"application/json"],
@@ -481,6 +498,9 @@ class DynamicVendordata(Service):
                 reason=failure.reason,
             )
             outcome = Outcome(name, {}, failure)
+            until = self._gate.failed(name, failure.kind, failure)
+            if until is not None:
+                self._cache.put(key, failure, len(failure.reason), until)
             if self._failure_fatal and self._errors is not None:
                 self._mark(record, name, failure.reason)
         else:
@@ -561,6 +581,8 @@ def make_vendordata(
         errors=errors,
         conductor=config.conductor.hostname,
         pool=pool,
+        max_concurrent_calls=settings.max_concurrent_calls,
+        failure_ttl=settings.failure_ttl,
     )
 
 

@@ -456,8 +456,26 @@ def test_duplicate_uuid_inside_one_import(seeded: Path) -> None:
         (b"[]", "empty"),
         (b'"a node"', "node object or a list"),
         (b"[1, 2]", "[0]"),
+        (b'[{"uuid": "d8e02d56-2648-49a3-bf97-6be8f1204f05", "name": "\\ud800"}]', "surrogate"),
+        (
+            b'{"uuid": "d8e02d56-2648-49a3-bf97-6be8f1204f05", "meta": {"\\udc00": "x"}}',
+            "surrogate",
+        ),
+        (b"[" * 5000, "nested deeper"),
+        (b'{"network_data": ' * 3000 + b"null" + b"}" * 3000, "nested deeper"),
     ],
-    ids=["truncated", "empty-file", "not-utf8", "empty-list", "string", "list-of-numbers"],
+    ids=[
+        "truncated",
+        "empty-file",
+        "not-utf8",
+        "empty-list",
+        "string",
+        "list-of-numbers",
+        "lone-surrogate-value",
+        "lone-surrogate-key",
+        "deep-list",
+        "deep-object",
+    ],
 )
 def test_import_of_bad_json_file(seeded: Path, tmp_path: Path, content: bytes, detail: str) -> None:
     """A file that is not JSON, or not nodes, fails on one line naming the file."""

@@ -16,14 +16,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.python.usage import UsageError
 from twisted.web.server import Site
 
 import metadatad.tap
 from metadatad.config import Config
 from metadatad.db.store import ReactorThreadError, Store
 from metadatad.hardening import HardenedSite
-from metadatad.tap import Options, QuietSite, makeService
+from metadatad.tap import Options, makeService
 from tests.support.databases import ScratchDatabase, empty_database
 
 TOKEN = "admin-token-for-tests-0123456789"
@@ -43,22 +42,24 @@ SERVICES = [
     "reload",
 ]
 
-def write_conf(
+
+def write_conf(  # noqa: PLR0917 (a test helper; keywords at every call)
     directory: Path,
     url: str,
     admin_listen: str | None = "tcp:18776:interface=127.0.0.1",
     token: bytes | None = TOKEN.encode() + b"\n",
     metadata: str = "",
+    admin: str = "",
 ) -> Path:
     """A configuration file for ``url`` with metadata on 18775 and admin as given.
 
     ``admin_listen=None`` leaves the admin listen address at its default; ``token=None``
-    writes no token file; ``metadata`` is added to the [metadata] section.
+    writes no token file; ``metadata`` and ``admin`` are added to their sections.
     """
     token_file = directory / "admin-token"
     if token is not None:
         token_file.write_bytes(token)
-    admin = f"token_file = {token_file}\n"
+    admin += f"token_file = {token_file}\n"
     if admin_listen is not None:
         admin += f"listen = {admin_listen}\n"
     conf = directory / "metadatad.conf"
@@ -140,14 +141,16 @@ def test_default_config_path() -> None:
     ],
     ids=["missing", "bad-number", "bad-endpoint", "unknown-section", "syntax"],
 )
-def test_bad_config_is_a_usage_error(tmp_path: Path, text: str | None, detail: str) -> None:
-    """A bad configuration file is a UsageError whose message is one line naming the file."""
+def test_bad_config_exits_with_one_line(tmp_path: Path, text: str | None, detail: str) -> None:
+    """A bad configuration file is a SystemExit whose message is one line naming the
+    file (not a UsageError: twistd would print its usage text first)."""
     conf = tmp_path / "metadatad.conf"
     if text is not None:
         conf.write_text(text, encoding="utf-8")
-    with pytest.raises(usage.UsageError) as excinfo:
+    with pytest.raises(SystemExit) as excinfo:
         options_for(conf)
-    message = str(excinfo.value)
+    message = str(excinfo.value.code)
+    assert message.startswith("metadatad: ")
     assert len(message.splitlines()) == 1
     assert str(conf) in message
     assert detail in message
@@ -249,28 +252,33 @@ def test_start_listens_on_configured_addresses_and_stops(
     assert not root.running
 
 
-@pytest.mark.parametrize(("access_log", "site_class"), [("false", QuietSite), ("true", Site)])
+@pytest.mark.parametrize("access_log", ["false", "true"])
 def test_access_log_chooses_the_site(
     tmp_path: Path,
     migrated_url: str,
     services: list[MultiService],
     access_log: str,
-    site_class: type,
 ) -> None:
-    """[metadata] access_log = false serves through QuietSite, true through a logging Site
-    (the metadata site's HardenedSite logs only when asked to)."""
+    """[metadata] access_log turns the access log of both sites on or off; both are
+    HardenedSites (the admin API has the metadata site's connection limits, from its
+    own section)."""
     reactor = MemoryReactorClock()
-    conf = write_conf(tmp_path, migrated_url, metadata=f"access_log = {access_log}\n")
+    conf = write_conf(
+        tmp_path,
+        migrated_url,
+        metadata=f"access_log = {access_log}\n",
+        admin="max_connections_per_source = 3\nwrite_timeout = 9\n",
+    )
     root = build(conf, services, reactor)
     root.startService()
     try:
         factories = [factory for _port, factory, _backlog, _interface in reactor.tcpServers]
-        hardened = [f for f in factories if isinstance(f, HardenedSite)]
-        assert len(hardened) == 1
-        assert hardened[0].access_log is (access_log == "true")
-        for factory in factories:
-            if factory not in hardened:
-                assert type(factory) is site_class
+        assert len(factories) == 2
+        assert all(isinstance(f, HardenedSite) for f in factories)
+        assert all(f.access_log is (access_log == "true") for f in factories)
+        admin = next(f for f in factories if f.name == "admin")
+        assert admin.limits.max_connections_per_source == 3
+        assert admin.limits.write_timeout == 9.0
     finally:
         root.stopService()
 
@@ -378,10 +386,11 @@ def test_unusable_database_exits_with_one_line(tmp_path: Path, url: str) -> None
     ("url", "detail"),
     [("sqlite://", "in-memory"), ("mysql://root@127.0.0.1:1/metadatad", "driver is not installed")],
 )
-def test_unusable_database_url_is_a_usage_error(tmp_path: Path, url: str, detail: str) -> None:
+def test_unusable_database_url_exits_with_one_line(tmp_path: Path, url: str, detail: str) -> None:
     """URLs that can never work are refused with the configuration, before any service."""
-    with pytest.raises(UsageError, match=detail):
+    with pytest.raises(SystemExit) as excinfo:
         options_for(write_conf(tmp_path, url))
+    assert detail in str(excinfo.value.code)
 
 
 # --- the twistd plugin ------------------------------------------------------------------
@@ -411,14 +420,16 @@ def twistd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_twistd_refuses_bad_config_with_one_line(tmp_path: Path) -> None:
-    """The real `twistd metadatad` with a bad config exits 1 printing the one-line reason."""
+    """The real `twistd metadatad` with a bad config exits 1 printing the one-line
+    reason, naming file, section and key, and nothing else (no usage text)."""
     conf = tmp_path / "metadatad.conf"
     conf.write_text("[database]\npool_size = lots\n", encoding="utf-8")
     result = twistd(tmp_path, "metadatad", "--config", str(conf))
     assert result.returncode == 1
     output = result.stdout + result.stderr
-    assert f"{conf}: [database] pool_size: expected an integer, got 'lots'" in output
-    assert "Traceback" not in output
+    assert output.splitlines() == [
+        f"metadatad: {conf}: [database] pool_size: expected an integer, got 'lots'"
+    ]
 
 
 @pytest.mark.slow

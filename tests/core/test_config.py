@@ -171,8 +171,18 @@ EVERY_KEY = {
         "client_timeout": "3",
         "idle_timeout": "30",
         "max_connections_per_source": "8",
+        "write_timeout": "7",
     },
-    "admin": {"listen": "unix:/run/metadatad/admin.sock", "token_file": "/srv/token"},
+    "admin": {
+        "listen": "unix:/run/metadatad/admin.sock",
+        "token_file": "/srv/token",
+        "max_header_bytes": "16384",
+        "max_body_bytes": "1048576",
+        "client_timeout": "20",
+        "idle_timeout": "90",
+        "max_connections_per_source": "4",
+        "write_timeout": "15",
+    },
     "conductor": {
         "hostname": "conductor-3.example.org",
         "group": "rack-7",
@@ -193,6 +203,8 @@ EVERY_KEY = {
         "ca_file": "CAFILE",
         "cache_ttl": "0",
         "service_token_file": "/etc/metadatad/vendordata-token",
+        "max_concurrent_calls": "4",
+        "failure_ttl": "2.5",
     },
     "keystone": {
         "auth_url": "https://keystone.example.org:5000/v3/",
@@ -283,10 +295,18 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         client_timeout=3.0,
         idle_timeout=30.0,
         max_connections_per_source=8,
+        write_timeout=7.0,
     )
     assert "token-secret-9c2e" not in repr(config)
     assert config.admin == AdminConfig(
-        listen="unix:/run/metadatad/admin.sock", token_file="/srv/token"
+        listen="unix:/run/metadatad/admin.sock",
+        token_file="/srv/token",
+        max_header_bytes=16384,
+        max_body_bytes=1048576,
+        client_timeout=20.0,
+        idle_timeout=90.0,
+        max_connections_per_source=4,
+        write_timeout=15.0,
     )
     assert config.conductor == ConductorConfig(
         hostname="conductor-3.example.org",
@@ -311,6 +331,8 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     assert config.vendordata.ca_file == str(ca_file)
     assert config.vendordata.cache_ttl == 0.0
     assert config.vendordata.service_token_file == "/etc/metadatad/vendordata-token"
+    assert config.vendordata.max_concurrent_calls == 4
+    assert config.vendordata.failure_ttl == 2.5
     assert config.keystone == KeystoneConfig(
         auth_url="https://keystone.example.org:5000/v3",
         username="metadatad",
@@ -354,7 +376,6 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         script_command="/usr/local/bin/push --fast",
         script_timeout=9.0,
     )
-
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,26 @@ BAD_FIELDS: list[tuple[str, Any, str]] = [
     ("availability_zone", "", "availability_zone"),
     ("name", "x" * 256, "name"),
     ("colour", "blue", "colour"),
+    # Lone surrogates: valid JSON escapes, but no text a database can store.
+    ("name", "web\ud800", "name"),
+    ("meta", {"k": "\udfff"}, "meta.k"),
+    ("public_keys", {"k\ud800": "ssh-ed25519 AAAA"}, "public_keys.k\ud800"),
+    (
+        "ports",
+        [{"mac": "52:54:00:12:34:56", "neutron_port_id": "\ud800"}],
+        "ports[0].neutron_port_id",
+    ),
+    ("boot_roles", ["\udc00"], "boot_roles[0]"),
+    (
+        "network_data",
+        {"links": [{"id": "\ud800"}], "networks": [], "services": []},
+        "network_data",
+    ),
+    (
+        "network_data",
+        {"links": [{"x": [[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]}], "networks": [], "services": []},
+        "network_data",
+    ),
 ]
 
 
@@ -152,3 +172,33 @@ def test_hostname_falls_back_when_name_is_not_one() -> None:
     document = node_document(name="Web Server #1")
     del document["hostname"]
     assert parse_node(document).hostname == "host-d8e02d56"
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("::ffff:127.0.0.1", "127.0.0.1"),
+        ("::ffff:7f00:1", "127.0.0.1"),
+        ("::FFFF:10.0.0.2", "10.0.0.2"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("FE80::0001%2", "fe80::1"),
+        ("2001:db8::5", "2001:db8::5"),
+    ],
+)
+def test_port_addresses_take_the_form_identity_uses(given: str, stored: str) -> None:
+    """IPv4-mapped addresses are stored as IPv4 and zones are dropped: the form a
+    caller's address has after identity normalised it, so uniqueness holds and the
+    port can match a caller."""
+    node = parse_node(node_document(ports=[{"mac": "52:54:00:12:34:56", "ip": given}]))
+    assert node.ips == (stored,)
+
+
+def test_a_mapped_twin_of_another_port_is_a_duplicate() -> None:
+    """``::ffff:10.0.0.2`` and ``10.0.0.2`` in one import are one address twice."""
+    nodes = [
+        node_document(0, ports=[{"mac": "52:54:00:00:00:01", "ip": "10.0.0.2"}]),
+        node_document(1, ports=[{"mac": "52:54:00:00:00:02", "ip": "::ffff:10.0.0.2"}]),
+    ]
+    with pytest.raises(NodeValidationError) as raised:
+        parse_nodes(nodes)
+    assert raised.value.field == "[1].ports[0].ip"

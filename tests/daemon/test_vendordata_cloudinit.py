@@ -103,6 +103,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, target: TargetServer) -> It
                 "service_token_file": str(token_file),
                 "failure_fatal": "true",
                 "cache_ttl": "0",
+                "failure_ttl": "0",
                 "connect_timeout": "2",
                 "read_timeout": "3",
             }

@@ -189,9 +189,12 @@ def test_unknown_node_404(client: Client) -> None:
     assert "no node" in json.loads(answer.body)["message"]
 
 
-def test_oversize_body_is_413(client: Client, store: MemoryStore, monkeypatch: Any) -> None:
-    """Bodies over the limit are refused before parsing."""
-    monkeypatch.setattr("metadatad.admin.site.MAX_BODY_BYTES", 100)
+def test_oversize_body_is_413(store: MemoryStore) -> None:
+    """Bodies over the limit ([admin] max_body_bytes) are refused before parsing."""
+    client = Client(
+        AdminSite(store, TOKEN, max_body_bytes=100).resource(),  # type: ignore[arg-type]
+        base="http://127.0.0.1:8776",
+    )
     answer = send(client, "POST", "/v1/nodes", [node_document(0), node_document(1)])
     assert answer.status == 413
     assert stored(store) == []
@@ -232,3 +235,60 @@ def test_put_accepts_upper_case_uuid_in_body(client: Client, store: MemoryStore)
     shouted = dict(document, uuid=document["uuid"].upper())
     assert send(client, "PUT", f"/v1/nodes/{document['uuid']}", shouted).status == 201
     assert stored(store) == [document["uuid"]]
+
+
+_UUID5 = node_document(5)["uuid"]
+_HOSTILE_BODIES = [
+    pytest.param(
+        json.dumps({**node_document(5), "name": "\ud800"}).encode(), id="lone-surrogate-value"
+    ),
+    pytest.param(
+        json.dumps({**node_document(5), "meta": {"\udc00": "x"}}).encode(), id="lone-surrogate-key"
+    ),
+    pytest.param(
+        json.dumps(
+            {
+                **node_document(5),
+                "network_data": {"links": [{"id": "\ud83d"}], "networks": [], "services": []},
+            }
+        ).encode(),
+        id="lone-surrogate-network-data",
+    ),
+    pytest.param(b"[" * 5000, id="deep-list"),
+    pytest.param(b'{"network_data": ' * 5000 + b"null" + b"}" * 5000, id="deep-object"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/nodes"), ("PUT", f"/v1/nodes/{_UUID5}")]
+)
+@pytest.mark.parametrize("body", _HOSTILE_BODIES)
+def test_lone_surrogates_and_deep_nesting_are_400(
+    client: Client, store: MemoryStore, method: str, path: str, body: bytes
+) -> None:
+    """Valid JSON a database cannot store, or nested past any sane depth: 400 naming
+    the problem, nothing stored, nothing logged as a failure."""
+    from twisted.logger import capturedLogs
+
+    with capturedLogs() as events:
+        answer = send(client, method, path, raw=body)
+    assert answer.status == 400, answer.body
+    assert json.loads(answer.body)["error"] in ("invalid JSON", "invalid node")
+    assert stored(store) == []
+    assert not [e for e in events if "log_failure" in e]
+
+
+def test_a_mapped_or_zoned_port_address_is_stored_as_identity_sees_it(
+    client: Client, store: MemoryStore
+) -> None:
+    """``::ffff:127.0.0.1`` is 127.0.0.1: another node's port, so 409; a zone is
+    dropped, so the port matches callers (whose addresses never carry one)."""
+    first = node_document(0, ports=[{"mac": "52:54:00:00:00:01", "ip": "127.0.0.1"}])
+    assert send(client, "POST", "/v1/nodes", first).status == 200
+    twin = node_document(1, ports=[{"mac": "52:54:00:00:00:02", "ip": "::ffff:127.0.0.1"}])
+    assert send(client, "POST", "/v1/nodes", twin).status == 409
+    zoned = node_document(2, ports=[{"mac": "52:54:00:00:00:03", "ip": "fe80::1%eth0"}])
+    answer = send(client, "POST", "/v1/nodes", zoned)
+    assert answer.status == 200
+    assert store.repository.node_by_ip("fe80::1") is not None
+    assert stored(store) == [node_document(0)["uuid"], node_document(2)["uuid"]]

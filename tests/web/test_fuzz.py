@@ -2,17 +2,22 @@
 
 Generated methods, paths (route prefixes plus noise, percent-escapes, dot segments),
 query strings, headers (including the identity, token and auth headers, sometimes
-valid) and bodies.  Whatever arrives: never a 500, never a traceback in the answer,
-no failure logged, and a refused request (4xx/5xx) leaves the database exactly as
-it was.  Every example runs against a real database (SQLite, PostgreSQL, MariaDB),
-queried synchronously through the repository.
+valid, sometimes raw bytes that are not UTF-8) and bodies (JSON with lone surrogates
+in keys and values, nesting thousands deep).  Whatever arrives: never a 500, never a
+traceback in the answer, no failure logged, and a refused request (4xx/5xx) leaves
+the database exactly as it was.  Every example runs against a real database (SQLite,
+PostgreSQL, MariaDB), queried synchronously through the repository.  The same
+documents go through ``metadatad-manage node import``: exit 0, or exit 1 with one
+line and nothing imported.
 """
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +29,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from metadatad.admin.site import AdminSite
+from metadatad.cli import main
 from metadatad.core.identity import Identifier, sign_instance_id
 from metadatad.core.ratelimit import RateLimiter
 from metadatad.core.tokens import TokenSigner
@@ -118,7 +124,14 @@ _header_value = st.text(
 ).map(str.strip)
 
 
-def headers() -> st.SearchStrategy[dict[str, str]]:
+# Raw header bytes: Latin-1 range and beyond-ASCII octets that are not UTF-8 (\xff,
+# lone continuation bytes, truncated sequences); never CR, LF or NUL.
+_raw_header_value = st.binary(max_size=40).map(
+    lambda b: bytes(c for c in b if c not in b"\r\n\x00").strip()
+) | st.sampled_from([b"\xff", b"\xfe\xff", b"\x80abc", b"\xc3", b"\xed\xa0\x80"])
+
+
+def headers() -> st.SearchStrategy[dict[Any, Any]]:
     valid_token = SIGNER.issue(HERE.uuid, 600, NOW)
     foreign_token = SIGNER.issue(OTHER.uuid, 600, NOW)
     values = {
@@ -147,7 +160,69 @@ def headers() -> st.SearchStrategy[dict[str, str]]:
     other = st.dictionaries(
         st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True), _header_value, max_size=3
     )
-    return st.builds(lambda a, b: {**b, **a}, known, other)
+    # Any of the headers above, as raw bytes instead.
+    raw = st.dictionaries(
+        st.sampled_from([name.encode("ascii") for name in values]), _raw_header_value, max_size=3
+    )
+    return st.builds(_merged_headers, known, other, raw)
+
+
+def _merged_headers(
+    known: dict[str, str], other: dict[str, str], raw: dict[bytes, bytes]
+) -> dict[Any, Any]:
+    merged: dict[Any, Any] = {**other, **known}
+    for name, value in raw.items():
+        merged.pop(name.decode("ascii"), None)
+        merged[name] = [value]
+    return merged
+
+
+_surrogate = st.integers(0xD800, 0xDFFF).map(chr)
+# Text that may hold lone surrogates (valid JSON escapes, invalid Unicode).
+_bad_text = st.builds(
+    lambda a, s, b: a + s + b, st.text(max_size=8), _surrogate, st.text(max_size=8)
+)
+
+
+def _nested(depth: int, leaf: Any, as_object: bool) -> bytes:
+    """``depth`` arrays (or objects) around ``leaf``, written out directly: building
+    such a document in Python would exhaust the stack of json.dumps and repr."""
+    opening, closing = (b'{"network_data": ', b"}") if as_object else (b"[", b"]")
+    return opening * depth + json.dumps(leaf).encode() + closing * depth
+
+
+def hostile_documents() -> st.SearchStrategy[bytes]:
+    """JSON no store can hold or no parser should recurse through: node documents with
+    a lone surrogate in one field, peer entries with one, and nesting from shallow to
+    far over any sane depth."""
+    node = node_document(0, ports=[{"mac": "52:54:00:00:00:01", "ip": "127.0.0.1"}])
+    with_bad_field = st.builds(
+        lambda field, text: {**node, field: text},
+        st.sampled_from(
+            ["name", "project_id", "availability_zone", "image_id", "root_device_name"]
+        ),
+        _bad_text,
+    )
+    with_bad_map = st.builds(
+        lambda field, key, value: {**node, field: {key: value}},
+        st.sampled_from(["meta", "public_keys", "block_device_mapping"]),
+        st.one_of(_bad_text, st.just("k")),
+        st.one_of(_bad_text, st.just("v")),
+    )
+    bad_entries = st.dictionaries(
+        st.one_of(_bad_text, st.just("k")), _bad_text, min_size=1, max_size=3
+    )
+    documents = st.one_of(
+        with_bad_field,
+        with_bad_map,
+        with_bad_field.map(lambda d: [d]),
+        bad_entries,
+        bad_entries.map(lambda entries: {"meta": entries}),
+    )
+    nested = st.builds(
+        _nested, st.integers(1, 3000), st.one_of(st.just(None), _bad_text), st.booleans()
+    )
+    return st.one_of(documents.map(lambda d: json.dumps(d).encode()), nested)
 
 
 def bodies() -> st.SearchStrategy[bytes]:
@@ -160,6 +235,8 @@ def bodies() -> st.SearchStrategy[bytes]:
         st.binary(max_size=300),
         documents.map(lambda d: json.dumps(d).encode()),
         st.text(max_size=100).map(str.encode),
+        hostile_documents(),
+        st.integers(1, 20_000).map(lambda n: b"[" * n),
     )
 
 
@@ -179,7 +256,7 @@ def check(  # noqa: PLR0917 (one fuzzed request, spelled out)
     method: str,
     path: str,
     query: str,
-    sent: dict[str, str],
+    sent: dict[Any, Any],
     body: bytes,
     refused_if: Callable[[int], bool],
 ) -> None:
@@ -246,7 +323,7 @@ def test_metadata_site_survives_anything(database_url: str) -> None:
         bodies(),
     )
     def run(  # noqa: PLR0917 (hypothesis fills every argument)
-        require: bool, method: str, path: str, query: str, sent: dict[str, str], body: bytes
+        require: bool, method: str, path: str, query: str, sent: dict[Any, Any], body: bytes
     ) -> None:
         check(sites[require], engine, method, path, query, sent, body, lambda s: s >= 400)
 
@@ -266,8 +343,42 @@ def test_admin_site_survives_anything(database_url: str) -> None:
 
     @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], database=None)
     @given(st.sampled_from(METHODS), paths(ADMIN_PREFIXES), queries(), headers(), bodies())
-    def run(method: str, path: str, query: str, sent: dict[str, str], body: bytes) -> None:
+    def run(method: str, path: str, query: str, sent: dict[Any, Any], body: bytes) -> None:
         check(client, engine, method, path, query, sent, body, lambda s: not 200 <= s < 300)
+
+    try:
+        run()
+    finally:
+        engine.dispose()
+
+
+def test_node_import_survives_anything(database_url: str, tmp_path: Path) -> None:
+    """``metadatad-manage node import`` of generated files (node documents, lone
+    surrogates, deep nesting, random bytes): exit 0, or exit 1 with one line naming
+    the file and the database unchanged; never a traceback."""
+    engine, _ = _engine(database_url)
+    conf = tmp_path / "metadatad.conf"
+    conf.write_text(f"[database]\nurl = {database_url}\n", encoding="utf-8")
+    path = tmp_path / "nodes.json"
+
+    @settings(
+        max_examples=EXAMPLES // 2, suppress_health_check=[HealthCheck.too_slow], database=None
+    )
+    @given(st.one_of(hostile_documents(), bodies()))
+    def run(content: bytes) -> None:
+        path.write_bytes(content)
+        before = snapshot(engine)
+        out, err = io.StringIO(), io.StringIO()
+        status = main(["--config", str(conf), "node", "import", str(path)], stdout=out, stderr=err)
+        event(f"exit {status}")
+        assert "Traceback" not in err.getvalue()
+        if status == 0:
+            assert err.getvalue() == ""
+            return
+        assert status == 1
+        lines = err.getvalue().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"metadatad-manage: {path}: "), lines
+        assert snapshot(engine) == before
 
     try:
         run()

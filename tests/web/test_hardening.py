@@ -285,3 +285,62 @@ def test_exempt_sources_are_not_capped_and_refusals_are_logged_once() -> None:
         assert connect(site, "10.0.0.9") is None
     refusals = [e for e in events if e.get("log_namespace") == "metadatad.audit"]
     assert [e["peer"] for e in refusals] == ["10.0.0.9", "10.0.0.9"]
+
+
+class BufferingTransport(StringTransport):
+    """A StringTransport that shows a send buffer the way Twisted's TCP transport does
+    (``dataBuffer``, ``offset``, ``_tempDataLen``), and records an abort."""
+
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer)
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().loseConnection()
+
+
+def stalled(limits: Limits = LIMITS) -> tuple[HardenedChannel, BufferingTransport, Clock]:
+    """A channel whose transport just reported a full send buffer of 1 MB."""
+    site, _, clock = make(limits)
+    address = IPv4Address("TCP", "10.0.0.9", 40000)
+    channel = site.buildProtocol(address)
+    transport = BufferingTransport(address)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    transport.dataBuffer = b"x" * 1_000_000
+    channel.pauseProducing()
+    return channel, transport, clock
+
+
+def test_a_client_that_stops_reading_is_dropped() -> None:
+    """None of a pending response taken for write_timeout seconds: the connection is
+    aborted (not closed gracefully, which would wait for the buffer for ever)."""
+    _, transport, clock = stalled()
+    clock.advance(LIMITS.write_timeout - 0.1)
+    assert not transport.aborted
+    clock.advance(0.1)
+    assert transport.aborted
+
+
+def test_a_slow_reader_that_keeps_reading_is_not_dropped() -> None:
+    """Each period in which the kernel took some of the response earns another."""
+    _, transport, clock = stalled()
+    for _ in range(5):
+        transport.offset += 1000
+        clock.advance(LIMITS.write_timeout)
+        assert not transport.aborted
+    clock.advance(LIMITS.write_timeout)
+    assert transport.aborted
+
+
+def test_a_drained_buffer_cancels_the_stall_timer() -> None:
+    """The transport resuming its producer (buffer sent) ends the watch."""
+    channel, transport, clock = stalled()
+    transport.dataBuffer = b""
+    channel.resumeProducing()
+    clock.advance(10 * LIMITS.write_timeout)
+    assert not transport.aborted

@@ -406,3 +406,50 @@ def test_repeated_denials_are_logged_sparingly() -> None:
     assert statuses == [401] * 31
     logged = [e for e in events if e.get("reason") == "malformed token"]
     assert len(logged) == 6
+
+
+# --- bytes that are not UTF-8 -------------------------------------------------------
+
+_RAW_HEADERS = [
+    ("X-aws-ec2-metadata-token", "GET", "/latest/meta-data/instance-id"),
+    ("X-aws-ec2-metadata-token-ttl-seconds", "PUT", "/latest/api/token"),
+    ("X-Forwarded-For", "GET", "/latest/meta-data/instance-id"),
+    ("X-Instance-ID", "GET", "/latest/meta-data/instance-id"),
+    ("X-Instance-ID-Signature", "GET", "/latest/meta-data/instance-id"),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "path"), _RAW_HEADERS)
+def test_a_non_utf8_header_is_a_4xx_counted_against_the_rate(
+    name: str, method: str, path: str
+) -> None:
+    """A ``\\xff`` in a token, TTL, forwarding or signed-identity header is a clear 4xx
+    (never a 500 with a traceback); a flood of them runs into 429 like any other."""
+    setup = Setup(trusted="127.0.0.1/32", limiter=RateLimiter(rate=1, burst=3))
+    headers = {name.encode("ascii"): b"\xff\xfe"}
+    if name != "X-aws-ec2-metadata-token-ttl-seconds" and method == "PUT":
+        headers[b"X-aws-ec2-metadata-token-ttl-seconds"] = b"60"
+    with capturedLogs() as events:
+        answers = [setup.client.request(method, path, headers=headers) for _ in range(5)]
+    statuses = [a.status for a in answers]
+    assert all(400 <= s < 500 for s in statuses[:3]), statuses
+    assert statuses[3:] == [429, 429]
+    assert not [e for e in events if "log_failure" in e]
+    assert all(b"Traceback" not in a.body for a in answers)
+
+
+def test_refusals_of_unusable_identity_headers_are_logged_sparingly() -> None:
+    """A flood of bad signatures from one address: every one answered, a few audit
+    lines (not one per request)."""
+    setup = Setup()
+    headers = {
+        b"X-Instance-ID": OTHER.uuid.encode(),
+        b"X-Tenant-ID": b"proj-b",
+        b"X-Instance-ID-Signature": b"\xff" * 64,
+    }
+    with capturedLogs() as events:
+        statuses = {
+            setup.client.get("/latest/meta-data/", headers=headers).status for _ in range(200)
+        }
+    assert statuses == {403}
+    assert len(events) <= 10, [e.get("log_format") for e in events]

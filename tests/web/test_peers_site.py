@@ -151,6 +151,11 @@ def test_private_post_is_for_operators_only(site: Site) -> None:
         ({"k" * 256: "v"}, "?shared=project", 400),
         ({f"k{i}": "v" for i in range(129)}, "?shared=project", 413),
         ({"k": "v" * 65536}, "?shared=project", 413),
+        (b'{"k": "\\ud800"}', "?shared=project", 400),
+        (b'{"meta": {"k": "x\\udfff"}}', "", 400),
+        (b'{"\\udc00": "v"}', "?shared=project", 400),
+        (b"[" * 5000, "?shared=project", 400),
+        (b'{"meta": ' * 3000 + b"{}" + b"}" * 3000, "?shared=project", 400),
     ],
 )
 def test_bad_posts(site: Site, body: Any, query: str, status: int) -> None:
@@ -428,8 +433,7 @@ def test_watchers_woken_together_share_one_read(site: Site) -> None:
     """One notification waking many watchers costs one query, not one per watcher."""
     index = site.get("/openstack/latest/shared.json").header("X-Metadatad-Index")
     pending = [
-        site.start("GET", f"/openstack/latest/shared.json?index={index}&wait=60")
-        for _ in range(10)
+        site.start("GET", f"/openstack/latest/shared.json?index={index}&wait=60") for _ in range(10)
     ]
     assert site.hub.count() == 10
     queued: list[tuple[Any, tuple[Any, ...], Any]] = []

@@ -294,17 +294,25 @@ def test_concurrent_requests_share_one_call() -> None:
     ],
 )
 def test_failure_gives_empty_object_and_a_warning(target: Target, kind: str) -> None:
-    """A failing target is {} in vendor_data2.json; the failure is counted, not cached,
-    and the node is not marked (failure_fatal is off)."""
+    """A failing target is {} in vendor_data2.json; the failure is counted, kept for
+    failure_ttl seconds for that node (not called again meanwhile), and the node is
+    not marked (failure_fatal is off)."""
     before = sample("metadatad_vendordata_upstream_requests_total", target="testing", outcome=kind)
-    harness = Harness({"testing": target, "good": Target({"ok": 1})})
+    harness = Harness({"testing": target, "good": Target({"ok": 1})}, failure_ttl=5)
     assert harness.document() == {"static": STATIC, "testing": {}, "good": {"ok": 1}}
     assert (
         sample("metadatad_vendordata_upstream_requests_total", target="testing", outcome=kind)
         == before + 1
     )
-    harness.document()
+    harness.clock.advance(4.9)
+    assert harness.document()["testing"] == {}
+    assert len(target.seen) == 1
+    # Another node is its own entry: a node's bad answer says nothing of the target.
+    harness.document(record(make_node(1)))
     assert len(target.seen) == 2
+    harness.clock.advance(0.1)
+    harness.document()
+    assert len(target.seen) == 3
     assert harness.errors.all() == []
 
 
@@ -329,6 +337,9 @@ def test_failure_fatal_answers_500_marks_and_counts() -> None:
     assert (mark.node_revision, mark.conductor) == (1, "c1")
     assert mark.failed_at == datetime(2027, 1, 15, 8, 0, 0)
     target.status = 200
+    # The failure is kept failure_ttl (5 s by default): still a 500 until then.
+    assert harness.fetch()["status"] == 500
+    harness.clock.advance(5)
     assert harness.document()["testing"] == {"e": 1}
     assert harness.errors.all() == []
 
@@ -425,3 +436,118 @@ def _bearer() -> dict[str, str]:
 
 def _answer(response: Any) -> tuple[int, bytes]:
     return response.code, fired(response.content())
+
+
+# --- bounded calls and cached failures ---------------------------------------------------
+
+
+def test_calls_per_target_are_capped() -> None:
+    """At most max_concurrent_calls calls to one target at once; the others wait for
+    a turn and are served when one finishes."""
+    target = Target({"n": 1})
+    target.hold = True
+    harness = Harness({"testing": target}, max_concurrent_calls=3)
+    pending = [harness.service.render(record(make_node(i)), STATIC) for i in range(10)]
+    harness.flush()
+    assert len(target.seen) == 3
+    target.release()
+    harness.flush()
+    assert len(target.seen) == 10
+    assert {fired(d).status for d in pending} == {200}
+
+
+def test_a_call_that_waits_longer_than_its_timeout_for_a_turn_is_busy() -> None:
+    """One slot, five nodes at once: when the call in flight times out the next in
+    line gets the slot; the rest waited a whole time-out and get {} (busy) without
+    calling the target.  Busy is not cached: a later request gets its chance."""
+    target = Target({"n": 1})
+    target.hold = True
+    harness = Harness(
+        {"testing": target},
+        max_concurrent_calls=1,
+        connect_timeout=1,
+        read_timeout=1,
+        failure_ttl=0,  # the time-out would mark the target down: not the point here
+    )
+    pending = [harness.service.render(record(make_node(i)), STATIC) for i in range(5)]
+    harness.flush()
+    assert len(target.seen) == 1
+    busy = sample("metadatad_vendordata_upstream_requests_total", target="testing", outcome="busy")
+    harness.clock.advance(2)  # the call in flight times out, and so do the waits
+    harness.flush()
+    assert len(target.seen) == 2
+    assert (
+        sample("metadatad_vendordata_upstream_requests_total", target="testing", outcome="busy")
+        == busy + 3
+    )
+    for d in (pending[0], *pending[2:]):
+        assert json.loads(fired(d).body)["testing"] == {}
+    target.release()
+    harness.flush()
+    assert json.loads(fired(pending[1]).body)["testing"] == {"n": 1}
+    assert harness.document(record(make_node(4)))["testing"] == {"n": 1}
+
+
+class _Dead:
+    """An HTTPClient-like object whose target refuses every connection."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError
+
+        self.calls += 1
+        return fail(ConnectionRefusedError())
+
+
+def _dead_service(**kwargs: Any) -> tuple[DynamicVendordata, _Dead, Clock]:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    dead = _Dead()
+    service = DynamicVendordata(
+        [("dead", "http://dead.example.org/vd")],
+        dead,
+        clock,
+        token_source=StaticToken("t"),
+        **kwargs,
+    )
+    return service, dead, clock
+
+
+def test_a_dead_target_is_called_once_per_failure_ttl() -> None:
+    """A target that cannot be reached is not called by anyone for failure_ttl seconds:
+    a thousand nodes booting cost one call, not a thousand; then it is tried again."""
+    service, dead, clock = _dead_service(failure_ttl=5)
+    for index in range(1000):
+        reply = fired(service.render(record(make_node(index % 250), revision=1), STATIC))
+        assert json.loads(reply.body)["dead"] == {}
+    assert dead.calls == 1
+    clock.advance(5)
+    fired(service.render(record(), STATIC))
+    assert dead.calls == 2
+    service.forget()  # SIGHUP forgets failures too
+    fired(service.render(record(), STATIC))
+    assert dead.calls == 3
+
+
+def test_failure_ttl_zero_caches_no_failure() -> None:
+    """failure_ttl = 0: every request calls the target, as before."""
+    service, dead, _ = _dead_service(failure_ttl=0)
+    for _ in range(3):
+        fired(service.render(record(), STATIC))
+    assert dead.calls == 3
+
+
+def test_a_dead_target_still_marks_every_node_under_failure_fatal() -> None:
+    """With failure_fatal each node asking while the target is down gets its 500 and
+    its mark, though the target was called once."""
+    errors = MemoryVendordataErrorRepository()
+    store = VendordataErrorStore(errors, None, run=_run_now)
+    service, dead, _ = _dead_service(failure_ttl=5, failure_fatal=True, errors=store)
+    for index in range(3):
+        for _ in range(2):
+            assert fired(service.render(record(make_node(index)), STATIC)).status == 500
+    assert dead.calls == 1
+    assert sorted(e.node_uuid for e in errors.all()) == sorted(make_node(i).uuid for i in range(3))

@@ -346,6 +346,7 @@ async def test_hard_failure_is_stored_and_shown(database_url: str) -> None:
                 errors=errors,
                 conductor="conductor-1",
                 cache_ttl=0,
+                failure_ttl=0,
             ) as service:
                 async with metadata_site(service, store) as (base, _):
                     status, body = await get(base + "/openstack/latest/vendor_data2.json")
