@@ -23,7 +23,6 @@ from metadatad.db.migrate import (
 from metadatad.db.store import NodeRepository, make_engine
 from tests.support.factories import make_node
 
-
 # The revision before the one under test (0008 rewrites the port addresses).
 BEFORE = "0007"
 
