@@ -12,7 +12,12 @@ the last pushed one, attempts, last error and next attempt.  The service
    with at most ``concurrency`` pushes in flight, and records the outcomes in one
    transaction per batch (a provider with ``push_many`` gets the whole batch in one
    call); failures are retried after ``retry_min * 2**(n-1)`` seconds
-   (at most ``retry_max``), permanent ones only once the mapping changes.
+   (at most ``retry_max``), permanent ones ``permanent_retries`` times, then only
+   once the mapping changes.
+
+Deleted nodes whose owner is dead (no claim is left to take over) are adopted by the
+survivor the ring gives them, which retracts them; a retraction leaves out the MACs
+another node has now (:mod:`metadatad.db.dhcp_fences`).
 
 Fencing: a mapping is desired, due and recorded only while the claims table says this
 conductor holds the node at the generation the mapping was made for, so a conductor that
@@ -44,6 +49,7 @@ from twisted.python.threadpool import ThreadPool
 
 from metadatad.core.bootmapping import BootDefaults, BootMapping, MappingError, boot_mapping
 from metadatad.core.conductors import ClaimEvent, ConductorInfo
+from metadatad.core.ring import HashRing
 from metadatad.db.dhcp import DhcpPushRepository, PushJob, PushResult
 from metadatad.db.threaded import private_pool
 from metadatad.dhcp.provider import Provider, PushError
@@ -95,13 +101,16 @@ class DhcpPusher(Service):
         concurrency: int = 50,
         retry_min: float = 1.0,
         retry_max: float = 300.0,
+        permanent_retries: int = 8,
         reconcile_interval: float = 300.0,
         batch: int = 1000,
         run: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         """``reactor`` is the clock (and, without ``run``, runs the database work on
         a two-thread pool this service owns, on ``repository.engine``).  ``run(f,
-        *args)`` replaces that pool in tests."""
+        *args)`` replaces that pool in tests.  A permanent failure is retried
+        ``permanent_retries`` times with the same backoff, then left failed until the
+        mapping changes."""
         self.repository = repository
         self.provider = provider
         self.info = info
@@ -110,6 +119,7 @@ class DhcpPusher(Service):
         self.concurrency = concurrency
         self.retry_min = retry_min
         self.retry_max = retry_max
+        self.permanent_retries = permanent_retries
         self.reconcile_interval = reconcile_interval
         self.batch = batch
         self._pool: ThreadPool | None = None
@@ -273,6 +283,7 @@ class DhcpPusher(Service):
                 wanted.append((mapping, generation))
         changed = self.repository.set_desired(self.info.name, wanted, now)
         retracted = self.repository.retract_deleted(self.info.name, now) if full else 0
+        retracted += self._adopt_orphans(now)
         if problems:
             self.log.warn(
                 "{count} nodes have no DHCP boot mapping; first: {first}",
@@ -286,6 +297,28 @@ class DhcpPusher(Service):
                 retracted=retracted,
                 kind="reconcile" if full else "claimed",
             )
+
+    def _adopt_orphans(self, now: float) -> int:
+        """(On the pool.)  Retract the deleted nodes a dead conductor of our group
+        left behind, those the ring over the live conductors gives us (see
+        :mod:`metadatad.db.dhcp_fences`).  Returns how many were adopted."""
+        scan = self.repository.orphaned_retractions(self.info.group)
+        if not scan.orphans or self.info.name not in scan.live:
+            return 0
+        ring = HashRing(scan.live)
+        mine = [o for o in scan.orphans if ring.owner(o.node_uuid) == self.info.name]
+        if not mine:
+            return 0
+        adopted = self.repository.adopt(self.info.name, scan.generation, mine, now)
+        if adopted:
+            self.log.info(
+                "adopted {count} retractions of deleted nodes from dead conductors "
+                "({owners}) at generation {generation}",
+                count=len(adopted),
+                owners=", ".join(sorted({o.owner for o in mine if o.node_uuid in adopted})),
+                generation=scan.generation,
+            )
+        return len(adopted)
 
     @inlineCallbacks
     def _drain(self) -> Any:
@@ -370,11 +403,20 @@ class DhcpPusher(Service):
             message, permanent = f"{type(error).__name__}: {error}", False
         FAILURES.labels(provider, "permanent" if permanent else "retry").inc()
         wait = backoff(job.attempts + 1, self.retry_min, self.retry_max)
+        retry = not permanent or job.attempts < self.permanent_retries
+        if not permanent:
+            kind = f"retry in {wait:g} s"
+        elif retry:
+            # Bounded: the Neutron port may appear, the node be fixed, a newer
+            # owner's file be rewritten; the row shows ``failed`` meanwhile.
+            kind = f"permanent, retry {job.attempts + 1} of {self.permanent_retries} in {wait:g} s"
+        else:
+            kind = "permanent, not retried until the mapping changes"
         if job.attempts == 0 or permanent:
             self.log.warn(
                 "DHCP push of node {uuid} failed ({kind}): {error}",
                 uuid=job.node_uuid,
-                kind="permanent" if permanent else f"retry in {wait:g} s",
+                kind=kind,
                 error=message,
             )
         return PushResult(
@@ -383,7 +425,7 @@ class DhcpPusher(Service):
             job.digest,
             error=message,
             permanent=permanent,
-            next_attempt=None if permanent else self._clock.seconds() + wait,
+            next_attempt=self._clock.seconds() + wait if retry else None,
         )
 
     def _database_failed(self, error: Exception) -> None:
