@@ -315,7 +315,7 @@ class DhcpPushRepository:
     def _pending(self, owner: str, failed: bool = True) -> Any:
         """``owner``'s rows not pushed yet, with a next attempt: ``failed`` includes
         permanent failures whose bounded retries are not used up."""
-        retried = dhcp_pushes.c.permanent.is_(False)
+        retried: Any = dhcp_pushes.c.permanent.is_(False)
         if failed:
             retried = or_(retried, dhcp_pushes.c.next_attempt.is_not(None))
         return and_(

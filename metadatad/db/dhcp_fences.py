@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_fences -*-
+# -*- test-case-name: tests.test_dhcp_guarantees -*-
 """Who may withdraw a MAC, and who retracts what a dead conductor left (synchronous).
 
 Two fences on top of the claims that fence a node's own mapping
@@ -69,32 +69,38 @@ def fence_withdrawals(connection: Connection, pairs: Sequence[Pair]) -> list[Pai
     if not holders:
         return list(pairs)
     neutron = _neutron_ports(connection, set(holders.values()))
-    fenced: list[Pair] = []
-    for desired, previous in pairs:
-        if desired.removed:
-            taken = {m for m in desired.macs if holders.get(m, desired.node_uuid) != desired.node_uuid}
-            if taken:
-                keep_ports: set[str] = set()
-                for mac in taken:
-                    keep_ports.update(neutron.get(holders[mac], ()))
-                desired = attrs.evolve(
-                    desired,
-                    macs=tuple(m for m in desired.macs if m not in taken),
-                    neutron_ports=tuple(p for p in desired.neutron_ports if p not in keep_ports),
-                )
-        elif previous is not None:
-            taken = {
-                m
-                for m in previous.macs
-                if m not in desired.macs
-                and holders.get(m, desired.node_uuid) != desired.node_uuid
-            }
-            if taken:
-                previous = attrs.evolve(
-                    previous, macs=tuple(m for m in previous.macs if m not in taken)
-                )
-        fenced.append((desired, previous))
-    return fenced
+    return [_fenced(desired, previous, holders, neutron) for desired, previous in pairs]
+
+
+def _fenced(
+    desired: BootMapping,
+    previous: BootMapping | None,
+    holders: dict[str, str],
+    neutron: dict[str, set[str]],
+) -> Pair:
+    """One pair with the MACs other nodes hold (``holders``: MAC -> node) left out."""
+    uuid = desired.node_uuid
+    if desired.removed:
+        taken = {m for m in desired.macs if holders.get(m, uuid) != uuid}
+        if not taken:
+            return desired, previous
+        theirs: set[str] = set()
+        for mac in taken:
+            theirs.update(neutron.get(holders[mac], ()))
+        return (
+            attrs.evolve(
+                desired,
+                macs=tuple(m for m in desired.macs if m not in taken),
+                neutron_ports=tuple(p for p in desired.neutron_ports if p not in theirs),
+            ),
+            previous,
+        )
+    if previous is None:
+        return desired, previous
+    taken = {m for m in previous.macs if m not in desired.macs and holders.get(m, uuid) != uuid}
+    if not taken:
+        return desired, previous
+    return desired, attrs.evolve(previous, macs=tuple(m for m in previous.macs if m not in taken))
 
 
 def _neutron_ports(connection: Connection, uuids: set[str]) -> dict[str, set[str]]:

@@ -64,7 +64,6 @@ class _Header:
     node: str
 
 
-
 def _tag(node_uuid: str) -> str:
     return f"node-{node_uuid}"
 
