@@ -30,6 +30,7 @@ from metadatad.db.cluster import ClusterRepository, ConductorInfo
 from metadatad.db.dhcp import DhcpPushRepository
 from metadatad.db.store import NodeRepository, make_engine
 from metadatad.dhcp.dnsmasq import DnsmasqProvider, host_file_name, opts_file_name
+from metadatad.dhcp.files import SpareFiles
 from metadatad.dhcp.mapping import BootDefaults, boot_mapping, retraction
 from metadatad.dhcp.provider import PushError
 from metadatad.dhcp.pusher import DhcpPusher
@@ -373,4 +374,25 @@ def test_takeover_rewrites_the_options_not_the_unchanged_host_files(tmp_path: Pa
     same = os.stat(opts_path).st_ino
     dnsmasq(tmp_path, "b").write(b_mapping, b_mapping, 5)
     assert (os.stat(opts_path).st_ino, os.stat(host_path).st_ino) == (same, host_before.st_ino)
-    assert [p.name for p in (tmp_path / "hosts").iterdir() if p.name.startswith(".")] == []
+
+
+def test_spare_files_replace_atomically_and_leave_no_dotfile(tmp_path: Path) -> None:
+    """Rewriting existing files swaps in the thread's spare (no new inode per file),
+    reads back exactly what was written, shorter or longer; without the exchange the
+    spare is renamed over the file; after ``tidy`` no dotfile is left."""
+    for exchange in (True, False):
+        directory = tmp_path / str(exchange)
+        directory.mkdir()
+        files = SpareFiles("a", exchange=exchange)
+        paths = [directory / f"f{i}.conf" for i in range(5)]
+        for path in paths:
+            files.replace(str(path), b"first version, long enough\n" * 3)
+        inodes = set()
+        for i, path in enumerate(paths):
+            files.replace(str(path), f"second {i}\n".encode())
+            inodes.add(path.stat().st_ino)
+        assert [p.read_bytes() for p in paths] == [f"second {i}\n".encode() for i in range(5)]
+        spares = [p for p in directory.iterdir() if p.name.startswith(".")]
+        assert len(spares) == (1 if exchange else 0)
+        files.tidy()
+        assert sorted(p.name for p in directory.iterdir()) == [f"f{i}.conf" for i in range(5)]

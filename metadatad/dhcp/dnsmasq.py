@@ -4,9 +4,10 @@
 dnsmasq (2.73+) started with ``--dhcp-hostsdir=HOSTSDIR --dhcp-optsdir=OPTSDIR
 --dhcp-match=set:ipxe,175`` watches both directories with inotify and re-reads a file
 when it is closed after writing or renamed into place; it ignores names starting with
-a dot.  So every file is written to a dotfile and ``rename()``d, and a batch is
-flushed to disk with one ``syncfs`` before its nodes count as pushed: dnsmasq never
-reads a partial file, and is never signalled (dnsmasq 2.86-2.90 crash on SIGHUP
+a dot.  So every file is written to a dotfile that then takes its name atomically
+(:mod:`metadatad.dhcp.files`), and a batch is flushed to disk with one ``syncfs``
+before its nodes count as pushed: dnsmasq never reads a partial file, and is never
+signalled (dnsmasq 2.86-2.90 crash on SIGHUP
 once a host entry with ``set:`` tags has leased: see docs/dhcp.md).
 
 * ``HOSTSDIR/metadatad-<mac>.conf``: ``<mac>,set:node-<uuid>`` — tags the MAC with its
@@ -18,7 +19,10 @@ once a host entry with ``set:`` tags has leased: see docs/dhcp.md).
 Every file starts with a comment naming the owner and the fencing generation it was
 written under; a file written under a newer generation is never overwritten by an
 older one (a conductor that was paused while its nodes were taken over).  The
-directories may therefore be shared by all conductors (NFS, a shared volume).
+directories may therefore be shared by all conductors (NFS, a shared volume).  Only
+files whose content changes are written: on a takeover the option file (new owner,
+address and generation), not the host files (same entry); see :meth:`write` for why
+the fence still holds.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from metadatad.core.bootmapping import BootMapping
+from metadatad.dhcp.files import SpareFiles
 from metadatad.dhcp.provider import PushError
 
 __all__ = ["DnsmasqProvider", "host_file", "opts_file"]
@@ -129,6 +133,7 @@ class DnsmasqProvider:
         self.optsdir = optsdir
         self.owner = owner
         self._fsync = fsync
+        self._files = SpareFiles(owner, fsync=fsync == "file")
         self._threads = max(1, threads)
         self._pool: ThreadPool | None = None
         if run is None:
@@ -200,10 +205,14 @@ class DnsmasqProvider:
         return outcomes
 
     def flush(self) -> Deferred[None] | None:
-        """Make the files written so far durable (before a batch is recorded)."""
-        if self._fsync != "batch":
-            return None
-        return self._run(self.sync)
+        """Make the files written so far durable (before a batch is recorded), and
+        remove the spare dotfiles (no write is in flight)."""
+        return self._run(self._flush)
+
+    def _flush(self) -> None:
+        self._files.tidy()
+        if self._fsync == "batch":
+            self.sync()
 
     def sync(self) -> None:
         """(Off the reactor.)  ``syncfs`` the filesystems of both directories: one
@@ -303,18 +312,7 @@ class DnsmasqProvider:
         return header, content
 
     def _replace(self, path: str, data: bytes) -> None:
-        directory, name = os.path.split(path)
-        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}")
         try:
-            with open(temporary, "wb") as f:
-                f.write(data)
-                if self._fsync == "file":
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.rename(temporary, path)
+            self._files.replace(path, data)
         except OSError as e:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
             raise PushError(f"cannot write {path}: {e.strerror}") from None
