@@ -396,3 +396,44 @@ def test_spare_files_replace_atomically_and_leave_no_dotfile(tmp_path: Path) -> 
         assert len(spares) == (1 if exchange else 0)
         files.tidy()
         assert sorted(p.name for p in directory.iterdir()) == [f"f{i}.conf" for i in range(5)]
+
+
+def test_takeover_writes_ahead_once_and_records_after_the_drain(
+    world: World, tmp_path: Path
+) -> None:
+    """Through the pusher: on B's takeover each node's option file is written once
+    (ahead of its desired state being recorded), no host file is rewritten, and the
+    drain that follows writes nothing more yet records every node as pushed by B."""
+    nodes = [make_node(i) for i in range(8)]
+    uuids = [n.uuid for n in nodes]
+    world.nodes.upsert_nodes(nodes)
+    world.claim(A, uuids, world.live(A, B))
+    a = world.pusher(A, dnsmasq(tmp_path, "a"))
+    a.startService()
+    world.clock.advance(0)
+    a.stopService()
+    provider = dnsmasq(tmp_path, "b")
+    written: list[str] = []
+    replace = provider._files.replace
+
+    def counting(path: str, data: bytes) -> None:
+        written.append(os.path.basename(os.path.dirname(path)))
+        replace(path, data)
+
+    provider._files.replace = counting  # type: ignore[method-assign]
+    b = world.pusher(B, provider)
+    b.startService()
+    world.clock.advance(0)
+    assert written == []  # holds nothing yet
+    generation = world.live(B)
+    world.claim(B, uuids, generation)
+    b.claimed(ClaimEvent("b", generation, tuple(uuids), dict.fromkeys(uuids, "a"), "test"))
+    assert sorted(written) == ["opts"] * 8
+    for uuid in uuids:
+        state = world.repository.state(uuid)
+        assert state is not None and (state.owner, state.in_sync) == ("b", True)
+        assert state.pushed is not None and state.pushed["tftp_server"] == "10.0.0.6"
+        text = (tmp_path / "opts" / opts_file_name(uuid)).read_text()
+        assert f"owner=b generation={generation}" in text and "10.0.0.6" in text
+    assert [p.name for p in (tmp_path / "opts").iterdir() if p.name.startswith(".")] == []
+    b.stopService()

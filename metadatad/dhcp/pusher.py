@@ -7,7 +7,9 @@ the last pushed one, attempts, last error and next attempt.  The service
 1. *refreshes* desired mappings from the nodes this conductor holds (their claims):
    all of them at start-up and every ``reconcile_interval`` (and after a node write
    through this daemon), only the claimed ones on a takeover (:class:`ClaimEvent`);
-   deleted nodes' mappings become retractions;
+   deleted nodes' mappings become retractions.  On a takeover a batch provider
+   (dnsmasq) is handed the new mappings while they are being recorded (written
+   ahead: not recorded as pushed until the drain confirms them);
 2. *drains*: takes the due mappings in batches, pushes each batch through the provider
    with at most ``concurrency`` pushes in flight, and records the outcomes in one
    transaction per batch (a provider with ``push_many`` gets the whole batch in one
@@ -256,13 +258,39 @@ class DhcpPusher(Service):
         if self.running and retry_in is not None:
             self._timer = self._clock.callLater(max(retry_in, 0.01), self._due_again)
 
-    def _refresh(self, full: bool, nodes: set[str], generations: set[int]) -> Deferred[None]:
+    @inlineCallbacks
+    def _refresh(self, full: bool, nodes: set[str], generations: set[int]) -> Any:
         now = self._clock.seconds()
-        return self._run(self._refresh_on_pool, full, frozenset(nodes), frozenset(generations), now)
+        wanted = yield self._run(
+            self._mappings_on_pool, full, frozenset(nodes), frozenset(generations)
+        )
+        ahead = None if full else self._write_ahead(wanted)
+        try:
+            yield self._run(self._record_desired_on_pool, full, wanted, now)
+        finally:
+            if ahead is not None:
+                yield ahead
 
-    def _refresh_on_pool(
-        self, full: bool, nodes: frozenset[str], generations: frozenset[int], now: float
-    ) -> None:
+    def _write_ahead(self, wanted: list[tuple[BootMapping, int]]) -> Deferred[Any] | None:
+        """A takeover: hand the claimed nodes' new mappings to a batch provider
+        (dnsmasq) at once, while their desired state is being recorded.  Nothing is
+        recorded from this: the drain that follows pushes the same mappings from the
+        database (files already right are not rewritten), flushes, and records.  A
+        crash in between loses nothing (the start-up reconcile pushes them again);
+        the provider's own generation fence applies as always."""
+        push_many = getattr(self.provider, "push_many", None)
+        if push_many is None or not wanted:
+            return None
+        d: Deferred[Any] = maybeDeferred(
+            push_many, [(mapping, None, generation) for mapping, generation in wanted]
+        )
+        # Outcomes (a fenced node) come again, and are recorded, in the drain.
+        d.addErrback(lambda f: self.log.warn("dhcp: write-ahead failed: {error}", error=f.value))
+        return d
+
+    def _mappings_on_pool(
+        self, full: bool, nodes: frozenset[str], generations: frozenset[int]
+    ) -> list[tuple[BootMapping, int]]:
         """(On the pool.)  Desired mappings of the nodes this conductor holds (all of
         them, or those just claimed: at the claim events' generations)."""
         if full:
@@ -281,15 +309,22 @@ class DhcpPusher(Service):
                 continue
             if mapping.macs:
                 wanted.append((mapping, generation))
-        changed = self.repository.set_desired(self.info.name, wanted, now)
-        retracted = self.repository.retract_deleted(self.info.name, now) if full else 0
-        retracted += self._adopt_orphans(now)
         if problems:
             self.log.warn(
                 "{count} nodes have no DHCP boot mapping; first: {first}",
                 count=len(problems),
                 first=problems[0],
             )
+        return wanted
+
+    def _record_desired_on_pool(
+        self, full: bool, wanted: list[tuple[BootMapping, int]], now: float
+    ) -> None:
+        """(On the pool.)  Record ``wanted`` as desired; retract deleted nodes (ours
+        on a full reconcile, and those dead conductors left us)."""
+        changed = self.repository.set_desired(self.info.name, wanted, now)
+        retracted = self.repository.retract_deleted(self.info.name, now) if full else 0
+        retracted += self._adopt_orphans(now)
         if changed or retracted:
             self.log.info(
                 "{changed} DHCP boot mappings to push, {retracted} to retract ({kind})",
