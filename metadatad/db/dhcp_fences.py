@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_guarantees -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_guarantees -*-
 """Who may withdraw a MAC, and who retracts what a dead conductor left (synchronous).
 
 Two fences on top of the claims that fence a node's own mapping

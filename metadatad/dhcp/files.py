@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dhcp_guarantees -*-
+# -*- test-case-name: tests.dhcp.test_dhcp_guarantees -*-
 """Replace small files atomically, recycling inodes (for the dnsmasq provider).
 
 A reader (dnsmasq, through inotify) must only ever see a whole old or a whole new

@@ -24,19 +24,19 @@ import pytest_twisted
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
-from metadatad.cluster.membership import ClaimEvent
-from metadatad.cluster.ring import HashRing
-from metadatad.db.cluster import ClusterRepository, ConductorInfo
+from metadatad.core.bootmapping import BootDefaults, boot_mapping, retraction
+from metadatad.core.conductors import ClaimEvent, ConductorInfo
+from metadatad.core.ring import HashRing
+from metadatad.db.cluster import ClusterRepository
 from metadatad.db.dhcp import DhcpPushRepository
 from metadatad.db.store import NodeRepository, make_engine
 from metadatad.dhcp.dnsmasq import DnsmasqProvider, host_file_name, opts_file_name
 from metadatad.dhcp.files import SpareFiles
-from metadatad.dhcp.mapping import BootDefaults, boot_mapping, retraction
 from metadatad.dhcp.provider import PushError
 from metadatad.dhcp.pusher import DhcpPusher
 from metadatad.testing import RecordingProvider
-from tests.factories import make_node, node_document
-from tests.test_dhcp_neutron import Loopback, loopback  # noqa: F401 (a fixture)
+from tests.dhcp.test_dhcp_neutron import Loopback, loopback  # noqa: F401 (a fixture)
+from tests.support.factories import make_node, node_document
 
 A = ConductorInfo("a", "", "10.0.0.5", "http://10.0.0.5:8775")
 B = ConductorInfo("b", "", "10.0.0.6", "http://10.0.0.6:8775")
