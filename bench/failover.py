@@ -216,6 +216,22 @@ def scenario(
                         node_claims.c.node_uuid.in_(victim_nodes)
                     )
                 ).scalar()
+                claims = {
+                    row.node_uuid: (row.owner, row.claimed_at.replace(tzinfo=UTC).timestamp())
+                    for row in connection.execute(
+                        select(
+                            node_claims.c.node_uuid, node_claims.c.owner, node_claims.c.claimed_at
+                        ).where(node_claims.c.node_uuid.in_(victim_nodes))
+                    )
+                }
+                holders = {uuid: owner for uuid, (owner, _) in claims.items()}
+                pushed_at = dict(
+                    connection.execute(
+                        select(dhcp_pushes.c.node_uuid, dhcp_pushes.c.pushed_at).where(
+                            dhcp_pushes.c.node_uuid.in_(victim_nodes)
+                        )
+                    ).all()
+                )
             engine.dispose()
             claimed = first_claim.replace(tzinfo=UTC).timestamp()
             if provider == "dnsmasq":
@@ -228,7 +244,20 @@ def scenario(
                         (hostsdir / f"metadatad-{mac}.conf").stat().st_mtime,
                     )
 
-                last = max(written(uuid) for uuid in victim_nodes)
+                times = {uuid: written(uuid) for uuid in victim_nodes}
+                last = max(times.values())
+                # Where the time goes, per survivor (seconds after the first claim).
+                for owner in sorted(set(holders.values())):
+                    mine = [u for u in victim_nodes if holders.get(u) == owner]
+                    files = sorted(times[u] - claimed for u in mine)
+                    recorded_at = sorted(float(pushed_at[u]) - claimed for u in mine)
+                    claimed_at = sorted(claims[u][1] - claimed for u in mine)
+                    print(
+                        f"  {owner}: {len(mine)} nodes, claimed {claimed_at[0]:.2f}-"
+                        f"{claimed_at[-1]:.2f} s, files written {files[0]:.2f}-"
+                        f"{files[-1]:.2f} s, recorded {recorded_at[0]:.2f}-{recorded_at[-1]:.2f} s",
+                        file=sys.stderr,
+                    )
             else:
                 assert stub is not None
                 stub.stop()

@@ -190,6 +190,7 @@ class DhcpConfig:
     concurrency: int = 50
     retry_min: float = 1.0
     retry_max: float = 300.0
+    permanent_retries: int = 8
     reconcile_interval: float = 300.0
     dnsmasq_hostsdir: str = ""
     dnsmasq_optsdir: str = ""
@@ -315,6 +316,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "concurrency": _integer(1, 10_000),
             "retry_min": _number(0.01, 3600),
             "retry_max": _number(0.01, 86400),
+            "permanent_retries": _integer(0, 100),
             "reconcile_interval": _number(1, 86400),
             "dnsmasq_hostsdir": _string,
             "dnsmasq_optsdir": _string,

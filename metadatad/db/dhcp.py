@@ -26,6 +26,13 @@ from sqlalchemy.exc import IntegrityError
 from metadatad.core.bootmapping import BootMapping, retraction
 from metadatad.core.nodes import Node, Port
 from metadatad.db.bulk import chunks_for, member_of, update_rows
+from metadatad.db.dhcp_fences import (
+    Orphan,
+    OrphanScan,
+    adopt_orphans,
+    fence_withdrawals,
+    orphaned_retractions,
+)
 from metadatad.db.schema import dhcp_pushes, node_claims, nodes
 
 __all__ = ["DhcpPushRepository", "PushJob", "PushResult", "PushState"]
@@ -305,14 +312,19 @@ class DhcpPushRepository:
 
     # --- pushing ---------------------------------------------------------------------
 
-    def _pending(self, owner: str) -> Any:
+    def _pending(self, owner: str, failed: bool = True) -> Any:
+        """``owner``'s rows not pushed yet, with a next attempt: ``failed`` includes
+        permanent failures whose bounded retries are not used up."""
+        retried: Any = dhcp_pushes.c.permanent.is_(False)
+        if failed:
+            retried = or_(retried, dhcp_pushes.c.next_attempt.is_not(None))
         return and_(
             dhcp_pushes.c.owner == owner,
             or_(
                 dhcp_pushes.c.pushed_digest.is_(None),
                 dhcp_pushes.c.pushed_digest != dhcp_pushes.c.desired_digest,
             ),
-            dhcp_pushes.c.permanent.is_(False),
+            retried,
         )
 
     def _fenced(self, owner: str) -> Any:
@@ -327,7 +339,8 @@ class DhcpPushRepository:
         return or_(claim.exists(), ~node.exists())
 
     def due(self, owner: str, now: float, limit: int) -> list[PushJob]:
-        """Up to ``limit`` mappings ``owner`` should push now, oldest first."""
+        """Up to ``limit`` mappings ``owner`` should push now, oldest first; what they
+        withdraw leaves out the MACs other nodes have now (fenced by the MAC's owner)."""
         query = (
             select(
                 dhcp_pushes.c.node_uuid,
@@ -343,19 +356,38 @@ class DhcpPushRepository:
         )
         with self.engine.connect() as connection:
             rows = connection.execute(query).all()
+            pairs = fence_withdrawals(
+                connection,
+                [
+                    (
+                        BootMapping.from_document(json.loads(row.desired)),
+                        BootMapping.from_document(json.loads(row.pushed)) if row.pushed else None,
+                    )
+                    for row in rows
+                ],
+            )
         return [
             PushJob(
                 node_uuid=row.node_uuid,
                 generation=int(row.generation),
-                desired=BootMapping.from_document(json.loads(row.desired)),
+                desired=desired,
                 digest=row.desired_digest,
-                previous=(
-                    BootMapping.from_document(json.loads(row.pushed)) if row.pushed else None
-                ),
+                previous=previous,
                 attempts=int(row.attempts),
             )
-            for row in rows
+            for row, (desired, previous) in zip(rows, pairs, strict=True)
         ]
+
+    def orphaned_retractions(self, group: str) -> OrphanScan:
+        """Deleted nodes' rows left unretracted by dead conductors of ``group``
+        (see :mod:`metadatad.db.dhcp_fences`)."""
+        return orphaned_retractions(self.engine, group)
+
+    def adopt(
+        self, owner: str, generation: int, orphans: Sequence[Orphan], now: float
+    ) -> list[str]:
+        """Take ``orphans`` over as retractions due now (compare-and-set per row)."""
+        return adopt_orphans(self.engine, owner, generation, orphans, now)
 
     def next_due(self, owner: str) -> float | None:
         """When the next pending mapping of ``owner`` is due (None: none pending)."""
@@ -451,7 +483,7 @@ class DhcpPushRepository:
     def pending_count(self, owner: str) -> int:
         """How many of ``owner``'s mappings are not pushed yet (permanent failures
         excluded)."""
-        query = select(func.count()).select_from(dhcp_pushes).where(self._pending(owner))
+        query = select(func.count()).select_from(dhcp_pushes).where(self._pending(owner, False))
         with self.engine.connect() as connection:
             return int(connection.execute(query).scalar() or 0)
 

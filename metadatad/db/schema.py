@@ -5,6 +5,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Double,
     Float,
     ForeignKey,
     Index,
@@ -200,10 +201,11 @@ dhcp_pushes = Table(
     Column("attempts", Integer, nullable=False),
     Column("last_error", String(1024), nullable=True),
     Column("permanent", Boolean, nullable=False),
-    # Seconds since the epoch by the owner's clock (only the owner reads them).
-    Column("next_attempt", Float, nullable=True),
-    Column("desired_at", Float, nullable=False),
-    Column("pushed_at", Float, nullable=True),
+    # Seconds since the epoch by the owner's clock (only the owner reads them); double
+    # precision (migration 0011: MySQL's FLOAT is single precision).
+    Column("next_attempt", Double, nullable=True),
+    Column("desired_at", Double, nullable=False),
+    Column("pushed_at", Double, nullable=True),
     Index("ix_dhcp_pushes_owner_next_attempt", "owner", "next_attempt"),
 )
 

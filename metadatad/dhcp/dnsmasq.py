@@ -4,9 +4,10 @@
 dnsmasq (2.73+) started with ``--dhcp-hostsdir=HOSTSDIR --dhcp-optsdir=OPTSDIR
 --dhcp-match=set:ipxe,175`` watches both directories with inotify and re-reads a file
 when it is closed after writing or renamed into place; it ignores names starting with
-a dot.  So every file is written to a dotfile and ``rename()``d, and a batch is
-flushed to disk with one ``syncfs`` before its nodes count as pushed: dnsmasq never
-reads a partial file, and is never signalled (dnsmasq 2.86-2.90 crash on SIGHUP
+a dot.  So every file is written to a dotfile that then takes its name atomically
+(:mod:`metadatad.dhcp.files`), and a batch is flushed to disk with one ``syncfs``
+before its nodes count as pushed: dnsmasq never reads a partial file, and is never
+signalled (dnsmasq 2.86-2.90 crash on SIGHUP
 once a host entry with ``set:`` tags has leased: see docs/dhcp.md).
 
 * ``HOSTSDIR/metadatad-<mac>.conf``: ``<mac>,set:node-<uuid>`` — tags the MAC with its
@@ -18,7 +19,10 @@ once a host entry with ``set:`` tags has leased: see docs/dhcp.md).
 Every file starts with a comment naming the owner and the fencing generation it was
 written under; a file written under a newer generation is never overwritten by an
 older one (a conductor that was paused while its nodes were taken over).  The
-directories may therefore be shared by all conductors (NFS, a shared volume).
+directories may therefore be shared by all conductors (NFS, a shared volume).  Only
+files whose content changes are written: on a takeover the option file (new owner,
+address and generation), not the host files (same entry); see :meth:`write` for why
+the fence still holds.
 """
 
 from __future__ import annotations
@@ -26,16 +30,17 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, DeferredList, FirstError, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from metadatad.core.bootmapping import BootMapping
+from metadatad.dhcp.files import SpareFiles
 from metadatad.dhcp.provider import PushError
 
 __all__ = ["DnsmasqProvider", "host_file", "opts_file"]
@@ -49,7 +54,18 @@ def _find_syncfs() -> Any:
 
 
 _SYNCFS = _find_syncfs()
-_HEADER = re.compile(rb"^# metadatad owner=(\S*) generation=(\d+)")
+_HEADER = re.compile(rb"^# metadatad owner=(\S*) generation=(\d+)(?: node=(\S+))?")
+# Our files are a few hundred bytes; a longer one is not ours and gets replaced.
+_MAX_READ = 64 * 1024
+
+
+@attrs.frozen
+class _Header:
+    """A file's first line, parsed (``node`` empty: none named, or not our header)."""
+
+    owner: str
+    generation: int
+    node: str
 
 
 def _tag(node_uuid: str) -> str:
@@ -117,6 +133,7 @@ class DnsmasqProvider:
         self.optsdir = optsdir
         self.owner = owner
         self._fsync = fsync
+        self._files = SpareFiles(owner, fsync=fsync == "file")
         self._threads = max(1, threads)
         self._pool: ThreadPool | None = None
         if run is None:
@@ -188,10 +205,14 @@ class DnsmasqProvider:
         return outcomes
 
     def flush(self) -> Deferred[None] | None:
-        """Make the files written so far durable (before a batch is recorded)."""
-        if self._fsync != "batch":
-            return None
-        return self._run(self.sync)
+        """Make the files written so far durable (before a batch is recorded), and
+        remove the spare dotfiles (no write is in flight)."""
+        return self._run(self._flush)
+
+    def _flush(self) -> None:
+        self._files.tidy()
+        if self._fsync == "batch":
+            self.sync()
 
     def sync(self) -> None:
         """(Off the reactor.)  ``syncfs`` the filesystems of both directories: one
@@ -206,11 +227,21 @@ class DnsmasqProvider:
                 os.close(fd)
 
     def write(self, mapping: BootMapping, previous: BootMapping | None, generation: int) -> None:
-        """(Off the reactor.)  Write the node's files; raise :class:`PushError`."""
+        """(Off the reactor.)  Write the node's files that changed; raise :class:`PushError`.
+
+        Fencing: nothing is written if any of the node's files, its option file
+        included, was written under a newer generation.  The option file names the
+        owner's TFTP address and is rewritten whenever its owner or generation changes,
+        so it always carries the node's current generation: a host file whose entry
+        did not change keeps its old header and is not rewritten (most host files on a
+        takeover), yet a stale writer of this node still finds the newer option file.
+        An ``ignore`` entry (retraction, or a MAC the node no longer has) never
+        replaces a host file written for another node: that node has the MAC now."""
         hosts = [
             (
                 os.path.join(self.hostsdir, host_file_name(mac)),
                 host_file(mapping, mac, self.owner, generation),
+                mapping.removed,
             )
             for mac in mapping.macs
         ]
@@ -221,6 +252,7 @@ class DnsmasqProvider:
                 (
                     os.path.join(self.hostsdir, host_file_name(mac)),
                     host_file(gone, mac, self.owner, generation),
+                    True,
                 )
                 for mac in previous.macs
                 if mac not in mapping.macs
@@ -228,44 +260,59 @@ class DnsmasqProvider:
         opts = (
             os.path.join(self.optsdir, opts_file_name(mapping.node_uuid)),
             opts_file(mapping, self.owner, generation),
+            False,
         )
         # Options before tags (a tagged MAC finds its options), and tags withdrawn
         # before the options are emptied.
         files = [opts, *hosts] if not mapping.removed else [*hosts, opts]
-        for path, _ in files:
-            self._check_fence(path, generation)
-        for path, text in files:
-            self._replace(path, text.encode("utf-8"))
+        writes: list[tuple[str, bytes]] = []
+        for path, text, ignore in files:
+            data = text.encode("utf-8")
+            existing = self._existing(path)
+            if existing is None:
+                writes.append((path, data))
+                continue
+            header, content = existing
+            if ignore and header.node not in ("", mapping.node_uuid):
+                continue  # the MAC's current owner wrote it: not ours to withdraw
+            if header.generation > generation:
+                raise PushError(
+                    f"{path} was written by {header.owner} at "
+                    f"generation {header.generation}, newer than {generation}",
+                    permanent=True,
+                )
+            # The option file always (its header is the node's fence); a host file
+            # only if its entry changed.
+            if path == opts[0]:
+                unchanged = content == data
+            else:
+                unchanged = content.partition(b"\n")[2] == data.partition(b"\n")[2]
+            if not unchanged:
+                writes.append((path, data))
+        for path, data in writes:
+            self._replace(path, data)
 
-    def _check_fence(self, path: str, generation: int) -> None:
+    def _existing(self, path: str) -> tuple[_Header, bytes] | None:
+        """The file's header and content (None: no file)."""
         try:
             with open(path, "rb") as f:
-                first = f.readline(256)
+                content = f.read(_MAX_READ)
         except FileNotFoundError:
-            return
+            return None
         except OSError as e:
             raise PushError(f"cannot read {path}: {e.strerror}") from None
-        match = _HEADER.match(first)
-        if match is not None and int(match.group(2)) > generation:
-            raise PushError(
-                f"{path} was written by {match.group(1).decode(errors='replace')} at "
-                f"generation {int(match.group(2))}, newer than {generation}",
-                permanent=True,
-            )
+        match = _HEADER.match(content)
+        if match is None:
+            return _Header("", 0, ""), content
+        header = _Header(
+            match.group(1).decode(errors="replace"),
+            int(match.group(2)),
+            (match.group(3) or b"").decode(errors="replace"),
+        )
+        return header, content
 
     def _replace(self, path: str, data: bytes) -> None:
-        directory, name = os.path.split(path)
-        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}")
         try:
-            with open(temporary, "wb") as f:
-                f.write(data)
-                if self._fsync == "file":
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.rename(temporary, path)
+            self._files.replace(path, data)
         except OSError as e:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
             raise PushError(f"cannot write {path}: {e.strerror}") from None

@@ -7,7 +7,9 @@ comes from :mod:`metadatad.clients.keystone` (password auth, cached until expiry
 token file.  Each request has a timeout; 5xx answers, timeouts and connection errors
 are retried with exponential backoff up to ``retries`` times (only the ports that
 failed); a 401 renews the token once; any other 4xx is a permanent error (a missing
-port, a refused option) recorded with Neutron's message.  A deleted node's options
+port, a refused option) recorded with Neutron's message.  A PXE port without a
+``neutron_port_id`` is a permanent error too (after the other ports are updated):
+nothing reaches its DHCP server, so the node must not show ``pushed``.  A deleted node's options
 are removed (``opt_value: null``, Neutron's way of deleting an extra DHCP option).
 """
 
@@ -105,8 +107,16 @@ class NeutronProvider:
         else:
             options = [option.to_document() for option in mapping.options]
         ports = list(mapping.neutron_ports)
+        # A PXE port without a Neutron port gets nothing: never "pushed" for it.
+        missing = 0 if mapping.removed else len(mapping.macs) - len(ports)
         if not ports:
-            raise PushError("no PXE port of the node has a neutron_port_id", permanent=True)
+            if mapping.removed:
+                return None  # nothing of the node's is in Neutron to withdraw
+            raise PushError(
+                "no PXE port of the node has a neutron_port_id: nothing was sent "
+                "(set ports[].neutron_port_id)",
+                permanent=True,
+            )
         body = json.dumps({"port": {"extra_dhcp_opts": options}}).encode("utf-8")
         remaining = ports
         last = ""
@@ -121,9 +131,17 @@ class NeutronProvider:
                     failed.append(port)
                     last = str(e)
             if not failed:
-                return None
+                break
             remaining = failed
-        raise PushError(f"{last} (after {self.retries + 1} attempts)")
+        else:
+            raise PushError(f"{last} (after {self.retries + 1} attempts)")
+        if missing > 0:
+            raise PushError(
+                f"{missing} of {len(mapping.macs)} PXE ports have no neutron_port_id: only "
+                f"{len(ports)} updated (set ports[].neutron_port_id)",
+                permanent=True,
+            )
+        return None
 
     @inlineCallbacks
     def _put(self, port: str, body: bytes) -> Any:

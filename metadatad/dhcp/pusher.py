@@ -7,12 +7,19 @@ the last pushed one, attempts, last error and next attempt.  The service
 1. *refreshes* desired mappings from the nodes this conductor holds (their claims):
    all of them at start-up and every ``reconcile_interval`` (and after a node write
    through this daemon), only the claimed ones on a takeover (:class:`ClaimEvent`);
-   deleted nodes' mappings become retractions;
+   deleted nodes' mappings become retractions.  On a takeover a batch provider
+   (dnsmasq) is handed the new mappings while they are being recorded (written
+   ahead: not recorded as pushed until the drain confirms them);
 2. *drains*: takes the due mappings in batches, pushes each batch through the provider
    with at most ``concurrency`` pushes in flight, and records the outcomes in one
    transaction per batch (a provider with ``push_many`` gets the whole batch in one
    call); failures are retried after ``retry_min * 2**(n-1)`` seconds
-   (at most ``retry_max``), permanent ones only once the mapping changes.
+   (at most ``retry_max``), permanent ones ``permanent_retries`` times, then only
+   once the mapping changes.
+
+Deleted nodes whose owner is dead (no claim is left to take over) are adopted by the
+survivor the ring gives them, which retracts them; a retraction leaves out the MACs
+another node has now (:mod:`metadatad.db.dhcp_fences`).
 
 Fencing: a mapping is desired, due and recorded only while the claims table says this
 conductor holds the node at the generation the mapping was made for, so a conductor that
@@ -44,6 +51,7 @@ from twisted.python.threadpool import ThreadPool
 
 from metadatad.core.bootmapping import BootDefaults, BootMapping, MappingError, boot_mapping
 from metadatad.core.conductors import ClaimEvent, ConductorInfo
+from metadatad.core.ring import HashRing
 from metadatad.db.dhcp import DhcpPushRepository, PushJob, PushResult
 from metadatad.db.threaded import private_pool
 from metadatad.dhcp.provider import Provider, PushError
@@ -95,13 +103,16 @@ class DhcpPusher(Service):
         concurrency: int = 50,
         retry_min: float = 1.0,
         retry_max: float = 300.0,
+        permanent_retries: int = 8,
         reconcile_interval: float = 300.0,
         batch: int = 1000,
         run: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         """``reactor`` is the clock (and, without ``run``, runs the database work on
         a two-thread pool this service owns, on ``repository.engine``).  ``run(f,
-        *args)`` replaces that pool in tests."""
+        *args)`` replaces that pool in tests.  A permanent failure is retried
+        ``permanent_retries`` times with the same backoff, then left failed until the
+        mapping changes."""
         self.repository = repository
         self.provider = provider
         self.info = info
@@ -110,6 +121,7 @@ class DhcpPusher(Service):
         self.concurrency = concurrency
         self.retry_min = retry_min
         self.retry_max = retry_max
+        self.permanent_retries = permanent_retries
         self.reconcile_interval = reconcile_interval
         self.batch = batch
         self._pool: ThreadPool | None = None
@@ -246,13 +258,39 @@ class DhcpPusher(Service):
         if self.running and retry_in is not None:
             self._timer = self._clock.callLater(max(retry_in, 0.01), self._due_again)
 
-    def _refresh(self, full: bool, nodes: set[str], generations: set[int]) -> Deferred[None]:
+    @inlineCallbacks
+    def _refresh(self, full: bool, nodes: set[str], generations: set[int]) -> Any:
         now = self._clock.seconds()
-        return self._run(self._refresh_on_pool, full, frozenset(nodes), frozenset(generations), now)
+        wanted = yield self._run(
+            self._mappings_on_pool, full, frozenset(nodes), frozenset(generations)
+        )
+        ahead = None if full else self._write_ahead(wanted)
+        try:
+            yield self._run(self._record_desired_on_pool, full, wanted, now)
+        finally:
+            if ahead is not None:
+                yield ahead
 
-    def _refresh_on_pool(
-        self, full: bool, nodes: frozenset[str], generations: frozenset[int], now: float
-    ) -> None:
+    def _write_ahead(self, wanted: list[tuple[BootMapping, int]]) -> Deferred[Any] | None:
+        """A takeover: hand the claimed nodes' new mappings to a batch provider
+        (dnsmasq) at once, while their desired state is being recorded.  Nothing is
+        recorded from this: the drain that follows pushes the same mappings from the
+        database (files already right are not rewritten), flushes, and records.  A
+        crash in between loses nothing (the start-up reconcile pushes them again);
+        the provider's own generation fence applies as always."""
+        push_many = getattr(self.provider, "push_many", None)
+        if push_many is None or not wanted:
+            return None
+        d: Deferred[Any] = maybeDeferred(
+            push_many, [(mapping, None, generation) for mapping, generation in wanted]
+        )
+        # Outcomes (a fenced node) come again, and are recorded, in the drain.
+        d.addErrback(lambda f: self.log.warn("dhcp: write-ahead failed: {error}", error=f.value))
+        return d
+
+    def _mappings_on_pool(
+        self, full: bool, nodes: frozenset[str], generations: frozenset[int]
+    ) -> list[tuple[BootMapping, int]]:
         """(On the pool.)  Desired mappings of the nodes this conductor holds (all of
         them, or those just claimed: at the claim events' generations)."""
         if full:
@@ -271,14 +309,22 @@ class DhcpPusher(Service):
                 continue
             if mapping.macs:
                 wanted.append((mapping, generation))
-        changed = self.repository.set_desired(self.info.name, wanted, now)
-        retracted = self.repository.retract_deleted(self.info.name, now) if full else 0
         if problems:
             self.log.warn(
                 "{count} nodes have no DHCP boot mapping; first: {first}",
                 count=len(problems),
                 first=problems[0],
             )
+        return wanted
+
+    def _record_desired_on_pool(
+        self, full: bool, wanted: list[tuple[BootMapping, int]], now: float
+    ) -> None:
+        """(On the pool.)  Record ``wanted`` as desired; retract deleted nodes (ours
+        on a full reconcile, and those dead conductors left us)."""
+        changed = self.repository.set_desired(self.info.name, wanted, now)
+        retracted = self.repository.retract_deleted(self.info.name, now) if full else 0
+        retracted += self._adopt_orphans(now)
         if changed or retracted:
             self.log.info(
                 "{changed} DHCP boot mappings to push, {retracted} to retract ({kind})",
@@ -286,6 +332,28 @@ class DhcpPusher(Service):
                 retracted=retracted,
                 kind="reconcile" if full else "claimed",
             )
+
+    def _adopt_orphans(self, now: float) -> int:
+        """(On the pool.)  Retract the deleted nodes a dead conductor of our group
+        left behind, those the ring over the live conductors gives us (see
+        :mod:`metadatad.db.dhcp_fences`).  Returns how many were adopted."""
+        scan = self.repository.orphaned_retractions(self.info.group)
+        if not scan.orphans or self.info.name not in scan.live:
+            return 0
+        ring = HashRing(scan.live)
+        mine = [o for o in scan.orphans if ring.owner(o.node_uuid) == self.info.name]
+        if not mine:
+            return 0
+        adopted = self.repository.adopt(self.info.name, scan.generation, mine, now)
+        if adopted:
+            self.log.info(
+                "adopted {count} retractions of deleted nodes from dead conductors "
+                "({owners}) at generation {generation}",
+                count=len(adopted),
+                owners=", ".join(sorted({o.owner for o in mine if o.node_uuid in adopted})),
+                generation=scan.generation,
+            )
+        return len(adopted)
 
     @inlineCallbacks
     def _drain(self) -> Any:
@@ -370,11 +438,20 @@ class DhcpPusher(Service):
             message, permanent = f"{type(error).__name__}: {error}", False
         FAILURES.labels(provider, "permanent" if permanent else "retry").inc()
         wait = backoff(job.attempts + 1, self.retry_min, self.retry_max)
+        retry = not permanent or job.attempts < self.permanent_retries
+        if not permanent:
+            kind = f"retry in {wait:g} s"
+        elif retry:
+            # Bounded: the Neutron port may appear, the node be fixed, a newer
+            # owner's file be rewritten; the row shows ``failed`` meanwhile.
+            kind = f"permanent, retry {job.attempts + 1} of {self.permanent_retries} in {wait:g} s"
+        else:
+            kind = "permanent, not retried until the mapping changes"
         if job.attempts == 0 or permanent:
             self.log.warn(
                 "DHCP push of node {uuid} failed ({kind}): {error}",
                 uuid=job.node_uuid,
-                kind="permanent" if permanent else f"retry in {wait:g} s",
+                kind=kind,
                 error=message,
             )
         return PushResult(
@@ -383,7 +460,7 @@ class DhcpPusher(Service):
             job.digest,
             error=message,
             permanent=permanent,
-            next_attempt=None if permanent else self._clock.seconds() + wait,
+            next_attempt=self._clock.seconds() + wait if retry else None,
         )
 
     def _database_failed(self, error: Exception) -> None:

@@ -98,5 +98,6 @@ def make_dhcp_service(
         concurrency=dhcp.concurrency,
         retry_min=dhcp.retry_min,
         retry_max=dhcp.retry_max,
+        permanent_retries=dhcp.permanent_retries,
         reconcile_interval=dhcp.reconcile_interval,
     )

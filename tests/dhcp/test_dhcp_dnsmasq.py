@@ -280,6 +280,7 @@ def test_written_files_are_what_dnsmasq_reads(tmp_path: Path) -> None:
         .endswith("52:54:00:12:00:01,ignore\n")
     )
     assert (opts / f"metadatad-{node.uuid}.conf").read_text().count("\n") == 1
+    provider.flush()  # after a batch, no dotfile (spare) is left
     assert [p.name for p in hosts.iterdir() if p.name.startswith(".")] == []
 
 

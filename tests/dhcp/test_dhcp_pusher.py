@@ -91,14 +91,15 @@ def test_start_up_pushes_every_owned_node_once(world: World) -> None:
 
 def test_failures_back_off_and_permanent_ones_stop(world: World) -> None:
     """A failed push is retried after 1, 2, 4 s (capped); its attempts and error are
-    recorded; a permanent failure is not retried until the mapping changes."""
+    recorded; a permanent failure without retries left (``permanent_retries=0``) is
+    not retried until the mapping changes."""
     nodes = [make_node(0), make_node(1)]
     world.nodes.upsert_nodes(nodes)
     world.claim(A, [n.uuid for n in nodes], (A,))
     provider = RecordingProvider()
     first, second = sorted(n.uuid for n in nodes)
     provider.outcomes = [PushError("boom"), PushError("404 no such port", permanent=True)]
-    pusher = world.pusher(A, provider)
+    pusher = world.pusher(A, provider, permanent_retries=0)
     pusher.startService()
     world.clock.advance(0)
     failing = provider.pushes[0][0].node_uuid
