@@ -202,7 +202,7 @@ dhcp_pushes = Table(
     Column("last_error", String(1024), nullable=True),
     Column("permanent", Boolean, nullable=False),
     # Seconds since the epoch by the owner's clock (only the owner reads them); double
-    # precision (migration 0011: MySQL's FLOAT is single precision).
+    # precision (migration 0009: MySQL's FLOAT is single precision).
     Column("next_attempt", Double, nullable=True),
     Column("desired_at", Double, nullable=False),
     Column("pushed_at", Double, nullable=True),

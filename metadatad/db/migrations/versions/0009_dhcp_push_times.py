@@ -7,16 +7,16 @@ seconds off): a retry fell due minutes early or late, and the pusher, reading a
 ``next_attempt`` in the past, polled in a tight loop.  ``DOUBLE`` keeps microseconds.
 PostgreSQL's ``FLOAT`` and SQLite's ``REAL`` are already double precision.
 
-Revision ID: 0011
-Revises: 0006
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-06
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
-down_revision = "0006"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
