@@ -41,6 +41,7 @@ setup(
             "botocore>=1.34",
             "tftpy>=0.8.7",
             "import-linter>=2.1",
+            "grimp>=3.4",
             # The console's browser tests drive Debian's chromium through chromedriver.
             "selenium>=4.20",
         ],

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from metadatad.cluster.commands import CommandError as ClusterCommandError
 from metadatad.cluster.commands import add_commands as add_cluster_commands
 from metadatad.cluster.commands import run_command as run_cluster_command
-from metadatad.config import Config, ConfigError, load_config
+from metadatad.config import Config, load_config
 from metadatad.core.jsoninput import JSONInputError, parse_json
 from metadatad.core.nodes import (
     ConflictError,
@@ -30,9 +30,10 @@ from metadatad.core.nodes import (
     strip_read_only,
 )
 from metadatad.db.cluster import ClusterRepository
-from metadatad.db.migrate import SchemaError, check_schema, upgrade
+from metadatad.db.migrate import check_schema, upgrade
 from metadatad.db.peers import PeerRepository
 from metadatad.db.store import NodeRepository, make_engine
+from metadatad.errors import SetupError
 
 
 class CommandError(Exception):
@@ -89,7 +90,7 @@ def main(
     try:
         config = load_config(args.config)
         return _run(args, config, stdout, stdin)
-    except (ConfigError, CommandError, SchemaError) as e:
+    except (SetupError, CommandError) as e:
         print(f"metadatad-manage: {e}", file=stderr)
         return 1
     except SQLAlchemyError as e:

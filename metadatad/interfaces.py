@@ -79,12 +79,16 @@ class ClusterView(Protocol):
     def node_boot(self, node_uuid: str, group: str) -> Deferred[dict[str, Any]]: ...
 
 
-class VendordataErrors(Protocol):
-    """Recorded fatal vendordata failures (a ``VendordataErrorStore``)."""
+class VendordataMarks(Protocol):
+    """Where the vendordata caller records fatal failures, and clears them."""
 
     def mark(self, error: VendordataError) -> Deferred[bool]: ...
 
     def clear(self, node_uuid: str, target: str) -> Deferred[None]: ...
+
+
+class VendordataErrors(VendordataMarks, Protocol):
+    """Recorded fatal vendordata failures (a ``VendordataErrorStore``)."""
 
     def for_node(self, node_uuid: str) -> Deferred[list[VendordataError]]: ...
 

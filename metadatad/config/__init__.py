@@ -22,14 +22,12 @@ from metadatad.config.values import (
     BadValue,
     _boolean,
     _boot_option,
-    _ca_file,
     _choice,
     _database_url,
     _endpoint,
     _group_name,
     _integer,
     _ipxe_url,
-    _json_object_file,
     _networks,
     _nonempty_string,
     _number,
@@ -277,12 +275,12 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
     "vendordata": (
         VendordataConfig,
         {
-            "static_file": _json_object_file,
+            "static_file": _string,  # a path: read_files reads it
             "dynamic_targets": _vendordata_targets,
             "connect_timeout": _number(0.1, 600),
             "read_timeout": _number(0.1, 600),
             "failure_fatal": _boolean,
-            "ca_file": _ca_file,
+            "ca_file": _string,  # a path: read_files checks it
             "cache_ttl": _number(0, 86400),
             "service_token_file": _string,
             "max_concurrent_calls": _integer(1, 10_000),
@@ -337,7 +335,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "project_name": _string,
             "user_domain_name": _nonempty_string,
             "project_domain_name": _nonempty_string,
-            "ca_file": _ca_file,
+            "ca_file": _string,  # a path: read_files checks it
             "timeout": _optional_timeout,
         },
     ),
@@ -374,13 +372,25 @@ def load_config(path: str | Path) -> Config:
     except configparser.Error as e:
         message = " ".join(str(e).split())
         raise ConfigError(f"{path}: {message}") from None
-    config = parse_config(path, {s: dict(parser.items(s)) for s in parser.sections()})
-    return read_files(config)
+    raw = {s: dict(parser.items(s)) for s in parser.sections()}
+    # The files each section names are checked before the checks across sections, so
+    # the first error reported is the one it always was.
+    config = read_files(_sections(path, raw))
+    _check_dhcp(path, config)
+    return config
 
 
 def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config:
-    """Build a :class:`Config` from raw strings, as read from ``path``; no I/O (the
-    files the configuration names are read by :func:`read_files`)."""
+    """Build a :class:`Config` from raw strings, as read from ``path``.  It reads none
+    of the files the configuration names (:func:`read_files` does; Twisted's check of
+    an ``ssl:`` endpoint string still opens that endpoint's certificate files)."""
+    config = _sections(path, sections)
+    _check_dhcp(path, config)
+    return config
+
+
+def _sections(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config:
+    """Each section parsed and checked on its own."""
     built: dict[str, Any] = {}
     for section, keys in sections.items():
         if section not in _SCHEMA:
@@ -408,9 +418,7 @@ def parse_config(path: str, sections: Mapping[str, Mapping[str, str]]) -> Config
             _check_heartbeats(path, built[section], keys)
         if section == "keystone":
             _check_keystone(path, built[section])
-    config = Config(path=path, **built)
-    _check_dhcp(path, config)
-    return config
+    return Config(path=path, **built)
 
 
 def _check_dhcp(path: str, config: Config) -> None:

@@ -223,10 +223,6 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _json_object_file(raw: str) -> str:
-    return raw.strip()
-
-
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -254,12 +250,6 @@ def _vendordata_targets(raw: str) -> tuple[tuple[str, str], ...]:
         # The URL is POSTed to as given (a trailing slash may matter to the target).
         targets.append((name, url))
     return tuple(targets)
-
-
-def _ca_file(raw: str) -> str:
-    """Empty (the system's trust store) or the path of a file of PEM certificates
-    (read by :func:`check_ca_file` when the file is loaded, not here)."""
-    return raw.strip()
 
 
 def check_ca_file(value: str) -> None:

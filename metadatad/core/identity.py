@@ -45,7 +45,6 @@ def sign_instance_id(secret: str, instance_id: str) -> str:
     return hmac.new(secret.encode("utf-8"), instance_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-
 def _trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
     parsed = ipaddress.ip_address(address)
     return any(parsed in network for network in proxies)

@@ -242,9 +242,8 @@ class ActivityRecorder(Service):
         pending.requests += 1
         pending.imdsv2 = pending.imdsv2 and imdsv2
 
-    def metadata_request(self, node_uuid: str, method: str, path: str, imdsv2: bool) -> None:
+    def metadata_request(self, node_uuid: str, method: str, imdsv2: bool) -> None:
         """A request of the metadata site answered for this node."""
-        del path  # one row per crawl, not per path: the path is in the access log
         self.note(node_uuid, "metadata", method, imdsv2)
         self._status(node_uuid, METADATA_OUTCOME, "read its metadata")
 

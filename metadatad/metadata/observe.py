@@ -14,7 +14,7 @@ __all__ = ["RecordingVendordataErrors", "request_observer"]
 class Recorder(Protocol):
     def note(self, node_uuid: str, kind: str, detail: str, imdsv2: bool = False) -> None: ...
 
-    def metadata_request(self, node_uuid: str, method: str, path: str, imdsv2: bool) -> None: ...
+    def metadata_request(self, node_uuid: str, method: str, imdsv2: bool) -> None: ...
 
     def vendordata(self, node_uuid: str, target: str, reason: str | None) -> None: ...
 
@@ -36,9 +36,9 @@ def request_observer(recorder: Recorder) -> Any:
 
             request.notifyFinish().addBoth(answered)
             return
-        recorder.metadata_request(
-            node_uuid, method, request.path.decode("utf-8", errors="replace"), imdsv2
-        )
+        # One row per crawl, not per path (the path is in the access log): nothing
+        # about the path is worked out on this hot path.
+        recorder.metadata_request(node_uuid, method, imdsv2)
 
     return observe
 

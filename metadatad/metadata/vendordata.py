@@ -28,7 +28,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, cast
 
 import attrs
 from OpenSSL import SSL
@@ -53,7 +53,7 @@ from metadatad.clients.keystone import StaticToken
 from metadatad.config import Config, ConfigError, VendordataConfig, read_token_file
 from metadatad.core.nodes import Node
 from metadatad.db.vendordata import VendordataError
-from metadatad.interfaces import TokenSource
+from metadatad.interfaces import TokenSource, VendordataMarks
 from metadatad.metadata import openstack
 from metadatad.metadata.reply import Reply, error, json_reply
 from metadatad.metadata.vendorgate import TargetGate
@@ -240,9 +240,10 @@ class _BodyReader(TwistedProtocol):
         self.done: Deferred[bytes] = Deferred(self._cancel)
 
     def _cancel(self, _: Deferred[bytes]) -> None:
-        # A response body's transport is a push producer (IPushProducer).
+        # A response body's transport is a push producer (Twisted's
+        # TransportProxyProducer), though typed as a plain ITransport.
         if self.transport is not None:
-            IPushProducer(self.transport).stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -275,14 +276,6 @@ def read_service_token(config: Config) -> StaticToken:
 # --- the glue ------------------------------------------------------------------------
 
 
-class ErrorStore(Protocol):
-    """Where fatal failures are recorded (a VendordataErrorStore)."""
-
-    def mark(self, error: VendordataError) -> Deferred[bool]: ...
-
-    def clear(self, node_uuid: str, target: str) -> Deferred[None]: ...
-
-
 @attrs.frozen
 class Outcome:
     """One target's part of a ``vendor_data2.json``: its document or its failure."""
@@ -310,7 +303,7 @@ class DynamicVendordata(Service):
         read_timeout: float = 5.0,
         cache_ttl: float = 60.0,
         failure_fatal: bool = False,
-        errors: ErrorStore | None = None,
+        errors: VendordataMarks | None = None,
         conductor: str = "",
         cache: ResponseCache | None = None,
         pool: HTTPConnectionPool | None = None,
@@ -551,7 +544,10 @@ class DynamicVendordata(Service):
 
 
 def make_vendordata(
-    config: Config, reactor: Any, errors: ErrorStore | None, keystone: TokenSource | None = None
+    config: Config,
+    reactor: Any,
+    errors: VendordataMarks | None,
+    keystone: TokenSource | None = None,
 ) -> DynamicVendordata | None:
     """The dynamic vendordata service of ``config``, or None when no target is set.
     ``keystone``: the daemon's Keystone client (None without ``[keystone] auth_url``).

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.tftp.test_tftp_server -*-
+# -*- test-case-name: tests.tftp.test_tftp_server,tests.tftp.test_tftp_activation -*-
 """TFTP's listening ports: one per configured address (``[tftp] listen``), bound in
 ``privilegedStartService`` so port 69 is taken before twistd drops privileges.
 

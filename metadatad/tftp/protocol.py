@@ -1,4 +1,6 @@
-"""Sans-IO TFTP: packet codec, data sources and the read-transfer state machine.
+"""Sans-IO TFTP: option negotiation and the read-transfer state machine, over the
+packet codec of :mod:`~metadatad.tftp.packets` and the data sources of
+:mod:`~metadatad.tftp.sources` (both re-exported here: this module is the contract).
 
 RFC 1350 with option negotiation (RFC 2347), blksize (RFC 2348), timeout and tsize
 (RFC 2349) and windowsize (RFC 7440). Read-only: a WRQ is refused with error 4.

@@ -62,7 +62,6 @@ def _is_broadcast(dest: str, local: str) -> bool:
     return dest != local
 
 
-
 class TFTPServer:
     """Requests in, transfers out: caps, file resolution, events and counters."""
 

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from metadatad.core.systemd import SystemdSocket, parse
-from metadatad.tftp import listening as activation
+from metadatad.tftp import listening
 from metadatad.tftp.listening import ActivationError, PktinfoPort
 
 
@@ -65,19 +65,19 @@ def test_find_by_index_and_name(sockets: list[socket.socket]) -> None:
     tcp, udp = sockets
     env = environ(2, "metadata:tftp")
     start = tcp.fileno()
-    assert activation.find_descriptor(parse("systemd:domain=INET:index=1"), env, start) == (
+    assert listening.find_descriptor(parse("systemd:domain=INET:index=1"), env, start) == (
         udp.fileno()
     )
-    assert activation.find_descriptor(parse("systemd:domain=INET:name=tftp"), env, start) == (
+    assert listening.find_descriptor(parse("systemd:domain=INET:name=tftp"), env, start) == (
         udp.fileno()
     )
     with pytest.raises(ActivationError, match="passed 2 sockets, no index 2"):
-        activation.find_descriptor(parse("systemd:domain=INET:index=2"), env, start)
+        listening.find_descriptor(parse("systemd:domain=INET:index=2"), env, start)
     with pytest.raises(ActivationError, match=r"no socket named 'boot' \(names: metadata, tftp\)"):
-        activation.find_descriptor(parse("systemd:domain=INET:name=boot"), env, start)
+        listening.find_descriptor(parse("systemd:domain=INET:name=boot"), env, start)
     elsewhere = dict(env, LISTEN_PID="1")
     with pytest.raises(ActivationError, match="passed 0 sockets"):
-        activation.find_descriptor(parse("systemd:domain=INET:index=0"), elsewhere, start)
+        listening.find_descriptor(parse("systemd:domain=INET:index=0"), elsewhere, start)
 
 
 def test_inspect_refuses_the_wrong_socket(sockets: list[socket.socket]) -> None:
@@ -85,10 +85,10 @@ def test_inspect_refuses_the_wrong_socket(sockets: list[socket.socket]) -> None:
     described by its family and bound address."""
     tcp, udp = sockets
     with pytest.raises(ActivationError, match="not a INET UDP socket"):
-        activation.inspect(tcp.fileno(), parse("systemd:domain=INET:index=0"))
+        listening.inspect(tcp.fileno(), parse("systemd:domain=INET:index=0"))
     with pytest.raises(ActivationError, match="not a INET6 UDP socket"):
-        activation.inspect(udp.fileno(), parse("systemd:domain=INET6:index=1"))
-    family, host, port = activation.inspect(udp.fileno(), parse("systemd:domain=INET:index=1"))
+        listening.inspect(udp.fileno(), parse("systemd:domain=INET6:index=1"))
+    family, host, port = listening.inspect(udp.fileno(), parse("systemd:domain=INET:index=1"))
     assert (family, host, port) == (socket.AF_INET, "127.0.0.1", udp.getsockname()[1])
 
 
@@ -126,7 +126,7 @@ def test_adopted_socket_receives(host: str) -> Iterator[Any]:
     sock.bind((host, 0))
     port_number = sock.getsockname()[1]
     protocol = Echo()
-    port = activation.adopt(reactor, sock.fileno(), socket.AF_INET, host, protocol)
+    port = listening.adopt(reactor, sock.fileno(), socket.AF_INET, host, protocol)
     try:
         assert isinstance(port, PktinfoPort) == (host == "0.0.0.0")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:

@@ -60,9 +60,9 @@ def test_a_crawl_is_one_row_per_flush_interval() -> None:
     recorder = _recorder(clock, repository)
     recorder.startService()
     for _ in range(30):
-        recorder.metadata_request("n1", "GET", "/latest/meta-data/", imdsv2=True)
+        recorder.metadata_request("n1", "GET", imdsv2=True)
         clock.advance(0.01)
-    recorder.metadata_request("n1", "GET", "/latest/user-data", imdsv2=False)
+    recorder.metadata_request("n1", "GET", imdsv2=False)
     recorder.note("n1", "token", "PUT /latest/api/token")
     waiting = recorder.recent("n1")
     assert len(repository.rows) == 0 and len(_fired(waiting)) == 2
@@ -162,7 +162,7 @@ def test_the_observer_sorts_requests() -> None:
     post.finished.callback(None)
     assert notes.notes == [
         ("note", "n1", "token", "PUT /latest/api/token"),
-        ("metadata", "n1", "GET", "/latest/meta-data/", True),
+        ("metadata", "n1", "GET", True),
         ("note", "n1", "peer-post", "password: HTTP 409", False),
     ]
 
