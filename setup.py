@@ -38,6 +38,7 @@ setup(
             "botocore>=1.34",
             "tftpy>=0.8.7",
             "import-linter>=2.1",
+            "ec2-metadata>=3.0",
         ],
         # bench/tftp.py's Python peer servers.
         "bench": ["fbtftp>=0.5", "py3tftp>=1.3"],

@@ -34,7 +34,7 @@ from metadatad.logs import RootService
 from metadatad.metadata.guard import make_guard
 from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
-from metadatad.metadata.wiring import make_peer_services
+from metadatad.metadata.wiring import make_peer_services, make_seen_recorder
 from metadatad.reload import ReloadService
 from metadatad.telemetry import MeasuredResource, MetricsService, Sources
 from metadatad.tftp.service import make_tftp_service
@@ -129,6 +129,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
     cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
     peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
+    seen = make_seen_recorder(root, engine, store, reactor)
     caches = {"metadata": cache}
     metadata_site = MetadataSite(
         cache,
@@ -139,6 +140,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         vendordata=vendordata,
         peer_routes=peer_routes,
         guard=make_guard(config.metadata, reactor),
+        seen=seen.note,
     )
     _listen(
         root,
@@ -178,6 +180,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             reactor,
             owns=membership.owns,
             record=boot_events.record,
+            vendordata_errors=vendordata_errors,
         )
         tftp.setServiceParent(root)
         caches["tftp"] = tftp.mac_cache

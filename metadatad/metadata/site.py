@@ -70,6 +70,7 @@ class MetadataSite:
         vendordata: Any = None,
         peer_routes: PeerRoutes | None = None,
         guard: Guard | None = None,
+        seen: Callable[[str], None] | None = None,
     ) -> None:
         self._cache = cache
         if guard is None:
@@ -86,6 +87,8 @@ class MetadataSite:
         # A DynamicVendordata (metadata/vendordata.py) when dynamic targets are set.
         self._vendordata = vendordata
         self._peers = peer_routes
+        # SeenRecorder.note: each answered node's last request (shared.json liveness).
+        self._seen = seen
         self._vendor_data = json_reply(self._static_vendordata)
         self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
 
@@ -180,6 +183,8 @@ class MetadataSite:
         record = _visible(entry.record, caller)
         if record is None:
             return error(404, "Not Found: no node for this caller")
+        if self._seen is not None:
+            self._seen(record.node.uuid)
         if parts[0] == "openstack":
             return self._openstack(entry, record, request, parts[1:])
         if parts[0] == "service" and self._peers is not None:
