@@ -15,6 +15,7 @@ from metadatad.core.nodes import NodeRecord
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.cache import NodeCache
 from metadatad.errors import SetupError
+from metadatad.interfaces import VendordataErrors
 from metadatad.tftp.bootconfig import BootFiles, CachedLookup, Templates
 from metadatad.tftp.hub import ReaderHub
 from metadatad.tftp.listening import TFTPService
@@ -36,7 +37,7 @@ def make_tftp_service(
     *,
     owns: Callable[[str], bool],
     record: Callable[[BootEvent], None] | None,
-    vendordata_errors: Any = None,
+    vendordata_errors: VendordataErrors | None = None,
 ) -> TFTPService:
     """The ``tftp`` service for ``config.tftp``: listeners, server, file resolution.
 
@@ -91,7 +92,9 @@ def make_tftp_service(
 
 
 
-def _held(config: Config, errors: Any) -> Callable[[NodeRecord], Deferred[list[str]]] | None:
+def _held(
+    config: Config, errors: VendordataErrors | None
+) -> Callable[[NodeRecord], Deferred[list[str]]] | None:
     """With ``[vendordata] hold_boot``: the targets that failed for a node at its
     current revision, from ``errors`` (a VendordataErrorStore).  Marks of an older
     revision do not hold: re-registering the node is how an operator says "try
@@ -104,9 +107,10 @@ def _held(config: Config, errors: Any) -> Callable[[NodeRecord], Deferred[list[s
             "marked, so no boot is held"
         )
 
+    for_node = errors.for_node
+
     def held(record: NodeRecord) -> Deferred[list[str]]:
-        found: Deferred[list[Any]] = errors.for_node(record.node.uuid)
-        return found.addCallback(
+        return for_node(record.node.uuid).addCallback(
             lambda marks: [m.target for m in marks if m.node_revision >= record.revision]
         )
 
