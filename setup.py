@@ -44,6 +44,7 @@ setup(
             "grimp>=3.4",
             # The console's browser tests drive Debian's chromium through chromedriver.
             "selenium>=4.20",
+            "ec2-metadata>=3.0",
         ],
         # bench/tftp.py's Python peer servers.
         "bench": ["fbtftp>=0.5", "py3tftp>=1.3"],

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         "delete-shared-keys", help="delete the keys a node shared with its project"
     )
     node_unshare.add_argument("uuid")
+    node_clear = node.add_parser(
+        "clear-password", help="forget the password a node posted (it may post a new one)"
+    )
+    node_clear.add_argument("uuid")
     add_cluster_commands(commands)
     return parser
 
@@ -162,6 +166,13 @@ def _run(args: argparse.Namespace, config: Config, stdout: TextIO, stdin: TextIO
         if count is None:
             raise CommandError(f"no node {uuid}")
         print(f"deleted {count} shared keys of node {uuid}", file=stdout)
+        return 0
+    if args.action == "clear-password":
+        cleared = repository.clear_password(uuid)
+        if cleared is None:
+            raise CommandError(f"no node {uuid}")
+        message = "cleared the password of" if cleared else "no password was set for"
+        print(f"{message} node {uuid}", file=stdout)
         return 0
     assert args.action == "delete"
     if not repository.delete_node(uuid):

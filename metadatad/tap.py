@@ -38,7 +38,7 @@ from metadatad.metadata.guard import make_guard
 from metadatad.metadata.observe import RecordingVendordataErrors, request_observer
 from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
-from metadatad.metadata.wiring import make_peer_services
+from metadatad.metadata.wiring import make_peer_services, make_seen_recorder
 from metadatad.reload import ReloadService
 from metadatad.telemetry import MeasuredResource, MetricsService, Sources
 from metadatad.tftp.service import make_tftp_service
@@ -145,6 +145,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
     cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
     store.add_change_listener(cache.invalidate)
     peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
+    seen = make_seen_recorder(root, engine, store, reactor)
     caches = {"metadata": cache}
     metadata_site = MetadataSite(
         cache,
@@ -156,6 +157,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         peer_routes=peer_routes,
         guard=make_guard(config.metadata, reactor),
         observe=request_observer(activity),
+        seen=seen.note,
     )
     _listen(
         root,
@@ -217,6 +219,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             reactor,
             owns=membership.owns,
             record=fan_out(boot_events.record, activity.tftp),
+            vendordata_errors=vendordata_errors,
         )
         tftp.setServiceParent(root)
         caches["tftp"] = tftp.mac_cache

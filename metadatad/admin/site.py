@@ -238,6 +238,17 @@ class AdminSite:
         self.log.info("deleted {count} shared keys of node {uuid}", count=count, uuid=uuid)
         return _json(200, {"deleted": count})
 
+    @app.route("/v1/nodes/<string:uuid>/password", methods=["DELETE"])
+    @_route()
+    async def clear_password(self, request: Request, uuid: str) -> Reply:
+        """Forget the password the machine posted (Nova's ``clear-password``): the
+        machine reads an empty password and may post a new one."""
+        cleared = await self._store.clear_password(_check_uuid(uuid))
+        if cleared is None:
+            return _not_found(uuid)
+        self.log.info("cleared the password of node {uuid}", uuid=uuid)
+        return _json(200, {"cleared": cleared})
+
     @app.route("/v1/nodes/<string:uuid>", methods=["PUT"])
     @_route()
     async def put_node(self, request: Request, uuid: str) -> Reply:

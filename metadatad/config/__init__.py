@@ -128,6 +128,8 @@ class VendordataConfig:
     connect_timeout: float = 3.0
     read_timeout: float = 5.0
     failure_fatal: bool = False
+    hold_boot: bool = False
+    hold_retry: float = 30.0
     ca_file: str = ""
     cache_ttl: float = 60.0
     service_token_file: str = ""
@@ -280,6 +282,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "connect_timeout": _number(0.1, 600),
             "read_timeout": _number(0.1, 600),
             "failure_fatal": _boolean,
+            "hold_boot": _boolean,
+            "hold_retry": _number(5, 3600),
             "ca_file": _string,  # a path: read_files checks it
             "cache_ttl": _number(0, 86400),
             "service_token_file": _string,

@@ -88,6 +88,9 @@ class Node:
     boot_roles: tuple[str, ...] = ()
     conductor_group: str = ""
     boot: Mapping[str, str] = attrs.field(factory=dict)
+    public_ipv4: str | None = None
+    public_hostname: str | None = None
+    security_groups: tuple[str, ...] = ("default",)
 
     @property
     def ips(self) -> tuple[str, ...]:
@@ -131,6 +134,9 @@ class Node:
             "boot_roles": list(self.boot_roles),
             "conductor_group": self.conductor_group,
             "boot": dict(self.boot),
+            "public_ipv4": self.public_ipv4,
+            "public_hostname": self.public_hostname,
+            "security_groups": list(self.security_groups),
         }
 
 
@@ -262,6 +268,25 @@ def _ip(field: str, value: Any) -> str:
     if address.is_multicast or address.is_unspecified:
         raise _fail(field, f"not a host address: {value!r}")
     return str(address)
+
+
+def _ipv4(field: str, value: Any) -> str:
+    address = _ip(field, value)
+    if ":" in address:
+        raise _fail(field, f"not an IPv4 address: {value!r}")
+    return address
+
+
+def _security_groups(field: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _fail(field, f"must be a list, not {_type_name(value)}")
+    if len(value) > 64:
+        raise _fail(field, "must have at most 64 groups")
+    groups = tuple(_text(255, allow_empty=False)(f"{field}[{i}]", v) for i, v in enumerate(value))
+    for index, group in enumerate(groups):
+        if group in groups[:index]:
+            raise _fail(f"{field}[{index}]", f"{group!r} is listed twice")
+    return groups
 
 
 def _ports(field: str, value: Any) -> tuple[Port, ...]:
@@ -437,6 +462,9 @@ _NODE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "boot_roles": _boot_roles,
     "conductor_group": _text(255),
     "boot": _boot,
+    "public_ipv4": _optional(_ipv4),
+    "public_hostname": _optional(_hostname),
+    "security_groups": _security_groups,
 }
 
 
@@ -476,6 +504,7 @@ READ_ONLY_FIELDS = (
     "vendordata_error",
     "shared_keys",
     "private_keys",
+    "cardinal_value",
 )
 
 
@@ -565,6 +594,8 @@ class NodeRecord:
     created_at: datetime
     updated_at: datetime
     has_password: bool = False
+    # The node's cardinal value in its service (metadatad.db.services); None outside one.
+    cardinal_value: int | None = None
 
     def to_document(self) -> dict[str, Any]:
         """The node document plus read-only bookkeeping fields, for operators."""
@@ -573,6 +604,7 @@ class NodeRecord:
         document["created_at"] = _isoformat(self.created_at)
         document["updated_at"] = _isoformat(self.updated_at)
         document["password_set"] = self.has_password
+        document["cardinal_value"] = self.cardinal_value
         return document
 
 

@@ -1,11 +1,12 @@
 # -*- test-case-name: tests.web.test_peers_render -*-
-"""Peer discovery and the service view: the rules, with no HTTP and no storage.
+"""Peer discovery: the rules, with no HTTP and no storage.
 
-Two designs meet here: Nova's "first-discover-your-peers" blueprint (write-once entries
-posted to ``/openstack/latest/metadata?shared=project`` and read back from
-``shared.json``, keys prefixed ``from_server_``) and the cattle "Metadata Server"
-service view.  Refusals are :class:`PeerError` with a :attr:`~PeerError.kind`; the web
-layer decides the status code of each kind.
+Nova's "first-discover-your-peers" blueprint: write-once entries posted to
+``/openstack/latest/metadata?shared=project`` and read back from ``shared.json``, keys
+prefixed ``from_server_``, each entry with its sharer's ``last_seen_at``.  The cattle
+"Metadata Server" service view is :mod:`metadatad.core.services`.  Refusals are
+:class:`PeerError` with a :attr:`~PeerError.kind`; the web layer decides the status
+code of each kind.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Final
 
 import attrs
 
 from metadatad.core.jsoninput import JSONInputError, parse_json
-from metadatad.core.nodes import Node
 
 PREFIX = "from_server_"
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+# The liveness key of each shared.json entry (beside "meta" and "uuid").
+LIVENESS_KEY = "last_seen_at"
 
 INVALID: Final = "invalid"
 """The request itself is malformed."""
@@ -135,51 +138,43 @@ def new_entries(
 # --- reading -------------------------------------------------------------------------
 
 
-def shared_document(entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[dict[str, Any]]:
-    """``shared.json``: ``[{"meta": {"from_server_<key>": value}, "uuid": uuid}, ...]``."""
-    return [
-        {"meta": {PREFIX + key: value for key, value in sorted(meta.items())}, "uuid": uuid}
-        for uuid, meta in entries
-        if meta
-    ]
+@attrs.frozen
+class SharedView:
+    """What the store read for ``shared.json``: ``[(uuid, {key: value})]``, when each
+    sharer last made a metadata request, and when the project's index last changed."""
+
+    entries: tuple[tuple[str, Mapping[str, str]], ...] = ()
+    seen: Mapping[str, datetime] = attrs.field(factory=dict)
+    changed_at: datetime | None = None
 
 
-def service_members(node: Node, project_nodes: Sequence[Node]) -> list[Node]:
-    """The nodes of ``node``'s service in its project, by cardinal value then uuid."""
-    if node.service is None:
-        return []
-    name = node.service.name
-    members = [
-        n
-        for n in project_nodes
-        if n.project_id == node.project_id and n.service is not None and n.service.name == name
-    ]
-    if all(n.uuid != node.uuid for n in members):
-        members.append(node)
-    return sorted(members, key=lambda n: (n.launch_index, n.uuid))
+def shared_document(
+    entries: Sequence[tuple[str, Mapping[str, str]]],
+    seen: Mapping[str, datetime] | None = None,
+) -> list[dict[str, Any]]:
+    """``shared.json``: ``[{"meta": {"from_server_<key>": value}, "uuid": uuid}, ...]``.
+
+    With ``seen``, each entry also carries ``last_seen_at`` (:data:`LIVENESS_KEY`): when
+    the sharer last made a metadata request (ISO 8601 UTC), or null if never recorded.
+    It sits beside ``meta``, never inside it, so no posted key can collide with it."""
+    document = []
+    for uuid, meta in entries:
+        if not meta:
+            continue
+        entry: dict[str, Any] = {
+            "meta": {PREFIX + key: value for key, value in sorted(meta.items())},
+            "uuid": uuid,
+        }
+        if seen is not None:
+            moment = seen.get(uuid)
+            entry[LIVENESS_KEY] = iso_utc(moment) if moment is not None else None
+        document.append(entry)
+    return document
 
 
-def _host(node: Node) -> dict[str, Any]:
-    return {
-        "cardinal_value": node.launch_index,
-        "hostname": node.hostname,
-        "virt_ip_address": node.local_ipv4 or None,
-        "uuid": node.uuid,
-    }
-
-
-def service_document(node: Node, members: Sequence[Node]) -> dict[str, Any]:
-    """The whole service view of ``node`` (``Accept: application/json``)."""
-    assert node.service is not None
-    return {
-        "cardinal_value": node.launch_index,
-        "hostname": node.hostname,
-        "virt_ip_address": node.local_ipv4 or None,
-        "service_domain": node.service.domain or None,
-        "service_name": node.service.name,
-        "port": node.service.port,
-        "all_hosts": [_host(n) for n in members],
-    }
+def iso_utc(moment: datetime) -> str:
+    """A naive UTC time as ISO 8601 with ``Z``, to the second."""
+    return moment.replace(microsecond=0).isoformat() + "Z"
 
 
 # --- watches -------------------------------------------------------------------------

@@ -27,9 +27,11 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from metadatad.core.nodes import Node, parse_node
-from metadatad.core.peers import BUSY, PeerError, check_quota, new_entries
-from metadatad.db.schema import nodes, peer_entries, peer_index
+from metadatad.core.nodes import parse_node
+from metadatad.core.peers import BUSY, PeerError, SharedView, check_quota, new_entries
+from metadatad.core.services import Member, ProjectView
+from metadatad.db.cluster import utc_now
+from metadatad.db.schema import node_seen, nodes, peer_entries, peer_index, service_members
 from metadatad.db.threaded import Facade, deferred
 
 __all__ = [
@@ -58,21 +60,23 @@ class PostResult:
 
 
 def _upsert(connection: Connection, project: str, by: int) -> Any:
+    # A bump also stamps the time (Last-Modified of the project's views); a lock does not.
     dialect = connection.dialect.name
+    stamp: dict[str, Any] = {"changed_at": utc_now()} if by else {}
     if dialect == "postgresql":
-        pg = postgresql.insert(peer_index).values(project_id=project, counter=by)
+        pg = postgresql.insert(peer_index).values(project_id=project, counter=by, **stamp)
         return pg.on_conflict_do_update(
             index_elements=[peer_index.c.project_id],
-            set_={"counter": peer_index.c.counter + by},
+            set_={"counter": peer_index.c.counter + by, **stamp},
         )
     if dialect == "sqlite":
-        lite = sqlite.insert(peer_index).values(project_id=project, counter=by)
+        lite = sqlite.insert(peer_index).values(project_id=project, counter=by, **stamp)
         return lite.on_conflict_do_update(
             index_elements=[peer_index.c.project_id],
-            set_={"counter": peer_index.c.counter + by},
+            set_={"counter": peer_index.c.counter + by, **stamp},
         )
-    my = mysql.insert(peer_index).values(project_id=project, counter=by)
-    return my.on_duplicate_key_update(counter=my.table.c.counter + by)
+    my = mysql.insert(peer_index).values(project_id=project, counter=by, **stamp)
+    return my.on_duplicate_key_update(counter=my.table.c.counter + by, **stamp)
 
 
 def lock_project(connection: Connection, project: str) -> int:
@@ -239,27 +243,50 @@ class PeerRepository:
     def shared(self, project: str) -> tuple[int, list[tuple[str, dict[str, str]]]]:
         """The project's index and its nodes' shared entries, ``[(uuid, {key: value})]``
         by uuid; read in one transaction, so the index matches the entries."""
-        query = (
-            select(peer_entries.c.node_uuid, peer_entries.c.key, peer_entries.c.value)
-            .join_from(peer_entries, nodes, nodes.c.uuid == peer_entries.c.node_uuid)
-            .where(nodes.c.project_id == project, peer_entries.c.shared.is_(True))
-            .order_by(peer_entries.c.node_uuid, peer_entries.c.key)
-        )
         with self.engine.begin() as connection:
             index = _read_index(connection, project)
-            grouped: dict[str, dict[str, str]] = {}
-            for row in connection.execute(query):
-                grouped.setdefault(row.node_uuid, {})[row.key] = row.value
+            grouped = _shared_entries(connection, project)
         return index, list(grouped.items())
 
-    def project_nodes(self, project: str) -> tuple[int, list[Node]]:
-        """The project's index and its nodes (the service view)."""
+    def shared_view(self, project: str) -> tuple[int, SharedView]:
+        """``shared()`` plus when each sharer was last seen and when the index last
+        changed (``shared.json`` with its liveness key and Last-Modified)."""
+        seen_query = (
+            select(node_seen.c.node_uuid, node_seen.c.seen_at)
+            .join_from(node_seen, nodes, nodes.c.uuid == node_seen.c.node_uuid)
+            .where(nodes.c.project_id == project)
+        )
         with self.engine.begin() as connection:
-            index = _read_index(connection, project)
-            rows = connection.execute(
-                select(nodes.c.document).where(nodes.c.project_id == project).order_by(nodes.c.uuid)
-            ).all()
-        return index, [parse_node(json.loads(row.document)) for row in rows]
+            index, changed_at = _read_index_and_time(connection, project)
+            grouped = _shared_entries(connection, project)
+            seen = {row.node_uuid: row.seen_at for row in connection.execute(seen_query)}
+        return index, SharedView(
+            tuple(grouped.items()),
+            {uuid: seen[uuid] for uuid in grouped if uuid in seen},
+            changed_at,
+        )
+
+    def project_services(self, project: str) -> tuple[int, ProjectView]:
+        """The project's index, and its nodes with their cardinal values and the time
+        the index last changed (the service view); one transaction."""
+        query = (
+            select(nodes.c.document, service_members.c.cardinal)
+            .join_from(
+                nodes,
+                service_members,
+                service_members.c.node_uuid == nodes.c.uuid,
+                isouter=True,
+            )
+            .where(nodes.c.project_id == project)
+            .order_by(nodes.c.uuid)
+        )
+        with self.engine.begin() as connection:
+            index, changed_at = _read_index_and_time(connection, project)
+            members = tuple(
+                Member(parse_node(json.loads(found.document)), found.cardinal)
+                for found in connection.execute(query)
+            )
+        return index, ProjectView(members, changed_at)
 
     def node_entries(self, node_uuid: str) -> dict[str, dict[str, str]]:
         """``{"shared": {...}, "private": {...}}``: what the node posted, for operators."""
@@ -284,6 +311,29 @@ def _read_index(connection: Connection, project: str) -> int:
         select(peer_index.c.counter).where(peer_index.c.project_id == project)
     ).scalar()
     return int(value or 0)
+
+
+def _shared_entries(connection: Connection, project: str) -> dict[str, dict[str, str]]:
+    """``{uuid: {key: value}}`` of the project's shared entries, by uuid and key."""
+    query = (
+        select(peer_entries.c.node_uuid, peer_entries.c.key, peer_entries.c.value)
+        .join_from(peer_entries, nodes, nodes.c.uuid == peer_entries.c.node_uuid)
+        .where(nodes.c.project_id == project, peer_entries.c.shared.is_(True))
+        .order_by(peer_entries.c.node_uuid, peer_entries.c.key)
+    )
+    grouped: dict[str, dict[str, str]] = {}
+    for row in connection.execute(query):
+        grouped.setdefault(row.node_uuid, {})[row.key] = row.value
+    return grouped
+
+
+def _read_index_and_time(connection: Connection, project: str) -> tuple[int, datetime | None]:
+    row = connection.execute(
+        select(peer_index.c.counter, peer_index.c.changed_at).where(
+            peer_index.c.project_id == project
+        )
+    ).first()
+    return (int(row.counter), row.changed_at) if row is not None else (0, None)
 
 
 def _retryable(error: Exception) -> bool:
@@ -312,7 +362,9 @@ class PeerQueries(Protocol):
 
     def shared(self, project: str) -> tuple[int, list[tuple[str, dict[str, str]]]]: ...
 
-    def project_nodes(self, project: str) -> tuple[int, list[Node]]: ...
+    def shared_view(self, project: str) -> tuple[int, SharedView]: ...
+
+    def project_services(self, project: str) -> tuple[int, ProjectView]: ...
 
     def node_entries(self, node_uuid: str) -> dict[str, dict[str, str]]: ...
 
@@ -325,5 +377,6 @@ class PeerStore(Facade[PeerQueries]):
     delete_shared = deferred(PeerQueries.delete_shared)
     indexes = deferred(PeerQueries.indexes)
     shared = deferred(PeerQueries.shared)
-    project_nodes = deferred(PeerQueries.project_nodes)
+    shared_view = deferred(PeerQueries.shared_view)
+    project_services = deferred(PeerQueries.project_services)
     node_entries = deferred(PeerQueries.node_entries)

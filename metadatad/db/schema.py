@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects import mysql
 
@@ -176,11 +177,13 @@ peer_entries = Table(
 
 # The watch index of each project: bumped by every change a project's peers or service
 # view can show (shared entries, node writes).  Its row is also the project's write lock.
+# ``changed_at`` (migration 0010): the database's UTC time of the last bump.
 peer_index = Table(
     "peer_index",
     metadata,
     Column("project_id", String(255), primary_key=True),
     Column("counter", BigInteger, nullable=False),
+    Column("changed_at", DateTime, nullable=True),
 )
 
 # --- DHCP boot mappings (migration 0006) ------------------------------------------------
@@ -246,4 +249,41 @@ node_boot_status = Table(
     Column("at", DateTime, nullable=False),
     Index("ix_node_boot_status_outcome", "outcome"),
     Index("ix_node_boot_status_at", "at"),
+)
+
+# --- services and liveness (migration 0010) --------------------------------------------
+
+# A node's membership of its service (``service.name`` within its ``project_id``) and
+# its cardinal value, unique within the service: given when the node joins, kept while
+# it stays, free for the next joiner once it leaves (its service changes or it goes).
+service_members = Table(
+    "service_members",
+    metadata,
+    Column(
+        "node_uuid",
+        String(36),
+        ForeignKey("nodes.uuid", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("project_id", String(255), nullable=False),
+    Column("service_name", String(255), nullable=False),
+    Column("cardinal", Integer, nullable=False),
+    Column("joined_at", DateTime, nullable=False),
+    UniqueConstraint(
+        "project_id", "service_name", "cardinal", name="uq_service_members_cardinal"
+    ),
+)
+
+# When each node last made a metadata request (UTC, to the conductors' flush interval):
+# the liveness shown beside its shared entries.
+node_seen = Table(
+    "node_seen",
+    metadata,
+    Column(
+        "node_uuid",
+        String(36),
+        ForeignKey("nodes.uuid", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seen_at", DateTime, nullable=False),
 )

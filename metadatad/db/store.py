@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import create_engine, delete, event, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
@@ -32,13 +32,16 @@ from metadatad.core.nodes import (
     port_taken,
 )
 from metadatad.db.peers import bump_projects
-from metadatad.db.schema import nodes, ports
+from metadatad.db.schema import nodes, ports, service_members
+from metadatad.db.services import assign_cardinals
 from metadatad.db.threaded import Threaded, deferred
 
 T = TypeVar("T")
 
 # Bind-parameter lists are chunked: SQLite caps variables per statement.
 _CHUNK = 500
+# A node write that deadlocks or loses a race for a cardinal value is run again.
+_ATTEMPTS = 5
 
 
 class ReactorThreadError(RuntimeError):
@@ -159,8 +162,24 @@ class NodeRepository:
 
         Ports (MACs, addresses) held by a node outside this import are a
         :class:`ConflictError`, and then nothing is written.  ``as_list`` says how to
-        name fields in errors (``[2].ports[0].mac`` or ``ports[0].mac``).
+        name fields in errors (``[2].ports[0].mac`` or ``ports[0].mac``).  Nodes join
+        and leave services here (:mod:`metadatad.db.services`); a deadlock or a lost
+        race for a cardinal value runs the transaction again.
         """
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._upsert_once(new_nodes, as_list)
+            except _CardinalRace:
+                if attempt == _ATTEMPTS - 1:
+                    raise ConflictError(
+                        "service", "concurrent joins kept taking the same cardinal value; retry"
+                    ) from None
+            except OperationalError as e:
+                if attempt == _ATTEMPTS - 1 or not _deadlock(e):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _upsert_once(self, new_nodes: Sequence[Node], as_list: bool) -> list[bool]:
         moment = _utcnow(self._now)
         uuids = [n.uuid for n in new_nodes]
         try:
@@ -198,6 +217,10 @@ class NodeRepository:
                 ]
                 if port_rows:
                     connection.execute(insert(ports), port_rows)
+                try:
+                    assign_cardinals(connection, new_nodes, moment)
+                except IntegrityError:
+                    raise _CardinalRace from None
         except IntegrityError:
             # Another writer took a MAC or address between our check and our insert.
             raise ConflictError(
@@ -252,6 +275,31 @@ class NodeRepository:
             exists = connection.execute(select(nodes.c.uuid).where(nodes.c.uuid == uuid)).first()
             return False if exists is not None else None
 
+    def clear_password(self, uuid: str) -> bool | None:
+        """Forget the node's password (Nova's ``clear-password``), so the machine may
+        post a new one: True if one was set, False if none was, None if no node."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(nodes)
+                .where(nodes.c.uuid == uuid, nodes.c.password.is_not(None))
+                .values(password=None)
+            )
+            if result.rowcount:
+                return True
+            exists = connection.execute(select(nodes.c.uuid).where(nodes.c.uuid == uuid)).first()
+            return False if exists is not None else None
+
+
+class _CardinalRace(Exception):
+    """A concurrent join took the cardinal value this write chose."""
+
+
+def _deadlock(error: Exception) -> bool:
+    message = str(getattr(error, "orig", error)).lower()
+    # MariaDB: 1213 deadlock; PostgreSQL: deadlock detected.  (SQLite's "database is
+    # locked" comes after its 30 s busy timeout: not worth waiting for again.)
+    return "deadlock" in message or "1213" in message
+
 
 _SELECT_NODE = select(
     nodes.c.document,
@@ -259,6 +307,10 @@ _SELECT_NODE = select(
     nodes.c.created_at,
     nodes.c.updated_at,
     nodes.c.password.is_not(None).label("has_password"),
+    select(service_members.c.cardinal)
+    .where(service_members.c.node_uuid == nodes.c.uuid)
+    .scalar_subquery()
+    .label("cardinal_value"),
 )
 
 
@@ -284,6 +336,7 @@ def _record(row: Any) -> NodeRecord:
         created_at=row.created_at,
         updated_at=row.updated_at,
         has_password=bool(row.has_password),
+        cardinal_value=row.cardinal_value,
     )
 
 
@@ -308,6 +361,8 @@ class NodeQueries(Protocol):
 
     def set_password(self, uuid: str, password: str) -> bool | None: ...
 
+    def clear_password(self, uuid: str) -> bool | None: ...
+
 
 class NodeMethods:
     """The node repository's methods as Deferreds (mixed into a :class:`Facade`: the
@@ -323,6 +378,7 @@ class NodeMethods:
     upsert_nodes = deferred(NodeQueries.upsert_nodes, changes=True)
     delete_node = deferred(NodeQueries.delete_node, changes=True)
     set_password = deferred(NodeQueries.set_password, changes=True)
+    clear_password = deferred(NodeQueries.clear_password, changes=True)
 
 
 class Store(NodeMethods, Threaded[NodeRepository]):

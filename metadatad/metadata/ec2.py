@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Union
 
 from metadatad.core.nodes import Node
+from metadatad.metadata.ec2net import network_tree, primary_port
 from metadatad.metadata.reply import BINARY, JSON, NOT_FOUND, Reply, text
 
 # Nova's versions plus the dated ones cloud-init probes before falling back to 2009-04-04.
@@ -77,7 +78,7 @@ def meta_data_tree(node: Node, version: str) -> Tree:
         "instance-id": node.uuid,
         "local-ipv4": node.local_ipv4,
         "reservation-id": node.reservation_id,
-        "security-groups": "default",
+        "security-groups": "\n".join(node.security_groups),
     }
     if node.public_keys:
         tree["public-keys"] = {
@@ -86,8 +87,9 @@ def meta_data_tree(node: Node, version: str) -> Tree:
         }
     if _since(version, "2007-01-19"):
         tree["local-hostname"] = node.hostname
-        tree["public-hostname"] = node.hostname
-        tree["public-ipv4"] = ""
+        # Nova's answers when no public address is set: the host name, and empty.
+        tree["public-hostname"] = node.public_hostname or node.hostname
+        tree["public-ipv4"] = node.public_ipv4 or ""
     if _since(version, "2007-08-29"):
         tree["instance-type"] = node.instance_type
     if _since(version, "2007-12-15"):
@@ -100,6 +102,11 @@ def meta_data_tree(node: Node, version: str) -> Tree:
         tree["placement"] = {"availability-zone": node.availability_zone}
     if _since(version, "2008-09-01"):
         tree["instance-action"] = "none"
+    # AWS added these in 2011-01-01; the first of our versions after that is 2016-09-02.
+    primary = primary_port(node)
+    if _since(version, "2016-09-02") and primary is not None:
+        tree["mac"] = primary.mac
+        tree["network"] = network_tree(node)
     return tree
 
 

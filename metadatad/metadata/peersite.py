@@ -27,8 +27,10 @@ from twisted.web.server import Request
 from metadatad.core import peers as rules
 from metadatad.core.nodes import NodeRecord
 from metadatad.core.peers import OVER_QUOTA, PeerError
+from metadatad.core.services import ProjectView
 from metadatad.metadata import peers
 from metadatad.metadata.reply import Reply, error, json_reply, store_unavailable, text
+from metadatad.metadata.services import render_service
 from metadatad.metadata.watch import WatchHub
 
 X = TypeVar("X")
@@ -115,10 +117,10 @@ class PeerRoutes:
         """``GET /openstack/<ver>/shared.json``: the project's shared entries."""
         project = record.node.project_id
 
-        def render(data: list[tuple[str, dict[str, str]]]) -> Reply:
-            return json_reply(rules.shared_document(data))
+        def render(view: rules.SharedView) -> Reply:
+            return json_reply(rules.shared_document(view.entries, view.seen))
 
-        return self._watched(request, project, self._store.shared, render)
+        return self._watched(request, project, self._store.shared_view, render)
 
     def service(self, request: Request, record: NodeRecord, parts: list[str]) -> Answer:
         """``GET /service[/latest/...]``: the node's service view."""
@@ -131,11 +133,10 @@ class PeerRoutes:
             return error(404, "Not Found: this node is not a member of a service")
         as_json = peers.wants_json(_header(request, b"accept"))
 
-        def render(project_nodes: list[Any]) -> Reply:
-            members = rules.service_members(node, project_nodes)
-            return peers.render_service(node, members, parts[1:], as_json)
+        def render(view: ProjectView) -> Reply:
+            return render_service(node, view, parts[1:], as_json)
 
-        return self._watched(request, node.project_id, self._store.project_nodes, render)
+        return self._watched(request, node.project_id, self._store.project_services, render)
 
     def _watched(
         self,
@@ -155,7 +156,14 @@ class PeerRoutes:
         def answer(result: tuple[int, X]) -> Reply:
             index, data = result
             self._hub.notify(project, index)
-            return peers.with_watch_headers(render(data), index, if_none_match)
+            # Both views carry when the project last changed (Last-Modified).
+            return peers.with_watch_headers(
+                render(data),
+                index,
+                if_none_match,
+                getattr(data, "changed_at", None),
+                _header(request, b"if-modified-since"),
+            )
 
         mark = self._hub.mark()
 

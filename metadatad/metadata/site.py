@@ -71,6 +71,7 @@ class MetadataSite:
         peer_routes: PeerRoutes | None = None,
         guard: Guard | None = None,
         observe: Callable[[Request, str, bool, bool], None] | None = None,
+        seen: Callable[[str], None] | None = None,
     ) -> None:
         self._cache = cache
         if guard is None:
@@ -90,6 +91,8 @@ class MetadataSite:
         # A DynamicVendordata (metadata/vendordata.py) when dynamic targets are set.
         self._vendordata = vendordata
         self._peers = peer_routes
+        # SeenRecorder.note: each answered node's last request (shared.json liveness).
+        self._seen = seen
         self._vendor_data = json_reply(self._static_vendordata)
         self._vendor_data2 = json_reply(openstack.vendor_data2(self._static_vendordata))
 
@@ -187,6 +190,8 @@ class MetadataSite:
         record = _visible(entry.record, caller)
         if record is None:
             return error(404, "Not Found: no node for this caller")
+        if self._seen is not None:
+            self._seen(record.node.uuid)
         if parts[0] == "openstack":
             return self._openstack(entry, record, request, parts[1:])
         if parts[0] == "service" and self._peers is not None:

@@ -9,8 +9,10 @@ from twisted.application.service import MultiService
 
 from metadatad.config import Config
 from metadatad.db.peers import CHANNEL, PeerRepository, PeerStore
+from metadatad.db.seen import SeenRepository
 from metadatad.db.store import Store
 from metadatad.metadata.peersite import PeerLimits, PeerRoutes
+from metadatad.metadata.seen import SeenRecorder
 from metadatad.metadata.watch import PostgresListener, WatchHub, WatchService
 
 
@@ -41,3 +43,14 @@ def make_peer_services(
         PeerLimits(metadata.peer_max_keys, metadata.peer_max_bytes, metadata.watch_max_wait),
     )
     return peer_store, routes
+
+
+def make_seen_recorder(
+    root: MultiService, engine: Engine, store: Store, reactor: Any
+) -> SeenRecorder:
+    """The ``seen`` service (a child of ``root``, so stopped before the store's pool):
+    nodes' last metadata requests, written in batches on the store's threadpool."""
+    repository = SeenRepository(engine)
+    recorder = SeenRecorder(lambda seen: store.run(repository.record, seen), reactor)
+    recorder.setServiceParent(root)
+    return recorder

@@ -21,6 +21,7 @@ from metadatad.testing.repositories import (
     MemoryBootEventRepository,
     MemoryNodeRepository,
     MemoryPeerRepository,
+    MemorySeenRepository,
     MemoryVendordataErrorRepository,
 )
 from metadatad.testing.stores import MemoryStore
@@ -33,6 +34,7 @@ __all__ = [
     "MemoryClusterRepository",
     "MemoryNodeRepository",
     "MemoryPeerRepository",
+    "MemorySeenRepository",
     "MemoryStore",
     "MemoryVendordataErrorRepository",
     "NeutronStub",

@@ -45,6 +45,9 @@ def node_document(index: int = 0, **overrides: Any) -> dict[str, Any]:
         "boot_roles": ["member"],
         "conductor_group": "",
         "boot": {"arch": "x86_64", "firmware": "uefi"},
+        "public_ipv4": None,
+        "public_hostname": None,
+        "security_groups": ["default"],
     }
     document.update(overrides)
     return document

@@ -7,7 +7,10 @@
 :class:`MemoryVendordataErrorRepository` passes ``tests/db/test_vendordata_errors.py``
 beside :class:`~metadatad.db.vendordata.VendordataErrorRepository`;
 :class:`MemoryPeerRepository` passes ``tests/db/test_peers_repository.py`` beside
-:class:`~metadatad.db.peers.PeerRepository`.  They apply the same rules from
+:class:`~metadatad.db.peers.PeerRepository`, and with :class:`MemoryNodeRepository`
+``tests/db/test_services_repository.py`` (service members, cardinal values);
+:class:`MemorySeenRepository` passes ``tests/db/test_liveness.py`` beside
+:class:`~metadatad.db.seen.SeenRepository`.  They apply the same rules from
 :mod:`metadatad.core` as the SQL ones (port ownership, write-once peer entries, quotas).
 ``available = False`` makes a fake fail like an unreachable database.
 """
@@ -21,7 +24,8 @@ from datetime import UTC, datetime
 import attrs
 
 from metadatad.core.nodes import Node, NodeRecord, port_fields, port_taken
-from metadatad.core.peers import check_quota, new_entries
+from metadatad.core.peers import SharedView, check_quota, new_entries
+from metadatad.core.services import Member, ProjectView, choose_cardinals, plan_membership
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.peers import PostResult
 from metadatad.db.vendordata import VendordataError
@@ -30,6 +34,7 @@ __all__ = [
     "MemoryBootEventRepository",
     "MemoryNodeRepository",
     "MemoryPeerRepository",
+    "MemorySeenRepository",
     "MemoryVendordataErrorRepository",
 ]
 
@@ -41,6 +46,9 @@ class _Stored:
     created_at: datetime
     updated_at: datetime
     password: str | None = None
+    # (project, service name, cardinal value) while a member of a service.
+    member: tuple[str, str, int] | None = None
+    seen_at: datetime | None = None
 
 
 class MemoryNodeRepository:
@@ -117,6 +125,12 @@ class MemoryNodeRepository:
         }
         for listener in self.project_listeners:
             listener(projects)
+        current: dict[str, tuple[str, str]] = {}
+        for n in new_nodes:
+            member = self._nodes[n.uuid].member if n.uuid in self._nodes else None
+            if member is not None:
+                current[n.uuid] = (member[0], member[1])
+        leaving, joining = plan_membership(current, new_nodes)
         for node in new_nodes:
             old = self._nodes.get(node.uuid)
             created.append(old is None)
@@ -124,8 +138,22 @@ class MemoryNodeRepository:
                 self._nodes[node.uuid] = _Stored(node, 1, moment, moment)
             else:
                 self._nodes[node.uuid] = _Stored(
-                    node, old.revision + 1, old.created_at, moment, old.password
+                    node,
+                    old.revision + 1,
+                    old.created_at,
+                    moment,
+                    old.password,
+                    None if node.uuid in leaving else old.member,
+                    old.seen_at,
                 )
+        for (project, name), members in sorted(joining.items()):
+            holding = [
+                stored.member[2]
+                for stored in self._nodes.values()
+                if stored.member is not None and stored.member[:2] == (project, name)
+            ]
+            for joiner, cardinal in choose_cardinals(holding, members).items():
+                self._nodes[joiner].member = (project, name, cardinal)
         return created
 
     def delete_node(self, uuid: str) -> bool:
@@ -149,6 +177,15 @@ class MemoryNodeRepository:
         stored.password = password
         return True
 
+    def clear_password(self, uuid: str) -> bool | None:
+        self._check()
+        stored = self._nodes.get(uuid)
+        if stored is None:
+            return None
+        had = stored.password is not None
+        stored.password = None
+        return had
+
 
 def _record(stored: _Stored) -> NodeRecord:
     return NodeRecord(
@@ -157,6 +194,7 @@ def _record(stored: _Stored) -> NodeRecord:
         created_at=stored.created_at,
         updated_at=stored.updated_at,
         has_password=stored.password is not None,
+        cardinal_value=stored.member[2] if stored.member is not None else None,
     )
 
 
@@ -244,6 +282,7 @@ class MemoryPeerRepository:
         self._nodes = nodes
         self._entries: dict[str, dict[str, tuple[str, bool]]] = {}
         self._indexes: dict[str, int] = {}
+        self._changed: dict[str, datetime] = {}
         nodes.project_listeners.append(self._touched)
         nodes.delete_listeners.append(self._cascade)
 
@@ -254,8 +293,10 @@ class MemoryPeerRepository:
         self._entries.pop(uuid, None)
 
     def _bump(self, projects: Iterable[str]) -> dict[str, int]:
+        moment = self._nodes._moment()
         for project in projects:
             self._indexes[project] = self._indexes.get(project, 0) + 1
+            self._changed[project] = moment
         return {p: self._indexes[p] for p in projects}
 
     def _node(self, uuid: str) -> Node | None:
@@ -316,14 +357,23 @@ class MemoryPeerRepository:
                 found.append((uuid, meta))
         return self._indexes.get(project, 0), found
 
-    def project_nodes(self, project: str) -> tuple[int, list[Node]]:
+    def shared_view(self, project: str) -> tuple[int, SharedView]:
+        index, entries = self.shared(project)
+        seen = {
+            uuid: moment
+            for uuid, _ in entries
+            if (moment := self._nodes._nodes[uuid].seen_at) is not None
+        }
+        return index, SharedView(tuple(entries), seen, self._changed.get(project))
+
+    def project_services(self, project: str) -> tuple[int, ProjectView]:
         self._nodes._check()
-        members = [
-            stored.node
+        members = tuple(
+            Member(stored.node, stored.member[2] if stored.member is not None else None)
             for uuid, stored in sorted(self._nodes._nodes.items())
             if stored.node.project_id == project
-        ]
-        return self._indexes.get(project, 0), members
+        )
+        return self._indexes.get(project, 0), ProjectView(members, self._changed.get(project))
 
     def node_entries(self, node_uuid: str) -> dict[str, dict[str, str]]:
         self._nodes._check()
@@ -331,3 +381,25 @@ class MemoryPeerRepository:
         for key, (value, shared) in sorted(self._entries.get(node_uuid, {}).items()):
             found["shared" if shared else "private"][key] = value
         return found
+
+
+class MemorySeenRepository:
+    """SeenRepository's behaviour over a :class:`MemoryNodeRepository`."""
+
+    def __init__(self, nodes: MemoryNodeRepository) -> None:
+        self._nodes = nodes
+
+    def record(self, seen: Mapping[str, datetime]) -> int:
+        self._nodes._check()
+        changed = 0
+        for uuid, moment in seen.items():
+            stored = self._nodes._nodes.get(uuid)
+            if stored is not None and (stored.seen_at is None or stored.seen_at < moment):
+                stored.seen_at = moment
+                changed += 1
+        return changed
+
+    def seen_at(self, node_uuid: str) -> datetime | None:
+        self._nodes._check()
+        stored = self._nodes._nodes.get(node_uuid)
+        return stored.seen_at if stored is not None else None

@@ -40,7 +40,7 @@ import errno
 import os
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
@@ -50,6 +50,7 @@ from twisted.logger import Logger
 
 from metadatad.core.nodes import NodeRecord
 from metadatad.tftp import paths
+from metadatad.tftp.hold import HOLD_KINDS, hold_stanza
 from metadatad.tftp.protocol import BytesSource, ErrorCode, FileSource, Source, TFTPError
 
 __all__ = [
@@ -361,6 +362,8 @@ class BootFiles:
         *,
         serve_unowned: bool = False,
         conductor: str = "",
+        held: Callable[[NodeRecord], Deferred[list[str]]] | None = None,
+        hold_retry: float = 30.0,
     ) -> None:
         self.root = Path(root)
         self.templates = templates
@@ -368,6 +371,10 @@ class BootFiles:
         self._owns = owns
         self._serve_unowned = serve_unowned
         self._conductor = conductor
+        # [vendordata] hold_boot: the targets that failed for a node at its current
+        # revision (empty: not held).
+        self._held = held
+        self._hold_retry = hold_retry
 
     def open(self, filename: str, client_ip: str, server: str) -> Opened | Deferred[Opened]:
         """The source for ``filename`` asked by ``client_ip`` of ``server``.
@@ -391,12 +398,29 @@ class BootFiles:
         else:
             return self._static(name)
         mac = generated.value if generated.key == "mac" else None
-        return _then(
-            entry,
-            lambda e: self._render(
-                name, generated.kind, e.record, mac=mac, client_ip=client_ip, server=server
-            ),
-        )
+
+        def render(e: _Entry) -> Opened | Deferred[Opened]:
+            record = e.record
+            if (
+                self._held is None
+                or generated.kind not in HOLD_KINDS
+                or record is None
+                or (not self._serve_unowned and not self._owns(record.node.uuid))
+            ):
+                return self._render(
+                    name, generated.kind, record, mac=mac, client_ip=client_ip, server=server
+                )
+            return self._held(record).addCallbacks(
+                lambda targets: self._hold(name, generated.kind, record, targets)
+                if targets
+                else self._render(
+                    name, generated.kind, record, mac=mac, client_ip=client_ip, server=server
+                ),
+                self._hold_unknown,
+                errbackArgs=(record.node.uuid,),
+            )
+
+        return _then(entry, render)
 
     def node_of_client(self, client_ip: str) -> str | Deferred[str | None] | None:
         """The uuid of the node with port address ``client_ip`` (for boot events)."""
@@ -435,6 +459,27 @@ class BootFiles:
         values = variables(record, mac, client_ip, server, self._conductor)
         data = template.substitute(values).encode("utf-8")
         return Opened(BytesSource(data), kind, node.uuid)
+
+    def _hold_unknown(self, failure: Any, node_uuid: str) -> Opened:
+        # The database did not answer: neither boot the node nor pretend the file is
+        # missing; the firmware retries.
+        self.log.warn(
+            "cannot tell whether the boot of node {uuid} is held: {error}",
+            uuid=node_uuid,
+            error=failure.getErrorMessage(),
+        )
+        raise TFTPError(ErrorCode.NOT_DEFINED, "boot hold check failed, retry")
+
+    def _hold(self, name: str, kind: str, record: NodeRecord, targets: Sequence[str]) -> Opened:
+        uuid = record.node.uuid
+        self.log.info(
+            "holding the boot of node {uuid} ({kind}): vendordata failed for {targets}",
+            uuid=uuid,
+            kind=kind,
+            targets=", ".join(targets),
+        )
+        text = hold_stanza(kind, uuid, targets, name, self._hold_retry)
+        return Opened(BytesSource(text.encode("utf-8")), kind, uuid)
 
     def _static(self, name: str, node_uuid: str | None = None) -> Opened:
         try:

@@ -7,12 +7,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from metadatad.config import Config
+from metadatad.core.nodes import NodeRecord
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.cache import NodeCache
 from metadatad.errors import SetupError
+from metadatad.interfaces import VendordataErrors
 from metadatad.tftp.bootconfig import BootFiles, CachedLookup, Templates
 from metadatad.tftp.hub import ReaderHub
 from metadatad.tftp.listening import TFTPService
@@ -34,6 +37,7 @@ def make_tftp_service(
     *,
     owns: Callable[[str], bool],
     record: Callable[[BootEvent], None] | None,
+    vendordata_errors: VendordataErrors | None = None,
 ) -> TFTPService:
     """The ``tftp`` service for ``config.tftp``: listeners, server, file resolution.
 
@@ -63,6 +67,8 @@ def make_tftp_service(
         owns,
         serve_unowned=tftp.serve_unowned,
         conductor=config.conductor.hostname,
+        held=_held(config, vendordata_errors),
+        hold_retry=config.vendordata.hold_retry,
     )
     server = TFTPServer(
         files,
@@ -83,3 +89,29 @@ def make_tftp_service(
     # The MAC cache rides along for /metrics and SIGHUP (which clears it with the
     # site's cache).
     return TFTPService(server, tftp.listen, reactor, mac_cache=mac_cache)
+
+
+
+def _held(
+    config: Config, errors: VendordataErrors | None
+) -> Callable[[NodeRecord], Deferred[list[str]]] | None:
+    """With ``[vendordata] hold_boot``: the targets that failed for a node at its
+    current revision, from ``errors`` (a VendordataErrorStore).  Marks of an older
+    revision do not hold: re-registering the node is how an operator says "try
+    again" (the next vendor_data2.json read marks it anew if the target still fails)."""
+    if not config.vendordata.hold_boot or errors is None:
+        return None
+    if not config.vendordata.failure_fatal:
+        log.warn(
+            "[vendordata] hold_boot is set without failure_fatal: no node is ever "
+            "marked, so no boot is held"
+        )
+
+    for_node = errors.for_node
+
+    def held(record: NodeRecord) -> Deferred[list[str]]:
+        return for_node(record.node.uuid).addCallback(
+            lambda marks: [m.target for m in marks if m.node_revision >= record.revision]
+        )
+
+    return held

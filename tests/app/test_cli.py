@@ -35,6 +35,7 @@ READ_ONLY = (
     "revision",
     "created_at",
     "updated_at",
+    "cardinal_value",
     "password_set",
     "shared_keys",
     "private_keys",

@@ -36,6 +36,7 @@ SERVICES = [
     "node-activity",
     "vendordata-errors",
     "peer-watch",
+    "seen",
     "metadata-http",
     "admin-http",
     "metrics",
@@ -170,7 +171,7 @@ def test_named_services_in_order(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
     """The daemon is a MultiService of store, membership, boot-events,
-    vendordata-errors, peer-watch, metadata-http, admin-http, metrics and reload."""
+    vendordata-errors, peer-watch, seen, metadata-http, admin-http, metrics and reload."""
     root = build(write_conf(tmp_path, migrated_url), services)
     assert isinstance(root, MultiService)
     assert [service.name for service in root] == SERVICES
@@ -203,6 +204,7 @@ def test_without_admin_listen_there_is_no_admin_site(
         "node-activity",
         "vendordata-errors",
         "peer-watch",
+        "seen",
         "metadata-http",
         "metrics",
         "reload",
@@ -242,6 +244,7 @@ def test_start_listens_on_configured_addresses_and_stops(
         "metrics",
         "admin-http",
         "metadata-http",
+        "seen",
         "peer-watch",
         "vendordata-errors",
         "node-activity",
@@ -482,6 +485,7 @@ def test_tftp_service_is_named_and_last(
         "node-activity",
         "vendordata-errors",
         "peer-watch",
+        "seen",
         "metadata-http",
         "admin-http",
         "tftp",

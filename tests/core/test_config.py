@@ -200,6 +200,8 @@ EVERY_KEY = {
         "connect_timeout": "3",
         "read_timeout": "0.5",
         "failure_fatal": "true",
+        "hold_boot": "true",
+        "hold_retry": "45",
         "ca_file": "CAFILE",
         "cache_ttl": "0",
         "service_token_file": "/etc/metadatad/vendordata-token",
@@ -329,6 +331,8 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
     assert config.vendordata.connect_timeout == 3.0
     assert config.vendordata.read_timeout == 0.5
     assert config.vendordata.failure_fatal is True
+    assert config.vendordata.hold_boot is True
+    assert config.vendordata.hold_retry == 45.0
     assert config.vendordata.ca_file == str(ca_file)
     assert config.vendordata.cache_ttl == 0.0
     assert config.vendordata.service_token_file == "/etc/metadatad/vendordata-token"
@@ -640,6 +644,8 @@ BAD_VALUES = [
     ("vendordata", "connect_timeout", "0", "0.1"),
     ("vendordata", "read_timeout", "soon", "soon"),
     ("vendordata", "failure_fatal", "perhaps", "perhaps"),
+    ("vendordata", "hold_boot", "maybe", "maybe"),
+    ("vendordata", "hold_retry", "1", "5"),
     ("vendordata", "ca_file", "/nonexistent/ca.pem", "cannot read"),
     ("vendordata", "cache_ttl", "-1", "-1"),
     ("keystone", "auth_url", "keystone:5000", "http://"),

@@ -109,6 +109,41 @@ OTHER_NODE: dict[str, Any] = {
     "user_data": base64.b64encode(b"#cloud-config\n{}\n").decode("ascii"),
 }
 
+# A node on 127.0.0.5 whose network_data gives its port a second address: cloud-init's
+# EC2 datasource, as on AWS, configures the extra one as a static secondary address.
+NET_UUID = "7c2d9e41-5a3b-4c8d-9e1f-0a2b3c4d5e6f"
+NET_MAC = "fa:16:3e:00:00:05"
+NET_SOURCE = "127.0.0.5"
+NET_NODE: dict[str, Any] = {
+    "uuid": NET_UUID,
+    "hostname": "net-node.example.org",
+    "project_id": "proj-net",
+    "availability_zone": "az1b",
+    "ports": [{"mac": NET_MAC, "ip": NET_SOURCE, "pxe": True}],
+    "network_data": {
+        "links": [{"id": "eth0", "type": "phy", "ethernet_mac_address": NET_MAC}],
+        "networks": [
+            {
+                "id": "n0",
+                "type": "ipv4",
+                "link": "eth0",
+                "ip_address": NET_SOURCE,
+                "netmask": "255.0.0.0",
+            },
+            {
+                "id": "n1",
+                "type": "ipv4",
+                "link": "eth0",
+                "ip_address": "127.0.0.6",
+                "netmask": "255.0.0.0",
+            },
+        ],
+        "services": [],
+    },
+    "public_ipv4": "203.0.113.5",
+    "security_groups": ["web", "ssh"],
+}
+
 # The EC2 meta-data keys Nova serves (DESIGN.md), less kernel-id and ramdisk-id, which
 # are absent when unset.
 EC2_KEYS = {
@@ -128,6 +163,8 @@ EC2_KEYS = {
     "public-keys",
     "reservation-id",
     "security-groups",
+    "mac",
+    "network",
 }
 
 # Runs under Debian's /usr/bin/python3 -I.  argv[1]: {"base": URL, "jobs": [...]}.
@@ -201,7 +238,7 @@ def _lookup(original):
 for _name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
     setattr(socket, _name, _lookup(getattr(socket, _name)))
 
-from cloudinit import helpers, url_helper, util  # noqa: E402
+from cloudinit import helpers, net, url_helper, util  # noqa: E402
 from cloudinit.sources import DataSourceEc2, DataSourceOpenStack  # noqa: E402
 from cloudinit.sources.helpers import ec2, openstack  # noqa: E402
 
@@ -316,6 +353,14 @@ def run_ec2(base, job):
     result = {"found": bool(found)}
     if not found:
         return result
+    if job.get("nics"):
+        # cloud-init maps the tree's MACs to this machine's NICs through
+        # net.get_interfaces_by_mac(): the driver's machine has no NIC with the node's
+        # MAC, so the job names the NICs the node would have.
+        nics = dict(job["nics"])
+        net.get_interfaces_by_mac = lambda *a, **k: dict(nics)
+        net.find_fallback_nic = lambda *a, **k: sorted(nics.values())[0]
+        result["network_config"] = ds.network_config
     result.update(
         api_version=ds._crawled_metadata.get("_metadata_api_version"),
         instance_id=ds.get_instance_id(),
@@ -436,7 +481,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """
     running = Daemon.create(
         tmp_path_factory.mktemp("cloudinit"),
-        nodes=[CALLER_NODE, OTHER_NODE],
+        nodes=[CALLER_NODE, OTHER_NODE, NET_NODE],
         vendordata=VENDORDATA,
     )
     try:
@@ -495,6 +540,13 @@ def crawled(system_python: str, daemon: Daemon) -> dict[str, Any]:
             {"name": "guard-selftest", "kind": "guard-selftest"},
             {"name": "openstack", "kind": "openstack"},
             {"name": "ec2", "kind": "ec2"},
+            {
+                "name": "ec2-aws-network",
+                "kind": "ec2",
+                "cloud": "aws",
+                "source": NET_SOURCE,
+                "nics": {NET_MAC: "eth0"},
+            },
         ],
     )
 
@@ -611,6 +663,12 @@ def test_ec2_datasource_reads_the_imported_node(crawled: dict[str, Any], daemon:
     assert metadata["ami-id"] == "ami-0000002a"
     assert metadata["reservation-id"] == "r-0000002a"
     assert metadata["local-ipv4"] == "127.0.0.1"
+    assert metadata["mac"] == MAC
+    # The port's address, then the one network_data gives its MAC.
+    assert metadata["network"]["interfaces"]["macs"][MAC]["local-ipv4s"] == [
+        "127.0.0.1",
+        "192.0.2.10",
+    ]
     assert "kernel-id" not in metadata and "ramdisk-id" not in metadata
     # IMDSv1 off AWS: no token PUT; and every crawl URL under the chosen version.
     crawl_urls = [u for u in result["requested"] if "/meta-data/" in u or "/user-data" in u]
@@ -618,6 +676,39 @@ def test_ec2_datasource_reads_the_imported_node(crawled: dict[str, Any], daemon:
     paths = [urllib.parse.urlsplit(u).path for u in crawl_urls]
     assert all(p.startswith("/2021-03-23/") or p in probes for p in paths), paths
     assert not any("api/token" in u for u in result["requested"])
+
+
+def test_ec2_datasource_renders_network_config_from_the_macs_tree(
+    crawled: dict[str, Any], daemon: Daemon
+) -> None:
+    """cloud-init's EC2 datasource, as on AWS (IMDSv2, the network tree), renders a
+    network configuration naming the node's MAC and its second address."""
+    result = crawled["ec2-aws-network"]
+    assert result["found"], context(result, daemon)
+    assert result["used_token"]
+    assert result["instance_id"] == NET_UUID
+    metadata = result["metadata"]
+    assert metadata["mac"] == NET_MAC
+    interface = metadata["network"]["interfaces"]["macs"][NET_MAC]
+    assert interface["local-ipv4s"] == [NET_SOURCE, "127.0.0.6"]
+    assert interface["subnet-ipv4-cidr-block"] == "127.0.0.0/8"
+    assert interface["device-number"] == "0"
+    assert interface["security-groups"] == ["web", "ssh"]
+    assert metadata["public-ipv4"] == "203.0.113.5"
+    assert metadata["security-groups"] == ["web", "ssh"]
+    assert result["network_config"] == {
+        "version": 2,
+        "ethernets": {
+            "eth0": {
+                "dhcp4": True,
+                "dhcp6": False,
+                "match": {"macaddress": NET_MAC},
+                "set-name": "eth0",
+                "addresses": ["127.0.0.6/8"],
+            }
+        },
+    }, context(result, daemon)
+    assert result["blocked"] == []
 
 
 def test_driver_refuses_every_other_address(crawled: dict[str, Any]) -> None:

@@ -185,11 +185,14 @@ def test_operator_deletes_shared_keys(pair: Pair) -> None:
     assert post(pair, A0, {"ip": "3"}).added == ("ip",)
 
 
-def test_project_nodes(pair: Pair) -> None:
-    """The service view reads the project's nodes with the project's index."""
-    index, found = pair.peers.project_nodes("proj-a")
+def test_project_services(pair: Pair) -> None:
+    """The service view reads the project's nodes, with their cardinal values, with
+    the project's index."""
+    index, found = pair.peers.project_services("proj-a")
     assert index == pair.peers.index("proj-a")
-    assert [n.uuid for n in found] == sorted([A0.uuid, A1.uuid])
+    assert [(m.node.uuid, m.cardinal) for m in found.members] == sorted(
+        [(A0.uuid, 0), (A1.uuid, 1)]
+    )
 
 
 # --- concurrency: two conductors, one database ---------------------------------------

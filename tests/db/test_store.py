@@ -168,6 +168,21 @@ def test_password_is_write_once(repository: Any) -> None:
     assert repository.set_password(make_node(5).uuid, "x") is None
 
 
+def test_repository_clears_and_the_slot_opens_again(repository: Any) -> None:
+    """Clearing opens the write-once slot again (Nova's clear-password)."""
+    node = make_node()
+    unknown = make_node(5).uuid
+    repository.upsert_nodes([node])
+    assert repository.clear_password(node.uuid) is False
+    assert repository.set_password(node.uuid, "secret-1") is True
+    assert repository.clear_password(node.uuid) is True
+    assert repository.get_password(node.uuid) is None
+    assert repository.get_node(node.uuid).has_password is False
+    assert repository.set_password(node.uuid, "secret-2") is True
+    assert repository.get_password(node.uuid) == "secret-2"
+    assert repository.clear_password(unknown) is None
+
+
 def test_unicode_survives(repository: Any) -> None:
     """Non-ASCII text round-trips on every backend (utf8mb4 on MariaDB)."""
     node = make_node(meta={"note": "caf\u00e9 \U0001f680"}, name="n\u00f6de")

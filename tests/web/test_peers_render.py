@@ -8,7 +8,6 @@ from metadatad.core import peers as rules
 from metadatad.core.peers import INVALID, OVER_QUOTA, PeerError
 from metadatad.metadata import peers
 from metadatad.metadata.reply import json_reply, text
-from tests.support.factories import make_node
 
 
 def test_scope() -> None:
@@ -49,21 +48,6 @@ def test_shared_document() -> None:
     assert rules.shared_document([("u1", {"b": "2", "a": "1"}), ("u2", {})]) == [
         {"meta": {"from_server_a": "1", "from_server_b": "2"}, "uuid": "u1"}
     ]
-
-
-def test_service_members_by_cardinal_value() -> None:
-    """Members share project and service name; ordered by cardinal value, then uuid;
-    the node itself is always a member."""
-    me = make_node(0, launch_index=3)
-    others = [
-        make_node(1, launch_index=1),
-        make_node(2, launch_index=3),
-        make_node(3, service={"name": "db"}),
-        make_node(4, project_id="proj-b"),
-    ]
-    members = rules.service_members(me, others)
-    assert [n.uuid for n in members] == [others[0].uuid, me.uuid, others[1].uuid]
-    assert rules.service_members(make_node(5, service=None), others) == []
 
 
 @pytest.mark.parametrize(

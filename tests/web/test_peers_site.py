@@ -96,7 +96,8 @@ def test_post_then_read_shared_json(site: Site) -> None:
     assert json.loads(answer.body) == {"added": ["ip", "port"], "index": 2}
     assert answer.header("X-Metadatad-Index") == "2"
     meta = {"from_server_ip": "10.0.0.2", "from_server_port": "7000"}
-    expected = [{"meta": meta, "uuid": A0.uuid}]
+    # A0 has made no metadata request yet: its liveness key is null.
+    expected = [{"meta": meta, "uuid": A0.uuid, "last_seen_at": None}]
     for node in (A0, A1):
         for name in ("shared.json", "peer_data"):
             got = site.get(f"/openstack/latest/{name}", node)
@@ -221,8 +222,8 @@ def test_projects_are_isolated(site: Site) -> None:
     site.post({"ip": "b"}, node=B4)
     a = json.loads(site.get("/openstack/latest/shared.json", A1).body)
     b = json.loads(site.get("/openstack/latest/shared.json", B4).body)
-    assert a == [{"meta": {"from_server_ip": "a"}, "uuid": A0.uuid}]
-    assert b == [{"meta": {"from_server_ip": "b"}, "uuid": B4.uuid}]
+    assert a == [{"meta": {"from_server_ip": "a"}, "uuid": A0.uuid, "last_seen_at": None}]
+    assert b == [{"meta": {"from_server_ip": "b"}, "uuid": B4.uuid, "last_seen_at": None}]
     # B's service view has only B's node, though A's nodes share the service name.
     hosts = json.loads(
         site.get("/service/latest/all_hosts", B4, headers={"Accept": "application/json"}).body
@@ -370,6 +371,9 @@ def test_service_listing_and_leaves(site: Site) -> None:
         "service_name",
         "port",
         "all_hosts",
+        "image",
+        "volumes",
+        "services",
     ]
     assert site.get("/service").text == "latest"
     expected = {
@@ -453,7 +457,7 @@ def test_watchers_woken_together_share_one_read(site: Site) -> None:
         queries.append(f.__name__)
         d.callback(f(*args))
     site.treq.flush()
-    assert queries == ["post", "shared"]
+    assert queries == ["post", "shared_view"]
     answers = [site.finish(d) for d in pending]
     assert all(a.status == 200 and b"from_server_ip" in a.body for a in answers)
 

@@ -73,6 +73,22 @@ def test_latest_meta_data_values() -> None:
         "instance-type": "baremetal.large",
         "local-hostname": "web-3.example.org",
         "local-ipv4": "10.0.0.5",
+        "mac": "52:54:00:12:00:03",
+        "network": {
+            "interfaces": {
+                "macs": {
+                    "52:54:00:12:00:03": {
+                        "device-number": "0",
+                        "interface-id": "eni-525400120003",
+                        "local-hostname": "web-3.example.org",
+                        "local-ipv4s": "10.0.0.5",
+                        "mac": "52:54:00:12:00:03",
+                        "owner-id": "proj-a",
+                        "security-groups": "default",
+                    }
+                }
+            }
+        },
         "placement": {"availability-zone": "az1a"},
         "public-hostname": "web-3.example.org",
         "public-ipv4": "",
