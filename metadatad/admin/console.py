@@ -369,6 +369,7 @@ class Console:
             "repush": "The mapping is due again: its owner pushes it at its next cycle.",
             "clear-vendordata": "The vendordata error was cleared.",
             "delete-shared-keys": "The shared keys were deleted.",
+            "reset-password": "The posted password was cleared.",
         }.get(_arg(request, "done", 32), "")
         canonical = _uuid(uuid)
         record = None if canonical is None else await self._store.get_node(canonical)
@@ -443,6 +444,9 @@ class Console:
             if self._vendordata_errors is not None:
                 await self._vendordata_errors.clear(uuid, target)
             detail = f"cleared the vendordata error of {target}"
+        elif action == "reset-password":
+            await self._store.clear_password(uuid)
+            detail = "reset the posted password"
         else:
             if self._peers is not None:
                 await self._peers.delete_shared(uuid)

@@ -42,6 +42,10 @@ ACTIONS = {
         "Delete the shared keys",
         "The keys the node shared with its project are deleted; it may post new ones.",
     ),
+    "reset-password": (
+        "Reset the posted password",
+        "The password the node posted is cleared (Nova's clear-password); it may post again.",
+    ),
 }
 
 
@@ -346,9 +350,10 @@ def node_page(
         for e in vendordata_errors
     )
     shared = document.get("shared_keys") or {}
-    actions = Markup("{}{}").format(
+    actions = Markup("{}{}{}").format(
         _action_button(uuid, "repush") if push is not None else "",
         _action_button(uuid, "delete-shared-keys") if shared else "",
+        _action_button(uuid, "reset-password") if document.get("password_set") else "",
     )
     body = Markup(
         '<h2>Node <span id="node-name">{}</span></h2><p><code>{}</code></p>{}'

@@ -49,6 +49,9 @@ class SyncStore:
     def get_node(self, uuid: str) -> Deferred[Any]:
         return self.run(self.repository.get_node, uuid)
 
+    def clear_password(self, uuid: str) -> Deferred[Any]:
+        return self.run(self.repository.clear_password, uuid)
+
 
 class Setup:
     def __init__(self, tmp_path: Path) -> None:
@@ -212,6 +215,27 @@ def test_actions_need_the_csrf_token_and_a_same_origin(setup: Setup) -> None:
     assert setup.kicked == 1  # c1 holds the node: its pusher was kicked
     page = setup.client.get(answer.header("Location") or "", headers=cookie)
     assert 'id="notice"' in page.text and "push-pending" in page.text
+
+
+def test_reset_a_posted_password(setup: Setup) -> None:
+    """The node page offers the reset only while a password is posted; the confirmed
+    action clears it (Nova's clear-password), like DELETE /v1/nodes/<uuid>/password."""
+    repository = NodeRepository(setup.engine)
+    cookie = {"Cookie": setup.login(), **FORM, "Origin": "http://127.0.0.1:8776"}
+    page = setup.client.get(f"/console/nodes/{NODE['uuid']}", headers=cookie)
+    assert 'id="reset-password"' not in page.text
+    assert repository.set_password(NODE["uuid"], "posted-secret") is True
+    page = setup.client.get(f"/console/nodes/{NODE['uuid']}", headers=cookie)
+    assert 'id="reset-password"' in page.text
+    path = f"/console/nodes/{NODE['uuid']}/reset-password"
+    confirm = setup.client.get(path, headers=cookie)
+    answer = setup.post(path, data=f"csrf={_csrf(confirm.text)}".encode(), headers=cookie)
+    assert answer.status == 303
+    assert answer.header("Location") == f"/console/nodes/{NODE['uuid']}?done=reset-password"
+    assert repository.get_password(NODE["uuid"]) is None
+    page = setup.client.get(answer.header("Location") or "", headers=cookie)
+    assert "The posted password was cleared." in page.text
+    assert 'id="reset-password"' not in page.text
 
 
 def test_names_are_text_everywhere(setup: Setup) -> None:
