@@ -1,0 +1,201 @@
+"""A Debian bookworm machine booted with systemd as PID 1, for tests of the units.
+
+:func:`root_tarball` builds a minimal bookworm root with ``mmdebstrap`` (variant
+``minbase`` plus the packages asked for) and keeps it as a tarball under
+``/var/cache/metadatad-tests`` (``METADATAD_TEST_CACHE`` overrides), named by a hash of
+the suite and package list, so it is built once per machine and again only when the
+list changes.  :class:`Machine` unpacks a fresh copy, makes two network namespaces
+joined by a veth pair (the machine's and a client's, addresses from
+:data:`MACHINE_ADDRESS`/:data:`CLIENT_ADDRESS`), boots the root with
+``systemd-nspawn --boot`` inside the machine's namespace, and runs commands in it with
+``nsenter`` (the host here has no systemd of its own, so no machined: the container is
+not registered, and ``--keep-unit`` keeps it in this process's control group).
+:meth:`Machine.stop` powers the container off by signalling its own ``systemd-nspawn``
+(SIGKILL to its PID 1 if that does not end within the deadline), then deletes the
+namespaces and the copy of the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.support.debian import run
+
+SUITE = "bookworm"
+CACHE = Path(os.environ.get("METADATAD_TEST_CACHE", "/var/cache/metadatad-tests"))
+ROOT_DEADLINE = 1200  # the first build downloads ~100 MB of packages
+LOCK_DEADLINE = 1500.0
+BOOT_DEADLINE = 120.0
+STOP_DEADLINE = 30.0
+COMMAND_DEADLINE = 120.0
+MACHINE_ADDRESS = "10.99.16.2"
+CLIENT_ADDRESS = "10.99.16.1"
+PREFIX = 24
+PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def root_tarball(packages: Sequence[str]) -> Path:
+    """A cached bookworm root holding ``packages``; built (minutes) when missing."""
+    wanted = sorted(set(packages))
+    key = hashlib.sha256("\n".join([SUITE, "minbase", *wanted]).encode()).hexdigest()[:16]
+    tarball = CACHE / f"nspawn-{SUITE}-{key}.tar"
+    if tarball.exists():
+        return tarball
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Two test runs at once: the second waits for the first's build.
+    with open(CACHE / f"nspawn-{SUITE}.lock", "w") as lock:
+        give_up = time.monotonic() + LOCK_DEADLINE
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > give_up:
+                    raise AssertionError(f"{lock.name} held for {LOCK_DEADLINE} s") from None
+                time.sleep(1)
+        if tarball.exists():
+            return tarball
+        partial = (
+            CACHE / f"nspawn-{SUITE}-{key}.partial.tar"
+        )  # mmdebstrap reads the format from .tar
+        partial.unlink(missing_ok=True)
+        run(
+            "mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(wanted)}",
+            SUITE, str(partial),
+            timeout=ROOT_DEADLINE, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.replace(partial, tarball)
+        for old in CACHE.glob(f"nspawn-{SUITE}-*.tar"):
+            if old != tarball:
+                old.unlink(missing_ok=True)  # an earlier package list's root
+    return tarball
+
+
+class Machine:
+    """A booted container: ``run`` executes in it, ``client`` in the client namespace."""
+
+    def __init__(self, tarball: Path, workdir: Path) -> None:
+        tag = f"{os.getpid() % 100000:05d}"
+        self.name = f"mdtest{tag}"
+        self.machine_ns, self.client_ns = f"mdtest-{tag}-m", f"mdtest-{tag}-c"
+        self.machine_if, self.client_if = f"mdt{tag}m", f"mdt{tag}c"
+        self.root = workdir / "root"
+        self.log = workdir / "nspawn.log"
+        self.nspawn: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+        self.root.mkdir()
+        run("tar", "-C", str(self.root), "--numeric-owner", "-xf", str(tarball), timeout=300)
+
+    def start(self) -> None:
+        """Make the namespaces, boot, and wait until systemd says the boot is done."""
+        self._network()
+        with open(self.log, "wb") as log:
+            self.nspawn = subprocess.Popen(
+                [
+                    "systemd-nspawn", f"--directory={self.root}", f"--machine={self.name}",
+                    "--register=no", "--keep-unit", "--settings=no", "--link-journal=no",
+                    "--resolv-conf=off", "--timezone=off", "--console=read-only",
+                    f"--network-namespace-path=/run/netns/{self.machine_ns}", "--boot",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.leader = self._poll(self._leader, "the container's PID 1")
+        self._poll(self._booted, "the end of the boot (systemctl is-system-running)")
+
+    def _network(self) -> None:
+        for ns in (self.machine_ns, self.client_ns):
+            run("ip", "netns", "add", ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "link", "add", self.machine_if, "type", "veth", "peer", "name", self.client_if)
+        for ns, interface, address in (
+            (self.machine_ns, self.machine_if, MACHINE_ADDRESS),
+            (self.client_ns, self.client_if, CLIENT_ADDRESS),
+        ):
+            run("ip", "link", "set", interface, "netns", ns)
+            run("ip", "-n", ns, "addr", "add", f"{address}/{PREFIX}", "dev", interface)
+            run("ip", "-n", ns, "link", "set", interface, "up")
+
+    def _leader(self) -> int:
+        assert self.nspawn is not None
+        children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
+        with contextlib.suppress(OSError):
+            pids = children.read_text().split()
+            if pids:
+                return int(pids[0])
+        return 0
+
+    def _booted(self) -> bool:
+        result = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=60)
+        return result.stdout.strip() in ("running", "degraded")
+
+    def _poll(self, condition: Any, what: str) -> Any:
+        give_up = time.monotonic() + BOOT_DEADLINE
+        while True:
+            result = condition()
+            if result:
+                return result
+            assert self.nspawn is not None
+            if self.nspawn.poll() is not None or time.monotonic() > give_up:
+                raise AssertionError(f"{what}: not within {BOOT_DEADLINE} s\n{self.console()}")
+            time.sleep(0.2)
+
+    def console(self) -> str:
+        """What systemd-nspawn and the container's console printed."""
+        return self.log.read_text(errors="replace")[-8000:] if self.log.exists() else ""
+
+    def run(
+        self, *command: str, check: bool = True, timeout: float = COMMAND_DEADLINE, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """``command`` as root inside the container (its namespaces and root directory)."""
+        argv = (
+            "nsenter", f"--target={self.leader}", "--all", "--root", "--wd",
+            "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive",
+            *command,
+        )  # fmt: skip
+        if check:
+            return run(*argv, timeout=timeout, **kwargs)
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+        )
+
+    def client(
+        self, *command: str, timeout: float = 60, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """``command`` (a program of this machine) in the client namespace."""
+        return subprocess.run(
+            ("ip", "netns", "exec", self.client_ns, *command),
+            capture_output=True, text=True, timeout=timeout, check=False, **kwargs,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Power off (SIGTERM to systemd-nspawn; SIGKILL to PID 1 after the deadline),
+        then remove the namespaces and the root."""
+        try:
+            if self.nspawn is not None and self.nspawn.poll() is None:
+                self.nspawn.send_signal(signal.SIGTERM)
+                try:
+                    self.nspawn.wait(timeout=STOP_DEADLINE)
+                except subprocess.TimeoutExpired:
+                    if self.leader:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self.leader, signal.SIGKILL)  # ends the PID namespace
+                    self.nspawn.kill()
+                    self.nspawn.wait(timeout=STOP_DEADLINE)
+        finally:
+            for ns in (self.machine_ns, self.client_ns):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            if Path(f"/sys/class/net/{self.machine_if}").exists():  # set up half-way
+                subprocess.run(
+                    ["ip", "link", "del", self.machine_if], capture_output=True, check=False
+                )
+            shutil.rmtree(self.root, ignore_errors=True)
