@@ -29,7 +29,7 @@ import pytest
 
 from tests.support.debian import package_dependencies, unavailable
 from tests.support.factories import node_document
-from tests.support.nspawn import CLIENT_ADDRESS, MACHINE_ADDRESS, Machine, root_tarball
+from tests.support.nspawn import CLIENT_ADDRESS, MACHINE_ADDRESS, SHARED, Machine, root_directory
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +83,11 @@ def machine(
     if missing:
         unavailable(f"missing {', '.join(missing)} (see the needed list in .ci/run)")
     deb: Path = request.getfixturevalue("built_deb")
-    tarball = root_tarball([*BASE_PACKAGES, *package_dependencies(deb)])
-    box = Machine(tarball, tmp_path_factory.mktemp("nspawn"))
+    root = root_directory([*BASE_PACKAGES, *package_dependencies(deb)])
+    box = Machine(root, tmp_path_factory.mktemp("nspawn"), shared=deb.parent)
     try:
-        shutil.copy(deb, box.root / "var/tmp/metadatad.deb")
         box.start()
-        box.run("dpkg", "--install", "/var/tmp/metadatad.deb", timeout=300)
+        box.run("dpkg", "--install", f"{SHARED}/{deb.name}", timeout=300)
         yield box
     finally:
         box.stop()

@@ -1,13 +1,14 @@
 """A Debian bookworm machine booted with systemd as PID 1, for tests of the units.
 
-:func:`root_tarball` builds a minimal bookworm root with ``mmdebstrap`` (variant
-``minbase`` plus the packages asked for) and keeps it as a tarball under
-``/var/cache/metadatad-tests`` (``METADATAD_TEST_CACHE`` overrides), named by a hash of
-the suite and package list, so it is built once per machine and again only when the
-list changes.  :class:`Machine` unpacks a fresh copy, makes two network namespaces
-joined by a veth pair (the machine's and a client's, addresses from
-:data:`MACHINE_ADDRESS`/:data:`CLIENT_ADDRESS`), boots the root with
-``systemd-nspawn --boot`` inside the machine's namespace, and runs commands in it with
+:func:`root_directory` builds a minimal bookworm root with ``mmdebstrap`` (variant
+``minbase`` plus the packages asked for) and keeps it as a tarball, and unpacked beside
+it, under ``/var/cache/metadatad-tests`` (``METADATAD_TEST_CACHE`` overrides), named by a
+hash of the suite and package list: built once per machine, again only when the list
+changes.  :class:`Machine` makes two network namespaces joined by a veth pair (the
+machine's and a client's, addresses :data:`MACHINE_ADDRESS`/:data:`CLIENT_ADDRESS`),
+boots the cached root read-only under a throw-away tmpfs overlay
+(``systemd-nspawn --boot --volatile=overlay``) inside the machine's namespace, with a
+directory of the host's at :data:`SHARED`, and runs commands in it with
 ``nsenter`` (the host here has no systemd of its own, so no machined: the container is
 not registered, and ``--keep-unit`` keeps it in this process's control group).
 :meth:`Machine.stop` powers the container off by signalling its own ``systemd-nspawn``
@@ -42,15 +43,18 @@ MACHINE_ADDRESS = "10.99.16.2"
 CLIENT_ADDRESS = "10.99.16.1"
 PREFIX = 24
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+SHARED = "/run/host-files"  # where Machine's ``shared`` directory appears, read-only
 
 
-def root_tarball(packages: Sequence[str]) -> Path:
-    """A cached bookworm root holding ``packages``; built (minutes) when missing."""
+def root_directory(packages: Sequence[str]) -> Path:
+    """A cached bookworm root holding ``packages``, unpacked from its cached tarball;
+    either is made when missing (the tarball by mmdebstrap: a minute or more)."""
     wanted = sorted(set(packages))
     key = hashlib.sha256("\n".join([SUITE, "minbase", *wanted]).encode()).hexdigest()[:16]
-    tarball = CACHE / f"nspawn-{SUITE}-{key}.tar"
-    if tarball.exists():
-        return tarball
+    name = f"nspawn-{SUITE}-{key}"
+    tarball, directory = CACHE / f"{name}.tar", CACHE / name
+    if directory.is_dir():
+        return directory
     CACHE.mkdir(parents=True, exist_ok=True)
     # Two test runs at once: the second waits for the first's build.
     with open(CACHE / f"nspawn-{SUITE}.lock", "w") as lock:
@@ -63,38 +67,43 @@ def root_tarball(packages: Sequence[str]) -> Path:
                 if time.monotonic() > give_up:
                     raise AssertionError(f"{lock.name} held for {LOCK_DEADLINE} s") from None
                 time.sleep(1)
-        if tarball.exists():
-            return tarball
-        partial = (
-            CACHE / f"nspawn-{SUITE}-{key}.partial.tar"
-        )  # mmdebstrap reads the format from .tar
-        partial.unlink(missing_ok=True)
-        run(
-            "mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(wanted)}",
-            SUITE, str(partial),
-            timeout=ROOT_DEADLINE, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        os.replace(partial, tarball)
-        for old in CACHE.glob(f"nspawn-{SUITE}-*.tar"):
-            if old != tarball:
-                old.unlink(missing_ok=True)  # an earlier package list's root
-    return tarball
+        if directory.is_dir():
+            return directory
+        if not tarball.exists():
+            partial = CACHE / f"{name}.partial.tar"  # mmdebstrap takes the format from .tar
+            partial.unlink(missing_ok=True)
+            run(
+                "mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(wanted)}",
+                SUITE, str(partial),
+                timeout=ROOT_DEADLINE, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            os.replace(partial, tarball)
+        unpacking = CACHE / f"{name}.partial"
+        shutil.rmtree(unpacking, ignore_errors=True)
+        unpacking.mkdir()
+        run("tar", "-C", str(unpacking), "--numeric-owner", "-xf", str(tarball), timeout=600)
+        unpacking.rename(directory)
+        for old in CACHE.glob(f"nspawn-{SUITE}-*"):
+            if old not in (tarball, directory):  # an earlier package list's root
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+    return directory
 
 
 class Machine:
     """A booted container: ``run`` executes in it, ``client`` in the client namespace."""
 
-    def __init__(self, tarball: Path, workdir: Path) -> None:
+    def __init__(self, root: Path, workdir: Path, shared: Path) -> None:
         tag = f"{os.getpid() % 100000:05d}"
         self.name = f"mdtest{tag}"
         self.machine_ns, self.client_ns = f"mdtest-{tag}-m", f"mdtest-{tag}-c"
         self.machine_if, self.client_if = f"mdt{tag}m", f"mdt{tag}c"
-        self.root = workdir / "root"
+        self.root, self.shared = root, shared
         self.log = workdir / "nspawn.log"
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.leader = 0
-        self.root.mkdir()
-        run("tar", "-C", str(self.root), "--numeric-owner", "-xf", str(tarball), timeout=300)
 
     def start(self) -> None:
         """Make the namespaces, boot, and wait until systemd says the boot is done."""
@@ -103,6 +112,9 @@ class Machine:
             self.nspawn = subprocess.Popen(
                 [
                     "systemd-nspawn", f"--directory={self.root}", f"--machine={self.name}",
+                    # The cached root stays as it is (shared by concurrent runs): every
+                    # change goes to a tmpfs laid over it, gone at power-off.
+                    "--volatile=overlay", "--read-only", f"--bind-ro={self.shared}:{SHARED}",
                     "--register=no", "--keep-unit", "--settings=no", "--link-journal=no",
                     "--resolv-conf=off", "--timezone=off", "--console=read-only",
                     f"--network-namespace-path=/run/netns/{self.machine_ns}", "--boot",
@@ -179,7 +191,7 @@ class Machine:
 
     def stop(self) -> None:
         """Power off (SIGTERM to systemd-nspawn; SIGKILL to PID 1 after the deadline),
-        then remove the namespaces and the root."""
+        then remove the namespaces."""
         try:
             if self.nspawn is not None and self.nspawn.poll() is None:
                 self.nspawn.send_signal(signal.SIGTERM)
@@ -198,4 +210,3 @@ class Machine:
                 subprocess.run(
                     ["ip", "link", "del", self.machine_if], capture_output=True, check=False
                 )
-            shutil.rmtree(self.root, ignore_errors=True)
