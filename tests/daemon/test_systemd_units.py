@@ -29,7 +29,14 @@ import pytest
 
 from tests.support.debian import package_dependencies, unavailable
 from tests.support.factories import node_document
-from tests.support.nspawn import CLIENT_ADDRESS, MACHINE_ADDRESS, SHARED, Machine, root_directory
+from tests.support.nspawn import (
+    CLIENT_ADDRESS,
+    MACHINE_ADDRESS,
+    PREFIX,
+    SHARED,
+    Machine,
+    root_directory,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +45,7 @@ BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
 TOOLS = ("systemd-nspawn", "mmdebstrap", "nsenter", "ip", "curl", "tftp", "dpkg-deb")
 MAC = "52:54:00:de:b0:16"
 NODE = node_document(0, ports=[{"mac": MAC, "ip": CLIENT_ADDRESS, "pxe": True}])
+STRANGER = "10.99.16.3"  # an address of the client namespace that no node has
 CONF = "/etc/metadatad/metadatad.conf"
 VENDORDATA = "/etc/metadatad/vendordata.json"
 UNIT = "/lib/systemd/system/metadatad.service"
@@ -120,14 +128,15 @@ def poll(condition: Any, what: str, box: Machine, unit: str = "metadatad.service
         if result:
             return result
         if time.monotonic() > give_up:
-            raise AssertionError(f"{what}: not within {DEADLINE} s\n{journal(box, unit)[-6000:]}")
+            log = journal(box, unit)[-6000:]
+            raise AssertionError(f"{what}: not within {DEADLINE} s\n{log}")
         time.sleep(0.2)
 
 
-def metadata(box: Machine, path: str) -> tuple[int, str]:
+def metadata(box: Machine, path: str, source: str = CLIENT_ADDRESS) -> tuple[int, str]:
     """GET ``path`` from the client namespace: (HTTP status, body); status 0 if none."""
     result = box.client(
-        "curl", "--silent", "--noproxy", "*", "--max-time", "20",
+        "curl", "--silent", "--noproxy", "*", "--max-time", "20", "--interface", source,
         "--write-out", "\n%{http_code}", f"http://{MACHINE_ADDRESS}{path}",
     )  # fmt: skip
     body, _, status = result.stdout.rpartition("\n")
@@ -203,6 +212,10 @@ def test_socket_activation_on_udp_then_tcp(machine: Machine, tmp_path: Path) -> 
     status, body = metadata(machine, INSTANCE_ID)
     assert (status, body) == (200, NODE["uuid"])
     assert show(machine, "metadatad.service", "ActiveState")["ActiveState"] == "active"
+    # The caller is known by its source address, as systemd's socket passed it on.
+    added = machine.client("ip", "addr", "add", f"{STRANGER}/{PREFIX}", "dev", machine.client_if)
+    assert added.returncode == 0, added.stderr
+    assert metadata(machine, INSTANCE_ID, source=STRANGER)[0] == 404
     log = journal(machine, "metadatad.service")
     assert "Traceback" not in log, log
 
@@ -230,10 +243,8 @@ def test_service_runs_confined(machine: Machine) -> None:
     assert "read" in allowed and "accept4" in allowed and "recvmsg" in allowed
     for forbidden in ("setpriority", "sched_setaffinity", "setuid", "reboot", "mount"):
         assert forbidden not in allowed, forbidden
-    assert show(machine, "metadatad.service", "SystemCallErrorNumber")["SystemCallErrorNumber"] in (
-        "1",
-        "EPERM",
-    )
+    errno_name = show(machine, "metadatad.service", "SystemCallErrorNumber")
+    assert errno_name["SystemCallErrorNumber"] in ("1", "EPERM")
 
 
 def sandbox_settings(machine: Machine) -> list[str]:

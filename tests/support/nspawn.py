@@ -147,7 +147,10 @@ class Machine:
         return 0
 
     def _booted(self) -> bool:
-        result = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=60)
+        try:
+            result = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=60)
+        except subprocess.TimeoutExpired:
+            return False
         return result.stdout.strip() in ("running", "degraded")
 
     def _poll(self, condition: Any, what: str) -> Any:
