@@ -2,18 +2,18 @@
 
 :func:`root_directory` builds a minimal bookworm root with ``mmdebstrap`` (variant
 ``minbase`` plus the packages asked for) and keeps it as a tarball, and unpacked beside
-it, under ``/var/cache/metadatad-tests`` (``METADATAD_TEST_CACHE`` overrides), named by a
-hash of the suite and package list: built once per machine, again only when the list
-changes.  :class:`Machine` makes two network namespaces joined by a veth pair (the
-machine's and a client's, addresses :data:`MACHINE_ADDRESS`/:data:`CLIENT_ADDRESS`),
-boots the cached root read-only under a throw-away tmpfs overlay
-(``systemd-nspawn --boot --volatile=overlay``) inside the machine's namespace, with a
-directory of the host's at :data:`SHARED`, and runs commands in it with
-``nsenter`` (the host here has no systemd of its own, so no machined: the container is
-not registered, and ``--keep-unit`` keeps it in this process's control group).
-:meth:`Machine.stop` powers the container off by signalling its own ``systemd-nspawn``
-(SIGKILL to its PID 1 if that does not end within the deadline), then deletes the
-namespaces and the copy of the root.
+it, under ``/var/cache/metadatad-tests`` (``METADATAD_TEST_CACHE`` overrides), named by
+a hash of the suite and package list: built once per machine, again only when the list
+changes (the root of another list is removed once unused for a week). :class:`Machine`
+makes two network namespaces joined by a veth pair (the machine's and a client's,
+addresses :data:`MACHINE_ADDRESS`/:data:`CLIENT_ADDRESS`), boots the cached root
+read-only under a throw-away tmpfs overlay (``systemd-nspawn --boot
+--volatile=overlay``) inside the machine's namespace, with a directory of the host's at
+:data:`SHARED`, and runs commands in it with ``nsenter`` (the host here has no systemd
+of its own, so no machined: the container is not registered, and ``--keep-unit`` keeps
+it in this process's control group). :meth:`Machine.stop` powers the container off by
+signalling its own ``systemd-nspawn`` (SIGKILL to its PID 1 if that does not end within
+the deadline), then deletes the namespaces.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ SUITE = "bookworm"
 CACHE = Path(os.environ.get("METADATAD_TEST_CACHE", "/var/cache/metadatad-tests"))
 ROOT_DEADLINE = 1200  # the first build downloads ~100 MB of packages
 LOCK_DEADLINE = 1500.0
+KEEP_UNUSED = 7 * 86400.0  # seconds an unused root of another package list is kept
 BOOT_DEADLINE = 120.0
 STOP_DEADLINE = 30.0
 COMMAND_DEADLINE = 120.0
@@ -54,6 +55,9 @@ def root_directory(packages: Sequence[str]) -> Path:
     name = f"nspawn-{SUITE}-{key}"
     tarball, directory = CACHE / f"{name}.tar", CACHE / name
     if directory.is_dir():
+        for used in (directory, tarball):  # in use: see the clean-up below
+            with contextlib.suppress(OSError):
+                os.utime(used)
         return directory
     CACHE.mkdir(parents=True, exist_ok=True)
     # Two test runs at once: the second waits for the first's build.
@@ -83,12 +87,14 @@ def root_directory(packages: Sequence[str]) -> Path:
         unpacking.mkdir()
         run("tar", "-C", str(unpacking), "--numeric-owner", "-xf", str(tarball), timeout=600)
         unpacking.rename(directory)
+        # Roots of other package lists (other branches) that no run used for a week.
         for old in CACHE.glob(f"nspawn-{SUITE}-*"):
-            if old not in (tarball, directory):  # an earlier package list's root
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
+            if old.name.startswith(name) or time.time() - old.stat().st_mtime < KEEP_UNUSED:
+                continue
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
     return directory
 
 
