@@ -183,6 +183,8 @@ class Machine:
             "env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive",
             *command,
         )  # fmt: skip
+        if "input" not in kwargs:  # CI may run with no standard input at all
+            kwargs["stdin"] = subprocess.DEVNULL
         if check:
             return run(*argv, timeout=timeout, **kwargs)
         return subprocess.run(
@@ -195,6 +197,7 @@ class Machine:
         """``command`` (a program of this machine) in the client namespace."""
         return subprocess.run(
             ("ip", "netns", "exec", self.client_ns, *command),
+            stdin=subprocess.DEVNULL,
             capture_output=True, text=True, timeout=timeout, check=False, **kwargs,
         )  # fmt: skip
 
