@@ -1,4 +1,5 @@
-"""The Debian package, for real: ``make deb`` builds it, apt installs it on this
+"""The Debian package, for real: ``make deb`` builds it (once per run, shared with
+tests/daemon/test_systemd_units.py: tests/support/debian.py), apt installs it on this
 machine, the installed ``twistd metadatad`` runs with the packaged configuration as
 the ``metadatad`` user on sockets passed the way systemd passes them (metadata over
 HTTP, a boot config over TFTP), ``systemd-analyze verify`` accepts the installed
@@ -19,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,40 +28,22 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import free_port, http_request
+from tests.support.debian import BUILD_DEADLINE, run, unavailable
 from tests.support.factories import node_document
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 VENV = Path("/usr/lib/metadatad")
 CONF = Path("/etc/metadatad/metadatad.conf")
 STATE = Path("/var/lib/metadatad")
 MAC = "52:54:00:de:b0:01"
 NODE = node_document(0, ports=[{"mac": MAC, "ip": "127.0.0.1", "pxe": True}])
-BUILD_DEADLINE = 1800
 APT_DEADLINE = 600
 DEADLINE = 60.0
 TOOLS = (
     "dpkg-buildpackage", "dh_virtualenv", "apt-get", "setpriv", "systemd-analyze", "curl",
     "lintian",
 )  # fmt: skip
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
-def run(*command: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )
-    assert result.returncode == 0, (
-        f"{' '.join(command)} exited {result.returncode}\n"
-        f"stdout: {result.stdout[-6000:]}\nstderr: {result.stderr[-6000:]}"
-    )
-    return result
 
 
 def installed() -> bool:
@@ -90,8 +72,8 @@ def as_metadatad(*command: str, **kwargs: Any) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture(scope="module")
-def package() -> Iterator[Path]:
-    """Build the .deb, install it, and purge it (and its user) afterwards."""
+def package(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Install the .deb built for this run, and purge it (and its user) afterwards."""
     if os.geteuid() != 0:
         unavailable("installing a package needs root")
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
@@ -101,10 +83,8 @@ def package() -> Iterator[Path]:
         unavailable("metadatad is installed on this machine already; not touching it")
     had_user = _user_exists()
     had_tftp_root = Path("/srv/tftp").exists()
-    out = Path(tempfile.mkdtemp(prefix="metadatad-deb-"))
+    deb: Path = request.getfixturevalue("built_deb")
     try:
-        run("make", "deb", f"DEB_OUT={out}", cwd=ROOT, timeout=BUILD_DEADLINE)
-        (deb,) = out.glob("metadatad_*.deb")
         apt("install", "--no-install-recommends", str(deb))
         yield deb
     finally:
@@ -116,7 +96,6 @@ def package() -> Iterator[Path]:
         if not had_tftp_root:
             with contextlib.suppress(OSError):
                 Path("/srv/tftp").rmdir()  # made by postinst, still empty
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def _user_exists() -> bool:
