@@ -87,7 +87,7 @@ def make_site(gate: Callable[[Clock], Guard]) -> Any:
     clock = Clock()
     clock.advance(time.time())
     cache = NodeCache(store.node_by_ip, store.get_node, clock, 1e9)
-    return MetadataSite(cache, store, Identifier(), guard=gate(clock)).resource(), clock  # type: ignore[arg-type]
+    return MetadataSite(cache, store, Identifier(), guard=gate(clock)).resource(), clock
 
 
 def default_gate(clock: Clock) -> Guard:

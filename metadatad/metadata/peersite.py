@@ -28,6 +28,7 @@ from metadatad.core import peers as rules
 from metadatad.core.nodes import NodeRecord
 from metadatad.core.peers import OVER_QUOTA, PeerError
 from metadatad.core.services import ProjectView
+from metadatad.interfaces import PeerBoard
 from metadatad.metadata import peers
 from metadatad.metadata.reply import Reply, error, json_reply, store_unavailable, text
 from metadatad.metadata.services import render_service
@@ -58,12 +59,12 @@ class PeerRoutes:
 
     def __init__(
         self,
-        store: Any,
+        store: PeerBoard,
         hub: WatchHub,
         limits: PeerLimits = PeerLimits(),
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        self._store = store  # a PeerStore (or its fake)
+        self._store = store
         self._hub = hub
         self._limits = limits
         self._jitter = jitter

@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from metadatad.core.identity import Caller, Identifier, IdentityError
 from metadatad.core.nodes import NodeRecord
 from metadatad.db.cache import CacheEntry, NodeCache
-from metadatad.db.store import Store
+from metadatad.interfaces import Passwords
 from metadatad.metadata import ec2, openstack
 from metadatad.metadata.guard import Guard, Screened, audit_write
 from metadatad.metadata.peers import SHARED_NAMES
@@ -61,7 +61,7 @@ class MetadataSite:
     def __init__(
         self,
         cache: NodeCache,
-        store: Store,
+        store: Passwords,
         identifier: Identifier,
         *,
         static_vendordata: Mapping[str, Any] | None = None,

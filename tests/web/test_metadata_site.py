@@ -44,7 +44,7 @@ def make_site(
     store.add_change_listener(cache.invalidate)
     proxies = [ipaddress.ip_network(trusted)] if trusted else []
     kwargs.setdefault("random_bytes", lambda n: b"\x01" * n)
-    site = MetadataSite(cache, store, Identifier(proxies, secret), **kwargs)  # type: ignore[arg-type]
+    site = MetadataSite(cache, store, Identifier(proxies, secret), **kwargs)
     return Client(site.resource()), store, site
 
 
@@ -318,7 +318,7 @@ def test_generated_network_data_is_served_as_json() -> None:
 def _held_site() -> tuple[MetadataSite, list[Deferred[Any]]]:
     """A site whose node lookups wait until the test fires them."""
     cache, held = cache_with_pending_queries()
-    return MetadataSite(cache, MemoryStore(), Identifier([], "")), held  # type: ignore[arg-type]
+    return MetadataSite(cache, MemoryStore(), Identifier([], "")), held
 
 
 def _dummy_request(path: bytes) -> DummyRequest:
