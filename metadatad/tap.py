@@ -37,6 +37,7 @@ from metadatad.metadata.vendordata import make_vendordata
 from metadatad.metadata.wiring import make_peer_services
 from metadatad.reload import ReloadService
 from metadatad.telemetry import MeasuredResource, MetricsService, Sources
+from metadatad.tftp.http import BootFilesResource, BootRouter
 from metadatad.tftp.service import make_tftp_service
 
 
@@ -140,14 +141,33 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         peer_routes=peer_routes,
         guard=make_guard(config.metadata, reactor),
     )
+    tftp = None
+    if config.tftp.listen:
+        # Made here, started last (below): the HTTP boot route shares its files.
+        tftp = make_tftp_service(
+            config,
+            store,
+            cache,
+            reactor,
+            owns=membership.owns,
+            record=boot_events.record,
+        )
+    site_resource: Any = MeasuredResource(metadata_site.resource(), "metadata", reactor)
+    if tftp is not None and config.conductor.http_address:
+        # Boot files over HTTP at <http_address>/boot/ (docs/boot.md).
+        boot = BootFilesResource(
+            tftp.server.files,
+            reactor,
+            record=boot_events.record,
+            conductor=config.conductor.hostname,
+        )
+        site_resource = BootRouter(boot, site_resource)
     _listen(
         root,
         "metadata-http",
         reactor,
         config.metadata.listen,
-        _hardened_site(
-            MeasuredResource(metadata_site.resource(), "metadata", reactor), config, reactor
-        ),
+        _hardened_site(site_resource, config, reactor),
     )
     if config.admin.listen:
         admin_site = AdminSite(
@@ -170,15 +190,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             ),
         )
     tftp_server = None
-    if config.tftp.listen:
-        tftp = make_tftp_service(
-            config,
-            store,
-            cache,
-            reactor,
-            owns=membership.owns,
-            record=boot_events.record,
-        )
+    if tftp is not None:
         tftp.setServiceParent(root)
         caches["tftp"] = tftp.mac_cache
         tftp_server = tftp.server

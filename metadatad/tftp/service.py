@@ -63,6 +63,7 @@ def make_tftp_service(
         owns,
         serve_unowned=tftp.serve_unowned,
         conductor=config.conductor.hostname,
+        http_address=config.conductor.http_address,
     )
     server = TFTPServer(
         files,
