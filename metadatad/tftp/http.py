@@ -357,10 +357,19 @@ class _Fetch:
         self.size: int | None = None
         self.outcome = "complete"
         self.error: str | None = None
+        # A client may leave while its node is looked up: nothing to answer then.
+        self.gone = False
+        request.notifyFinish().addErrback(self._left)
+
+    def _left(self, failure: Failure) -> None:
+        self.gone = True
 
     def answer(self, opened: Opened) -> None:
         request = self.request
         source = opened.source
+        if self.gone:
+            _close(opened)
+            return
         self.kind, self.node_uuid, self.size = opened.kind, opened.node_uuid, source.size
         if isinstance(source, FileSource):
             validators = Validators.of_file(os.fstat(source.fileno()))
@@ -411,6 +420,8 @@ class _Fetch:
         else:
             failure.raiseException()
         self.error = message
+        if self.gone:
+            return
         self.request.write(_error(self.request, status, message))
         self.request.finish()
         self.done(0)
