@@ -41,6 +41,7 @@ from metadatad.metadata.vendordata import make_vendordata
 from metadatad.metadata.wiring import make_peer_services, make_seen_recorder
 from metadatad.reload import ReloadService
 from metadatad.telemetry import MeasuredResource, MetricsService, Sources
+from metadatad.tftp.http import BootFilesResource, BootRouter
 from metadatad.tftp.service import make_tftp_service
 
 
@@ -159,14 +160,34 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         observe=request_observer(activity),
         seen=seen.note,
     )
+    tftp = None
+    if config.tftp.listen:
+        # Made here, started last (below): the HTTP boot route shares its files.
+        tftp = make_tftp_service(
+            config,
+            store,
+            cache,
+            reactor,
+            owns=membership.owns,
+            record=fan_out(boot_events.record, activity.tftp),
+            vendordata_errors=vendordata_errors,
+        )
+    site_resource: Any = MeasuredResource(metadata_site.resource(), "metadata", reactor)
+    if tftp is not None and config.conductor.http_address:
+        # Boot files over HTTP at <http_address>/boot/ (docs/boot.md).
+        boot = BootFilesResource(
+            tftp.server.files,
+            reactor,
+            record=fan_out(boot_events.record, activity.tftp),
+            conductor=config.conductor.hostname,
+        )
+        site_resource = BootRouter(boot, site_resource)
     _listen(
         root,
         "metadata-http",
         reactor,
         config.metadata.listen,
-        _hardened_site(
-            MeasuredResource(metadata_site.resource(), "metadata", reactor), config, reactor
-        ),
+        _hardened_site(site_resource, config, reactor),
     )
     if config.admin.listen:
         admin_site = AdminSite(
@@ -211,16 +232,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             ADMIN_BACKLOG,
         )
     tftp_server = None
-    if config.tftp.listen:
-        tftp = make_tftp_service(
-            config,
-            store,
-            cache,
-            reactor,
-            owns=membership.owns,
-            record=fan_out(boot_events.record, activity.tftp),
-            vendordata_errors=vendordata_errors,
-        )
+    if tftp is not None:
         tftp.setServiceParent(root)
         caches["tftp"] = tftp.mac_cache
         tftp_server = tftp.server
@@ -309,7 +321,7 @@ def _listen(  # noqa: PLR0917
     try:
         endpoint = serverFromString(reactor, with_backlog(description, backlog))
     except Exception as e:  # systemd: endpoints meet their descriptors only here
-        raise SystemExit(f"metadatad: {name}: cannot use endpoint {description!r}: {e}") from None
+        raise SetupError(f"{name}: cannot use endpoint {description!r}: {e}") from None
     service = _ListeningService(endpoint, site)
     service.description = description
     service.setName(name)

@@ -91,6 +91,10 @@ class BootMapping:
     node_uuid: str
     macs: tuple[str, ...]
     neutron_ports: tuple[str, ...] = ()
+    # The registered address of each MAC's port ("" when it has none), in ``macs``
+    # order: what DHCP must lease, since the metadata site knows callers by it.
+    addresses: tuple[str, ...] = ()
+    hostname: str = ""
     tftp_server: str = ""
     boot_file: str = ""
     ipxe_script_url: str = ""
@@ -128,6 +132,8 @@ class BootMapping:
             "node_uuid": self.node_uuid,
             "macs": list(self.macs),
             "neutron_ports": list(self.neutron_ports),
+            "addresses": list(self.addresses),
+            "hostname": self.hostname,
             "tftp_server": self.tftp_server,
             "boot_file": self.boot_file,
             "ipxe_script_url": self.ipxe_script_url,
@@ -143,12 +149,21 @@ class BootMapping:
             node_uuid=str(document["node_uuid"]),
             macs=tuple(document["macs"]),
             neutron_ports=tuple(document.get("neutron_ports", ())),
+            addresses=tuple(str(a) for a in document.get("addresses", ())),
+            hostname=str(document.get("hostname", "")),
             tftp_server=str(document.get("tftp_server", "")),
             boot_file=str(document.get("boot_file", "")),
             ipxe_script_url=str(document.get("ipxe_script_url", "")),
             ip_versions=tuple(int(v) for v in document.get("ip_versions", (4,))),
             removed=bool(document.get("removed", False)),
         )
+
+    def address_of(self, mac: str) -> str:
+        """The registered address of ``mac``'s port, or "" (none, or unknown MAC)."""
+        for known, address in zip(self.macs, self.addresses, strict=False):
+            if known == mac:
+                return address
+        return ""
 
     def to_json(self) -> str:
         """Canonical text: equal mappings give equal text."""
@@ -184,6 +199,8 @@ def boot_mapping(
         node_uuid=node.uuid,
         macs=tuple(p.mac for p in pxe_ports),
         neutron_ports=tuple(p.neutron_port_id for p in pxe_ports if p.neutron_port_id),
+        addresses=tuple(p.ip or "" for p in pxe_ports),
+        hostname=node.hostname,
         tftp_server=tftp_address,
         boot_file=check_length("boot file", boot_file),
         ipxe_script_url=check_length("iPXE script URL", url),

@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.db.test_bootevents -*-
-"""Boot events: one row per TFTP request that reached a decision, and who saw it.
+"""Boot events: one row per TFTP request (or HTTP fetch of a boot file) that reached a
+decision, and who saw it.
 
 :class:`BootEventRepository` holds the synchronous queries; :class:`BootEventStore`
 is the service the TFTP server hands events to.  It buffers them and writes a batch
@@ -39,7 +40,7 @@ def utc_moment(seconds: float) -> datetime:
 
 @attrs.frozen
 class BootEvent:
-    """What happened to one TFTP request."""
+    """What happened to one TFTP request or HTTP boot-file fetch."""
 
     node_uuid: str | None
     conductor: str
@@ -56,6 +57,7 @@ class BootEvent:
     blksize: int | None = None
     windowsize: int | None = None
     retransmits: int = 0
+    protocol: str = "tftp"  # or "http"
 
     def to_document(self) -> dict[str, Any]:
         """The JSON form the admin API shows."""

@@ -83,6 +83,8 @@ boot_events = Table(
     Column("windowsize", Integer, nullable=True),
     Column("retransmits", Integer, nullable=False),
     Column("started_at", DateTime, nullable=False),
+    # migration 0011: HTTP fetches of boot files are boot events too
+    Column("protocol", String(8), nullable=False, server_default="tftp"),
     Index("ix_boot_events_node_uuid_started_at", "node_uuid", "started_at"),
     Index("ix_boot_events_started_at", "started_at"),
 )

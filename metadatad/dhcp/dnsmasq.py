@@ -10,9 +10,11 @@ before its nodes count as pushed: dnsmasq never reads a partial file, and is nev
 signalled (dnsmasq 2.86-2.90 crash on SIGHUP
 once a host entry with ``set:`` tags has leased: see docs/dhcp.md).
 
-* ``HOSTSDIR/metadatad-<mac>.conf``: ``<mac>,set:node-<uuid>`` — tags the MAC with its
-  node; a deleted node's MAC becomes ``<mac>,ignore`` (dnsmasq keeps a removed file's
-  entries until restarted, so files are rewritten, never deleted).
+* ``HOSTSDIR/metadatad-<mac>.conf``: ``<mac>,set:node-<uuid>[,<ip>,<host name>]`` —
+  tags the MAC with its node and pins its port's registered address (the metadata
+  site knows callers by it); a deleted node's MAC becomes ``<mac>,ignore`` (dnsmasq
+  keeps a removed file's entries until restarted, so files are rewritten, never
+  deleted).
 * ``OPTSDIR/metadatad-<uuid>.conf``: the node's options, each line
   ``tag:node-<uuid>,<option>,<value>``; empty for a deleted node.
 
@@ -43,7 +45,7 @@ from metadatad.core.bootmapping import BootMapping
 from metadatad.dhcp.files import SpareFiles
 from metadatad.dhcp.provider import PushError
 
-__all__ = ["DnsmasqProvider", "host_file", "opts_file"]
+__all__ = ["DnsmasqProvider", "host_entry", "host_file", "opts_file"]
 
 
 def _find_syncfs() -> Any:
@@ -76,10 +78,25 @@ def _header(owner: str, generation: int, node_uuid: str) -> str:
     return f"# metadatad owner={owner} generation={generation} node={node_uuid}\n"
 
 
+def host_entry(mapping: BootMapping, mac: str) -> str:
+    """The ``dhcp-host`` line of ``mac``: its tag, then the port's registered address
+    (IPv6 in brackets) and the node's host name, so the machine leases the address the
+    metadata site knows it by; ``<mac>,ignore`` for a withdrawn MAC."""
+    if mapping.removed:
+        return f"{mac},ignore"
+    fields = [mac, f"set:{_tag(mapping.node_uuid)}"]
+    address = mapping.address_of(mac)
+    if address:
+        fields.append(f"[{address}]" if ":" in address else address)
+        if mapping.hostname:
+            # The first label: dnsmasq adds its own domain (and warns about others).
+            fields.append(mapping.hostname.split(".", 1)[0])
+    return ",".join(fields)
+
+
 def host_file(mapping: BootMapping, mac: str, owner: str, generation: int) -> str:
     """The text of the host file of ``mac``."""
-    entry = f"{mac},ignore" if mapping.removed else f"{mac},set:{_tag(mapping.node_uuid)}"
-    return _header(owner, generation, mapping.node_uuid) + entry + "\n"
+    return _header(owner, generation, mapping.node_uuid) + host_entry(mapping, mac) + "\n"
 
 
 def opts_file(mapping: BootMapping, owner: str, generation: int) -> str:

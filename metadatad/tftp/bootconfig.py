@@ -89,6 +89,9 @@ VARIABLES: Final = {
     "client_ip": "address the request came from",
     "server": "address of this conductor the client contacted (for tftp:// URLs)",
     "conductor": "this conductor's host name",
+    "http_address": "this conductor's [conductor] http_address, or empty",
+    "boot_url": "base URL of this conductor's boot files: <http_address>/boot when it "
+    "has an http_address, else tftp://<server>",
 }
 
 _HEX = "[0-9a-fA-F]"
@@ -236,7 +239,13 @@ def _compile(path: Path, text: str) -> string.Template | TemplateError:
 
 
 def variables(
-    record: NodeRecord, mac: str | None, client_ip: str, server: str, conductor: str
+    record: NodeRecord,
+    mac: str | None,
+    client_ip: str,
+    server: str,
+    conductor: str,
+    *,
+    http_address: str = "",
 ) -> dict[str, str]:
     """The template variables for ``record`` booting from port ``mac`` (None: its first
     PXE port, else its first port)."""
@@ -267,7 +276,17 @@ def variables(
         "client_ip": client_ip,
         "server": server,
         "conductor": conductor,
+        "http_address": http_address,
+        "boot_url": boot_url(http_address, server),
     }
+
+
+def boot_url(http_address: str, server: str) -> str:
+    """Where a rendered config fetches kernels and initrds: this conductor's HTTP boot
+    route when it has an ``http_address``, else its TFTP server."""
+    if http_address:
+        return f"{http_address.rstrip('/')}/boot"
+    return f"tftp://[{server}]" if ":" in server else f"tftp://{server}"
 
 
 # --------------------------------------------------------------------------- lookups
@@ -364,6 +383,7 @@ class BootFiles:
         conductor: str = "",
         held: Callable[[NodeRecord], Deferred[list[str]]] | None = None,
         hold_retry: float = 30.0,
+        http_address: str = "",
     ) -> None:
         self.root = Path(root)
         self.templates = templates
@@ -375,6 +395,7 @@ class BootFiles:
         # revision (empty: not held).
         self._held = held
         self._hold_retry = hold_retry
+        self._http_address = http_address
 
     def open(self, filename: str, client_ip: str, server: str) -> Opened | Deferred[Opened]:
         """The source for ``filename`` asked by ``client_ip`` of ``server``.
@@ -456,7 +477,9 @@ class BootFiles:
             raise TFTPError(ErrorCode.NOT_DEFINED, "boot config template error") from None
         if template is None:
             return self._static(name, node.uuid)
-        values = variables(record, mac, client_ip, server, self._conductor)
+        values = variables(
+            record, mac, client_ip, server, self._conductor, http_address=self._http_address
+        )
         data = template.substitute(values).encode("utf-8")
         return Opened(BytesSource(data), kind, node.uuid)
 

@@ -69,6 +69,7 @@ def make_tftp_service(
         conductor=config.conductor.hostname,
         held=_held(config, vendordata_errors),
         hold_retry=config.vendordata.hold_retry,
+        http_address=config.conductor.http_address,
     )
     server = TFTPServer(
         files,

@@ -80,6 +80,10 @@ class FileSource:
             os.close(fd)
             raise
 
+    def fileno(self) -> int:
+        """The open file (HTTP reads it with its own ``pread`` and ``fstat``)."""
+        return self._fd
+
     def read(self, offset: int, length: int) -> memoryview:
         start = offset - self._start
         if start < 0 or offset + length > self._end:

@@ -182,7 +182,12 @@ def test_dhcp_offer_follows_the_owner_through_a_kill(
     -9, B takes over and pushes, the next offer carries B's address; dnsmasq was never
     restarted nor signalled."""
     url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
-    nodes = [node_document(i) for i in range(8)]
+    # Registered addresses in the range's subnet but outside its dynamic pool: dnsmasq
+    # leases a pinned address of any subnet a dhcp-range covers (docs/dhcp.md).
+    nodes = [
+        node_document(i, ports=[{"mac": f"52:54:00:12:00:{i:02x}", "ip": f"10.99.0.{200 + i}"}])
+        for i in range(8)
+    ]
     dhcp = {
         "provider": "dnsmasq",
         "dnsmasq_hostsdir": str(network.hostsdir),
@@ -215,6 +220,7 @@ def test_dhcp_offer_follows_the_owner_through_a_kill(
 
     offer = network.request(mac)
     assert (offer["siaddr"], offer["tftp"], offer["opt150"]) == (A_ADDRESS, A_ADDRESS, "0a630002")
+    assert offer["ip"] == node["ports"][0]["ip"]  # the registered address, not the pool's
     assert offer["bootfile"] == "snponly.efi"
     offer = network.request(mac, ipxe=True)
     assert offer["bootfile"] == f"tftp://{A_ADDRESS}/{node['uuid']}.ipxe"
@@ -256,7 +262,7 @@ def test_written_files_are_what_dnsmasq_reads(tmp_path: Path) -> None:
     host = (hosts / "metadatad-52-54-00-12-00-01.conf").read_text()
     assert host.splitlines() == [
         f"# metadatad owner=a generation=3 node={node.uuid}",
-        f"52:54:00:12:00:01,set:node-{node.uuid}",
+        f"52:54:00:12:00:01,set:node-{node.uuid},10.0.0.3,web-1",
     ]
     lines = (opts / f"metadatad-{node.uuid}.conf").read_text().splitlines()
     assert lines[1:] == [

@@ -87,6 +87,7 @@ def test_script_gets_the_mapping_on_stdin(tmp_path: Path) -> Any:
     got = json.loads(out.read_text())
     assert (got.pop("owner"), got.pop("generation")) == ("c1", 4)
     assert got == mapping.to_document()
+    assert (got["addresses"], got["hostname"]) == (["10.0.0.2"], "web-0.example.org")
 
 
 @pytest_twisted.inlineCallbacks
