@@ -22,13 +22,8 @@ from metadatad.cluster.commands import add_commands as add_cluster_commands
 from metadatad.cluster.commands import run_command as run_cluster_command
 from metadatad.config import Config, load_config
 from metadatad.core.jsoninput import JSONInputError, parse_json
-from metadatad.core.nodes import (
-    ConflictError,
-    NodeValidationError,
-    parse_node,
-    parse_nodes,
-    strip_read_only,
-)
+from metadatad.core.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
+from metadatad.core.records import ConflictError
 from metadatad.db.cluster import ClusterRepository
 from metadatad.db.migrate import check_schema, upgrade
 from metadatad.db.peers import PeerRepository

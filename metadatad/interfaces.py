@@ -15,8 +15,9 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 
 from metadatad.core.conductors import Claim, ConductorInfo, ConductorRecord, RingState
-from metadatad.core.nodes import Node, NodeRecord
+from metadatad.core.nodes import Node
 from metadatad.core.peers import SharedView
+from metadatad.core.records import NodeRecord
 from metadatad.core.services import ProjectView
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.peers import PostResult

@@ -23,14 +23,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from metadatad.core.jsoninput import JSONInputError, parse_json
-from metadatad.core.nodes import (
-    ConflictError,
-    NodeRecord,
-    NodeValidationError,
-    parse_node,
-    parse_nodes,
-    strip_read_only,
-)
+from metadatad.core.nodes import NodeValidationError, parse_node, parse_nodes, strip_read_only
+from metadatad.core.records import ConflictError, NodeRecord
 from metadatad.db.vendordata import with_vendordata_errors
 from metadatad.interfaces import (
     BootEvents,

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import attrs
 
+from metadatad.core.records import utc_text
+
 
 def _isoformat(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+    return None if moment is None else utc_text(moment)
 
 
 @attrs.frozen

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 
 NEGATIVE_TTL = 1.0
 

@@ -23,14 +23,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
-from metadatad.core.nodes import (
-    ConflictError,
-    Node,
-    NodeRecord,
-    parse_node,
-    port_fields,
-    port_taken,
-)
+from metadatad.core.nodes import Node, parse_node
+from metadatad.core.records import ConflictError, NodeRecord, port_fields, port_taken
 from metadatad.db.peers import bump_projects
 from metadatad.db.schema import nodes, ports, service_members
 from metadatad.db.services import assign_cardinals

@@ -25,8 +25,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from metadatad.core import peers as rules
-from metadatad.core.nodes import NodeRecord
 from metadatad.core.peers import OVER_QUOTA, PeerError
+from metadatad.core.records import NodeRecord
 from metadatad.core.services import ProjectView
 from metadatad.interfaces import PeerBoard
 from metadatad.metadata import peers

@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from metadatad.core.identity import Caller, Identifier, IdentityError
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.cache import CacheEntry, NodeCache
 from metadatad.interfaces import Passwords
 from metadatad.metadata import ec2, openstack

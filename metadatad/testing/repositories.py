@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 
 import attrs
 
-from metadatad.core.nodes import Node, NodeRecord, port_fields, port_taken
+from metadatad.core.nodes import Node
 from metadatad.core.peers import SharedView, check_quota, new_entries
+from metadatad.core.records import NodeRecord, port_fields, port_taken
 from metadatad.core.services import Member, ProjectView, choose_cardinals, plan_membership
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.peers import PostResult

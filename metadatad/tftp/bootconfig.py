@@ -48,7 +48,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.tftp import paths
 from metadatad.tftp.hold import HOLD_KINDS, hold_stanza
 from metadatad.tftp.protocol import BytesSource, ErrorCode, FileSource, Source, TFTPError

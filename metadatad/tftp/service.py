@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from metadatad.config import Config
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.cache import NodeCache
 from metadatad.errors import SetupError

@@ -447,14 +447,16 @@ def test_twistd_refuses_unmigrated_database(tmp_path: Path) -> None:
 
 
 def test_systemd_endpoint_without_activation_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A systemd: listen address outside socket activation is one line, not a traceback."""
+    """A systemd: listen address outside socket activation is a SetupError (one line
+    from makeService), not a traceback."""
     from twisted.web.resource import Resource
 
+    from metadatad.errors import SetupError
     from metadatad.tap import _listen, make_site
 
     monkeypatch.delenv("LISTEN_FDS", raising=False)
     monkeypatch.delenv("LISTEN_PID", raising=False)
-    with pytest.raises(SystemExit) as excinfo:
+    with pytest.raises(SetupError) as excinfo:
         _listen(
             MultiService(),
             "metadata-http",
@@ -462,8 +464,8 @@ def test_systemd_endpoint_without_activation_is_one_line(monkeypatch: pytest.Mon
             "systemd:domain=INET:index=0",
             make_site(Resource(), False),
         )
-    assert "metadata-http" in str(excinfo.value.code)
-    assert len(str(excinfo.value.code).splitlines()) == 1
+    assert "metadata-http" in str(excinfo.value)
+    assert len(str(excinfo.value).splitlines()) == 1
 
 
 def test_tftp_service_is_named_and_last(

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from metadatad.core.nodes import ConflictError
+from metadatad.core.records import ConflictError
 from metadatad.db import schema
 from metadatad.db.migrate import SchemaError, check_schema, current_revision, head_revision
 from metadatad.db.store import NodeRepository, ReactorThreadError, Store, make_engine

@@ -12,7 +12,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 
 from metadatad.config import Config, VendordataConfig
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.vendordata import VendordataError, VendordataErrorStore
 from metadatad.testing import MemoryNodeRepository, MemoryVendordataErrorRepository
 from metadatad.tftp.bootconfig import BootFiles, NotOwned, Templates

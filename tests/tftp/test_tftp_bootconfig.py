@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.cache import CacheEntry
 from metadatad.tftp.bootconfig import (
     VARIABLES,

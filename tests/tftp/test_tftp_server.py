@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.bootevents import BootEvent
 from metadatad.db.cache import CacheEntry
 from metadatad.tftp.bootconfig import BootFiles, Templates

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from metadatad.core.identity import Identifier, sign_instance_id
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.cache import NodeCache
 from metadatad.metadata.site import MetadataSite
 from metadatad.testing import MemoryStore

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 
 from metadatad.admin.site import AdminSite
 from metadatad.core.identity import Identifier
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.cache import NodeCache
 from metadatad.db.vendordata import VendordataErrorStore
 from metadatad.metadata.site import MetadataSite

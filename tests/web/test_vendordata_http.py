@@ -24,7 +24,7 @@ from metadatad.admin.site import AdminSite
 from metadatad.clients.keystone import KeystoneTokenClient
 from metadatad.config import KeystoneConfig
 from metadatad.core.identity import Identifier
-from metadatad.core.nodes import NodeRecord
+from metadatad.core.records import NodeRecord
 from metadatad.db.cache import NodeCache
 from metadatad.db.store import NodeRepository, Store, make_engine
 from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorStore
