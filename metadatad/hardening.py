@@ -312,11 +312,13 @@ class HardenedSite(Site):
         name: str = "",
         access_log: bool = False,
         exempt: Sequence[IPNetwork] = (),
+        forms: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("timeout", limits.idle_timeout)
-        # Form parsing of POST bodies is off: no route of ours reads forms.
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        # POST bodies are parsed as forms only where a route reads them (``forms``: the
+        # admin site's console); the metadata site never does.
+        super().__init__(resource, parsePOSTFormSubmission=forms, **kwargs)
         self.limits = limits
         self.name = name
         self.access_log = access_log

@@ -227,6 +227,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
                 _limits(config.admin),
                 "admin",
                 config.metadata.access_log,
+                forms=True,  # the console's login and action forms
                 reactor=reactor,
             ),
             ADMIN_BACKLOG,
