@@ -19,6 +19,7 @@ from metadatad.admin.site import AdminSite
 from metadatad.clients.keystone import make_keystone_client
 from metadatad.cluster.membership import MembershipService
 from metadatad.config import Config, ConfigError, load_config, read_admin_token
+from metadatad.core.backlog import METADATA_BACKLOG, with_default_backlog
 from metadatad.core.conductors import ConductorInfo
 from metadatad.core.identity import Identifier
 from metadatad.db.bootevents import BootEventRepository, BootEventStore
@@ -144,7 +145,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         root,
         "metadata-http",
         reactor,
-        config.metadata.listen,
+        with_default_backlog(config.metadata.listen, METADATA_BACKLOG),
         _hardened_site(
             MeasuredResource(metadata_site.resource(), "metadata", reactor), config, reactor
         ),

@@ -21,6 +21,7 @@ from twisted.web.server import Site
 
 import metadatad.tap
 from metadatad.config import Config
+from metadatad.core.backlog import METADATA_BACKLOG
 from metadatad.db.store import ReactorThreadError, Store
 from metadatad.hardening import HardenedSite
 from metadatad.tap import Options, QuietSite, makeService
@@ -244,6 +245,29 @@ def test_start_listens_on_configured_addresses_and_stops(
         "store",
     ]
     assert not root.running
+
+
+@pytest.mark.parametrize(
+    ("listen", "backlog"),
+    [("tcp:18775:interface=127.0.0.1", METADATA_BACKLOG), ("tcp:18775:backlog=333", 333)],
+)
+def test_metadata_listen_backlog(
+    tmp_path: Path, migrated_url: str, services: list[MultiService], listen: str, backlog: int
+) -> None:
+    """The metadata site listens with the endpoint string's backlog=, or a default well
+    above Twisted's 50 when the string gives none."""
+    reactor = MemoryReactorClock()
+    conf = write_conf(tmp_path, migrated_url, metadata=f"listen = {listen}\n")
+    conf.write_text(
+        conf.read_text().replace("listen = tcp:18775:interface=127.0.0.1\n", "", 1)
+    )
+    root = build(conf, services, reactor)
+    root.startService()
+    try:
+        backlogs = {port: b for port, _f, b, _i in reactor.tcpServers}
+        assert backlogs[18775] == backlog
+    finally:
+        root.stopService()
 
 
 @pytest.mark.parametrize(("access_log", "site_class"), [("false", QuietSite), ("true", Site)])

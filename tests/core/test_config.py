@@ -775,6 +775,22 @@ def test_out_of_range_port_is_refused(tmp_path: Path, listen: str) -> None:
     assert "[metadata] listen:" in message
 
 
+@pytest.mark.parametrize(
+    "listen",
+    ["tcp:8775:backlog=0", "tcp:8775:backlog=-5", "tcp:8775:backlog=lots", "tcp:1:backlog=70000"],
+)
+def test_bad_backlog_is_refused(tmp_path: Path, listen: str) -> None:
+    """backlog= outside 1..65535 (or not a number) is a bad endpoint string."""
+    message = one_line_error(write(tmp_path, f"[metadata]\nlisten = {listen}\n"))
+    assert "[metadata] listen:" in message
+
+
+def test_backlog_is_accepted(tmp_path: Path) -> None:
+    """backlog= in range is Twisted's own keyword, passed through unchanged."""
+    config = load_config(write(tmp_path, "[metadata]\nlisten = tcp:8775:backlog=1024\n"))
+    assert config.metadata.listen == "tcp:8775:backlog=1024"
+
+
 def test_ssl_endpoint_with_missing_certificate_is_a_config_error(tmp_path: Path) -> None:
     """ssl:...:privateKey=<missing file> is a one-line error naming [metadata] listen."""
     missing = tmp_path / "missing.pem"
