@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
@@ -195,7 +196,17 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             *([vendordata.forget] if vendordata is not None else []),
         ],
     ).setServiceParent(root)
+    # Once every service has started (twistd starts them before the reactor runs).
+    reactor.callWhenRunning(freeze_heap)
     return root
+
+
+def freeze_heap() -> None:
+    """Move everything start-up allocated (modules, config, caches' structures) out of
+    the collector's sight: full collections then scan only what requests allocate, and a
+    forked worker does not touch (and so copy) the parent's pages by collecting them."""
+    gc.collect()
+    gc.freeze()
 
 
 def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:

@@ -247,6 +247,16 @@ def test_start_listens_on_configured_addresses_and_stops(
     assert not root.running
 
 
+def test_heap_is_frozen_once_the_reactor_runs(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """gc.freeze() runs after start-up (the reactor's when-running hook), not before."""
+    reactor = MemoryReactorClock()
+    build(write_conf(tmp_path, migrated_url), services, reactor)
+    hooks = [f for f, _args, _kw in reactor.whenRunningHooks]
+    assert metadatad.tap.freeze_heap in hooks
+
+
 @pytest.mark.parametrize(
     ("listen", "backlog"),
     [("tcp:18775:interface=127.0.0.1", METADATA_BACKLOG), ("tcp:18775:backlog=333", 333)],
