@@ -146,3 +146,11 @@ class PeerBoard(Protocol):
     def project_nodes(self, project: str) -> Deferred[tuple[int, list[Node]]]: ...
 
     def indexes(self, projects: Iterable[str]) -> Deferred[dict[str, int]]: ...
+
+
+class WorkerStatus(Protocol):
+    """The metadata site's worker processes, as ``/healthz`` reports them."""
+
+    def status(self) -> dict[str, Any]:
+        """``configured``, ``running``, ``pids`` and ``restarts``."""
+        ...

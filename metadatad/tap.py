@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import gc
+import secrets
 import threading
 from typing import Any
 
+import attrs
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.internet import StreamServerEndpointService
@@ -14,6 +16,7 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from metadatad.admin.site import AdminSite
@@ -40,6 +43,7 @@ from metadatad.metadata.wiring import make_peer_services
 from metadatad.reload import ReloadService
 from metadatad.telemetry import MeasuredResource, MetricsService, Sources
 from metadatad.tftp.service import make_tftp_service
+from metadatad.workerpool import WorkerPool
 
 
 class Options(usage.Options):
@@ -122,44 +126,25 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         BootEventRepository(engine), reactor, retention_days=config.tftp.event_retention
     )
     boot_events.setServiceParent(root)
-    vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
-    vendordata_errors.setServiceParent(root)
-    vendordata = make_vendordata(config, reactor, vendordata_errors, keystone)
-    if vendordata is not None:
-        vendordata.setServiceParent(root)
-
-    cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
-    store.add_change_listener(cache.invalidate)
-    peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
-    caches = {"metadata": cache}
-    metadata_site = MetadataSite(
-        cache,
-        store,
-        Identifier(config.metadata.trusted_proxies, config.metadata.proxy_shared_secret),
-        static_vendordata=config.vendordata.static,
-        region=config.metadata.region,
-        vendordata=vendordata,
-        peer_routes=peer_routes,
-        guard=make_guard(config.metadata, reactor),
-    )
-    _listen(
-        root,
-        "metadata-http",
-        reactor,
-        with_default_backlog(config.metadata.listen, METADATA_BACKLOG),
-        _hardened_site(
-            MeasuredResource(metadata_site.resource(), "metadata", reactor), config, reactor
-        ),
-    )
+    parts = build_metadata(root, config, engine, store, reactor, keystone=keystone)
+    cache, vendordata, peer_store = parts.cache, parts.vendordata, parts.peer_store
+    caches: dict[str, Any] = {"metadata": cache}
+    listen = with_default_backlog(config.metadata.listen, METADATA_BACKLOG)
+    workers = None
+    if config.metadata.workers == 1:
+        _listen(root, "metadata-http", reactor, listen, parts.site)
+    else:
+        workers = _worker_pool(root, config, reactor, listen, store=store, caches=caches)
     if config.admin.listen:
         admin_site = AdminSite(
             store,
             admin_token,
             boot_events=boot_events,
             cluster=membership,
-            vendordata_errors=vendordata_errors,
+            vendordata_errors=parts.vendordata_errors,
             peers=peer_store,
             dhcp=dhcp,
+            workers=workers,
         )
         _listen(
             root,
@@ -190,10 +175,11 @@ def _compose(config: Config, reactor: Any) -> MultiService:
     ReloadService(
         config,
         reactor,
-        set_vendordata=metadata_site.set_static_vendordata,
+        set_vendordata=parts.metadata_site.set_static_vendordata,
         invalidate=[
             *(cache.invalidate for cache in caches.values()),
             *([vendordata.forget] if vendordata is not None else []),
+            *([workers.reload] if workers is not None else []),
         ],
     ).setServiceParent(root)
     # Once every service has started (twistd starts them before the reactor runs).
@@ -207,6 +193,92 @@ def freeze_heap() -> None:
     forked worker does not touch (and so copy) the parent's pages by collecting them."""
     gc.collect()
     gc.freeze()
+
+
+@attrs.frozen
+class MetadataParts:
+    """The metadata site and what it is built on (see :func:`build_metadata`)."""
+
+    site: Site
+    metadata_site: MetadataSite
+    cache: NodeCache
+    vendordata: Any
+    peer_store: Any
+    vendordata_errors: VendordataErrorStore
+
+
+def build_metadata(
+    root: MultiService,
+    config: Config,
+    engine: Engine,
+    store: Store,
+    reactor: Any,
+    *,
+    keystone: Any,
+) -> MetadataParts:
+    """The metadata site's Site and its collaborators; the services among them
+    (vendordata errors, dynamic vendordata, peer watches) become children of ``root``.
+    The daemon's single process and each metadata worker build it the same way."""
+    vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
+    vendordata_errors.setServiceParent(root)
+    vendordata = make_vendordata(config, reactor, vendordata_errors, keystone)
+    if vendordata is not None:
+        vendordata.setServiceParent(root)
+    cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
+    store.add_change_listener(cache.invalidate)
+    peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
+    metadata_site = MetadataSite(
+        cache,
+        store,
+        Identifier(config.metadata.trusted_proxies, config.metadata.proxy_shared_secret),
+        static_vendordata=config.vendordata.static,
+        region=config.metadata.region,
+        vendordata=vendordata,
+        peer_routes=peer_routes,
+        guard=make_guard(config.metadata, reactor),
+    )
+    site = _hardened_site(
+        MeasuredResource(metadata_site.resource(), "metadata", reactor), config, reactor
+    )
+    return MetadataParts(site, metadata_site, cache, vendordata, peer_store, vendordata_errors)
+
+
+def _worker_pool(
+    root: MultiService,
+    config: Config,
+    reactor: Any,
+    listen: str,
+    *,
+    store: Store,
+    caches: dict[str, Any],
+) -> WorkerPool:
+    """``[metadata] workers`` > 1: this process binds (or adopts) the metadata socket
+    without accepting on it, and the ``metadata-workers`` service serves it."""
+    kind = listen.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "systemd"):
+        raise SetupError(
+            f"{config.path}: [metadata] workers = {config.metadata.workers} needs a tcp, "
+            f"tcp6 or systemd listen address, not {kind}:"
+        )
+    unused = Site(Resource())  # never accepts a connection
+    held = _listen(root, "metadata-http", reactor, listen, unused, kind=_HeldSocketService)
+
+    def changed_in_a_worker() -> None:
+        for cache in caches.values():
+            cache.invalidate()
+
+    pool = WorkerPool(
+        reactor,
+        config.metadata.workers,
+        config.path,
+        held.fileno,
+        # One secret for every worker: a token from one is good on all of them.
+        config.metadata.token_secret or secrets.token_urlsafe(32),
+        on_changed=[changed_in_a_worker],
+    )
+    pool.setServiceParent(root)
+    store.add_change_listener(pool.invalidate)
+    return pool
 
 
 def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
@@ -263,12 +335,39 @@ class _ListeningService(StreamServerEndpointService):
             ) from None
 
 
-def _listen(root: MultiService, name: str, reactor: Any, description: str, site: Site) -> None:
+class _HeldSocketService(_ListeningService):
+    """Binds (or adopts) the socket and never accepts on it: the workers do."""
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._hold)
+
+    def _hold(self, port: Any) -> Any:
+        port.stopReading()
+        self.port = port
+        return port
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor, for the workers to adopt."""
+        return int(self.port.fileno())
+
+
+def _listen(
+    root: MultiService,
+    name: str,
+    reactor: Any,
+    description: str,
+    site: Site,
+    *,
+    kind: type[_ListeningService] = _ListeningService,
+) -> Any:
     try:
         endpoint = serverFromString(reactor, description)
     except Exception as e:  # systemd: endpoints meet their descriptors only here
         raise SystemExit(f"metadatad: {name}: cannot use endpoint {description!r}: {e}") from None
-    service = _ListeningService(endpoint, site)
+    service = kind(endpoint, site)
     service.description = description
     service.setName(name)
     service.setServiceParent(root)
+    return service

@@ -87,6 +87,7 @@ class MetadataConfig:
     client_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections_per_source: int = 64
+    workers: int = 1
 
 
 @attrs.frozen
@@ -229,6 +230,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "client_timeout": _number(0.1, 3600),
             "idle_timeout": _number(1, 86400),
             "max_connections_per_source": _integer(1, 100_000),
+            "workers": _integer(1, 64),
         },
     ),
     "admin": (AdminConfig, {"listen": _optional_endpoint, "token_file": _string}),

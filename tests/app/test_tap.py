@@ -247,6 +247,34 @@ def test_start_listens_on_configured_addresses_and_stops(
     assert not root.running
 
 
+def test_workers_move_the_metadata_site_to_a_pool(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """[metadata] workers = 2: the metadata-http listener holds the socket and the
+    metadata-workers pool serves it; admin writes are passed on to the pool."""
+    root = build(write_conf(tmp_path, migrated_url, metadata="workers = 2\n"), services)
+    names = [service.name for service in root]
+    assert names.index("metadata-workers") == names.index("metadata-http") + 1
+    pool = root.getServiceNamed("metadata-workers")
+    assert pool.count == 2
+    assert pool.invalidate in root.getServiceNamed("store")._change_listeners
+
+
+def test_workers_need_a_tcp_or_systemd_listener(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """A unix: metadata listener cannot be shared with workers: one line at start-up."""
+    conf = write_conf(tmp_path, migrated_url, metadata="workers = 2\n")
+    conf.write_text(
+        conf.read_text().replace(
+            "listen = tcp:18775:interface=127.0.0.1", f"listen = unix:{tmp_path}/m.sock"
+        )
+    )
+    with pytest.raises(SystemExit) as excinfo:
+        build(conf, services)
+    assert "[metadata] workers = 2 needs a tcp, tcp6 or systemd listen" in str(excinfo.value)
+
+
 def test_heap_is_frozen_once_the_reactor_runs(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:

@@ -171,6 +171,7 @@ EVERY_KEY = {
         "client_timeout": "3",
         "idle_timeout": "30",
         "max_connections_per_source": "8",
+        "workers": "3",
     },
     "admin": {"listen": "unix:/run/metadatad/admin.sock", "token_file": "/srv/token"},
     "conductor": {
@@ -282,6 +283,7 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         client_timeout=3.0,
         idle_timeout=30.0,
         max_connections_per_source=8,
+        workers=3,
     )
     assert "token-secret-9c2e" not in repr(config)
     assert config.admin == AdminConfig(
@@ -537,6 +539,8 @@ BAD_VALUES = [
     ("metadata", "client_timeout", "0", "0"),
     ("metadata", "idle_timeout", "0", "0"),
     ("metadata", "max_connections_per_source", "0", "0"),
+    ("metadata", "workers", "0", "0"),
+    ("metadata", "workers", "65", "65"),
     # bad numbers
     ("metadata", "cache_ttl", "fifteen", "fifteen"),
     ("metadata", "cache_ttl", "-1", "-1"),
