@@ -170,7 +170,7 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         caches["tftp"] = tftp.mac_cache
         tftp_server = tftp.server
     MetricsService(
-        Sources(caches, membership, tftp_server, reactor)
+        Sources(caches, membership, tftp_server, reactor, workers=workers)
     ).setServiceParent(root)
     ReloadService(
         config,

@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import attrs
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import stdio
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
@@ -32,8 +33,10 @@ from metadatad.db.store import NodeRepository, Store
 from metadatad.errors import SetupError
 from metadatad.reload import ReloadService
 from metadatad.tap import _database, build_metadata, freeze_heap
+from metadatad.telemetry import MetricsService, Sources, snapshot
 
 LISTENING_FD = 3
+METRICS_INTERVAL = 1.0
 
 log = Logger()
 
@@ -56,6 +59,11 @@ class Control(LineOnlyReceiver):
             self._reload()
         elif command:
             log.warn("unknown control line {line!r}", line=command)
+
+    def send_metrics(self) -> None:
+        """This worker's metrics, for the main process's ``/metrics``."""
+        if self.transport is not None:
+            self.sendLine(b"metrics " + json.dumps(snapshot()).encode("utf-8"))
 
     def changed(self) -> None:
         """A node was written through this worker: the others must forget it too."""
@@ -111,6 +119,10 @@ def compose(config: Config, reactor: Any) -> tuple[MultiService, Control]:
 
     control = Control(invalidate, reload.reload, reactor)
     store.add_change_listener(control.changed)
+    MetricsService(Sources({"metadata": parts.cache}, clock=reactor)).setServiceParent(root)
+    metrics = TimerService(METRICS_INTERVAL, control.send_metrics)
+    metrics.clock = reactor
+    metrics.setServiceParent(root)
     with socket.socket(fileno=LISTENING_FD) as inherited:
         family = inherited.family
         inherited.detach()

@@ -9,7 +9,8 @@ hands each new connection to one of them.  Between the main process and a worker
   one worker is good on every other), then control lines: ``invalidate`` (a node was
   written: drop the node cache) and ``reload`` (SIGHUP);
 - the worker's stdout: ``changed`` when the worker itself wrote a node (a password),
-  which the main process passes on to its own caches and every other worker;
+  which the main process passes on to its own caches and every other worker, and
+  every second ``metrics <json>``, its metrics, which ``/metrics`` adds up;
 - the worker's stderr: its log events as JSON text sequences, re-emitted here through
   the daemon's own log observers with ``worker`` added.
 
@@ -130,6 +131,7 @@ class WorkerPool(Service):
         self._stop_timeout = stop_timeout
         self._argv = argv or [sys.executable, "-m", "metadatad.worker"]
         self._workers: dict[int, _WorkerProtocol] = {}
+        self._metrics: dict[int, list[Any]] = {}
         self._delays: dict[int, float] = {}
         self._started_at: dict[int, float] = {}
         self._pending: dict[int, Any] = {}
@@ -167,8 +169,18 @@ class WorkerPool(Service):
         for worker in self._workers.values():
             worker.send("reload")
 
+    def snapshots(self) -> list[list[Any]]:
+        """The latest metrics of each running worker (a restarted worker starts at 0,
+        as a restarted daemon does)."""
+        return [self._metrics[i] for i in sorted(self._metrics) if i in self._workers]
+
     def message(self, sender: _WorkerProtocol, line: bytes) -> None:
-        if line == b"changed":
+        if line.startswith(b"metrics "):
+            try:
+                self._metrics[sender.index] = json.loads(line[len(b"metrics ") :])
+            except ValueError:
+                self.log.warn("worker {worker} sent unreadable metrics", worker=sender.index)
+        elif line == b"changed":
             for worker in self._workers.values():
                 if worker is not sender:
                     worker.send("invalidate")
@@ -213,6 +225,7 @@ class WorkerPool(Service):
         index = worker.index
         if self._workers.get(index) is worker:
             del self._workers[index]
+            self._metrics.pop(index, None)
         if not self.running:
             return
         how = "exited" if reason.check(ProcessDone) else f"ended: {reason.value}"

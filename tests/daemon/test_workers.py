@@ -75,6 +75,10 @@ def held_is(daemon: Daemon, count: int) -> bool:
     return held(daemon) == count
 
 
+def workers_that_logged_each(daemon: Daemon, needle: str) -> list[int]:
+    return [e["worker"] for e in events(daemon) if needle in json.dumps(e)]
+
+
 def workers_that_logged(daemon: Daemon, needle: str) -> set[int]:
     return {e["worker"] for e in events(daemon) if needle in json.dumps(e)}
 
@@ -108,9 +112,25 @@ def test_two_workers_behind_one_socket(daemon_factory: DaemonFactory) -> None:
 
     answers = until_both_serve(daemon, get, "both")
     assert set(answers) == {(200, UUID.encode())}
+    # /metrics adds up both workers (each reports every second): every 200 they logged.
+    wait_for(
+        lambda: metadata_200s(daemon) == len(workers_that_logged_each(daemon, '" 200 ')),
+        "/metrics counting both workers' answers",
+    )
+    assert metadata_200s(daemon) >= len(answers)
     daemon.stop()
     for pid in workers["pids"]:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+
+
+def metadata_200s(daemon: Daemon) -> float:
+    _, text = daemon.admin("GET", "/metrics")
+    total = 0.0
+    for line in str(text).splitlines():
+        if line.startswith("metadatad_http_requests_total{") and 'site="metadata"' in line:
+            if 'code="200"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _zombie(pid: int) -> bool:
