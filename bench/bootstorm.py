@@ -170,6 +170,38 @@ def run_client(port: int, machines: int, sequence_file: Path, pin: str | None) -
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the daemon's workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [pid, *(p for child in children for p in tree(int(child)))]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of ``pids`` so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measured_client(
+    server_pid: int, port: int, machines: int, sequence_file: Path, pin: str | None
+) -> dict[str, Any]:
+    """The client's result plus the server's CPU time per request (all its processes)."""
+    pids = tree(server_pid)
+    before = cpu_seconds(pids)
+    result = run_client(port, machines, sequence_file, pin)
+    result["cpu_us_per_req"] = round((cpu_seconds(pids) - before) / result["requests"] * 1e6)
+    return result
+
+
 def pin_tree(pid: int, cpus: set[int]) -> None:
     """Pin a process and its children (the workers) to ``cpus``."""
     os.sched_setaffinity(pid, cpus)
@@ -207,7 +239,7 @@ def bench(args: argparse.Namespace) -> int:
             try:
                 assert proc.stdout is not None
                 proc.stdout.readline()  # "ready ..."
-                result = run_client(port, args.machines, sequence_file, "1")
+                result = measured_client(proc.pid, port, args.machines, sequence_file, "1")
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -230,8 +262,9 @@ def bench(args: argparse.Namespace) -> int:
                 if workers == 1:
                     assert daemon.process is not None
                     pin_tree(daemon.process.pid, {0})
-                result = run_client(
-                    daemon.metadata_port, args.machines, sequence_file,
+                assert daemon.process is not None
+                result = measured_client(
+                    daemon.process.pid, daemon.metadata_port, args.machines, sequence_file,
                     "1" if workers == 1 else None,
                 )
         result["server"] = server
@@ -239,15 +272,16 @@ def bench(args: argparse.Namespace) -> int:
         rows.append(result)
         print(json.dumps(result), flush=True)
     print()
-    print("| server | requests | total | req/s | p50 | p99 | max | errors | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| server | requests | total | req/s | p50 | p99 | max | errors | server CPU us/req "
+          "| load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     names = {"w1": "metadatad, 1 process (core 0)", "w2": "metadatad, 2 workers (both cores)",
              "bare": "bare twisted.web (core 0)"}
     for r in rows:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         print(f"| {names.get(r['server'], r['server'])} | {r['requests']} | {r['total_s']} s "
               f"| {r['rps']} | {r['p50_ms']} ms | {r['p99_ms']} ms | {r['max_ms']} ms "
-              f"| {errors} | {r['loadavg']:.1f} |")
+              f"| {errors} | {r['cpu_us_per_req']} | {r['loadavg']:.1f} |")
     return 0
 
 
