@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import select
 import socket
 import sys
 from typing import Any
@@ -126,8 +127,23 @@ def compose(config: Config, reactor: Any) -> tuple[MultiService, Control]:
     with socket.socket(fileno=LISTENING_FD) as inherited:
         family = inherited.family
         inherited.detach()
-    reactor.adoptStreamPort(LISTENING_FD, family, parts.site)
+    port = reactor.adoptStreamPort(LISTENING_FD, family, parts.site)
+    os.close(LISTENING_FD)  # the port listens on its own duplicate
+    _wake_one_worker(reactor, port.fileno())
     return root, control
+
+
+def _wake_one_worker(reactor: Any, fd: int) -> None:
+    """A new connection wakes one idle worker, not all of them (EPOLLEXCLUSIVE): the
+    others would only find nothing to accept.  Twisted's epoll reactor has no option
+    for it, so the listening descriptor is registered again by hand; the reactor's own
+    bookkeeping (it reads, it never writes) is unchanged."""
+    poller = getattr(reactor, "_poller", None)
+    exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
+    if poller is None or exclusive is None or not isinstance(poller, select.epoll):
+        return
+    poller.unregister(fd)
+    poller.register(fd, select.EPOLLIN | exclusive)
 
 
 def _first_line() -> bytes:

@@ -4,13 +4,14 @@ with SIGKILL under load, SIGHUP, and stopping."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +30,7 @@ DEADLINE = 15.0
 
 def start(daemon_factory: DaemonFactory, **metadata: str) -> Daemon:
     config = {
-        "metadata": {"workers": "2", "access_log": "true", **metadata},
+        "metadata": {"workers": "2", "access_log": "true", "rate_limit": "0", **metadata},
         "logging": {"format": "json"},
     }
     daemon = daemon_factory([NODE, PEER], config=config, vendordata={"v": 1})
@@ -83,18 +84,40 @@ def workers_that_logged(daemon: Daemon, needle: str) -> set[int]:
     return {e["worker"] for e in events(daemon) if needle in json.dumps(e)}
 
 
+@contextlib.contextmanager
+def busy(daemon: Daemon, threads: int = 3) -> Iterator[None]:
+    """Requests from other threads meanwhile.  An idle worker is woken for a new
+    connection only when the one woken first is busy (EPOLLEXCLUSIVE), so without load
+    one worker may serve everything."""
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                daemon.get("/latest/meta-data/?load")
+
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(threads):
+            pool.submit(load)
+        try:
+            yield
+        finally:
+            stop.set()
+
+
 def until_both_serve(
     daemon: Daemon, request: Callable[[int], tuple[int, bytes]], tag: str
 ) -> list[tuple[int, bytes]]:
-    """Repeat ``request(n)`` (its path carries ``?<tag>=n``) on new connections until
-    each worker answered one; every answer is returned."""
+    """Repeat ``request(n)`` (its path carries ``?<tag>=n``) on new connections, under
+    load, until each worker answered one; every answer is returned."""
     answers = []
     n = 0
     give_up = time.monotonic() + DEADLINE
-    while workers_that_logged(daemon, f"{tag}=") != {0, 1}:
-        assert time.monotonic() < give_up, "one worker served every request"
-        answers.append(request(n))
-        n += 1
+    with busy(daemon):
+        while workers_that_logged(daemon, f"{tag}=") != {0, 1}:
+            assert time.monotonic() < give_up, "one worker served every request"
+            answers.append(request(n))
+            n += 1
     return answers
 
 
@@ -198,7 +221,7 @@ def test_watches_in_both_workers_wake_within_2s(daemon_factory: DaemonFactory) -
         with lock:
             results.append((time.monotonic(), status))
 
-    with ThreadPoolExecutor(32) as pool:
+    with ThreadPoolExecutor(32) as pool, busy(daemon):
         # Watchers one at a time until each worker holds some (the kernel decides who
         # accepts a connection).
         futures = []
