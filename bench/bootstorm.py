@@ -210,7 +210,17 @@ def pin_tree(pid: int, cpus: set[int]) -> None:
 
 
 def bench(args: argparse.Namespace) -> int:
+    import shutil
     import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bootstorm-"))
+    try:
+        return _bench(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, tmp: Path) -> int:
 
     from metadatad.testing.daemon import Daemon, free_port
     from metadatad.testing.factories import node_document
@@ -224,7 +234,6 @@ def bench(args: argparse.Namespace) -> int:
         )
         for i in range(args.machines)
     ]
-    tmp = Path(tempfile.mkdtemp(prefix="bootstorm-"))
     sequence_file = tmp / "sequence.json"
     rows = []
     print(f"machines: {args.machines}; load average before: {os.getloadavg()}", flush=True)
