@@ -311,6 +311,7 @@ class HardenedSite(Site):
         limits: Limits,
         name: str = "",
         access_log: bool = False,
+        *,
         exempt: Sequence[IPNetwork] = (),
         forms: bool = False,
         **kwargs: Any,

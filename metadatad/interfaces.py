@@ -155,3 +155,11 @@ class PeerBoard(Protocol):
     def project_services(self, project: str) -> Deferred[tuple[int, ProjectView]]: ...
 
     def indexes(self, projects: Iterable[str]) -> Deferred[dict[str, int]]: ...
+
+
+class WorkerStatus(Protocol):
+    """The metadata site's worker processes, as ``/healthz`` reports them."""
+
+    def status(self) -> dict[str, Any]:
+        """``configured``, ``running``, ``pids`` and ``restarts``."""
+        ...

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import gc
+import secrets
 import threading
 from typing import Any
 
+import attrs
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.internet import StreamServerEndpointService
@@ -13,6 +16,7 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from metadatad.admin.site import AdminSite
@@ -20,7 +24,7 @@ from metadatad.admin.wiring import with_console
 from metadatad.clients.keystone import make_keystone_client
 from metadatad.cluster.membership import MembershipService
 from metadatad.config import Config, ConfigError, load_config, read_admin_token
-from metadatad.core.backlog import ADMIN_BACKLOG, METADATA_BACKLOG, with_backlog
+from metadatad.core.backlog import ADMIN_BACKLOG, METADATA_BACKLOG, with_default_backlog
 from metadatad.core.conductors import ConductorInfo
 from metadatad.core.identity import Identifier
 from metadatad.db.activity import ActivityRecorder, ActivityRepository, fan_out
@@ -43,6 +47,7 @@ from metadatad.reload import ReloadService
 from metadatad.telemetry import MeasuredResource, MetricsService, Sources
 from metadatad.tftp.http import BootFilesResource, BootRouter
 from metadatad.tftp.service import make_tftp_service
+from metadatad.workerpool import WorkerPool
 
 
 class Options(usage.Options):
@@ -127,39 +132,10 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         BootEventRepository(engine), reactor, retention_days=config.tftp.event_retention
     )
     boot_events.setServiceParent(root)
-    # The console's boot timeline (HTTP activity, last boot outcome), kept as long.
-    activity = ActivityRecorder(
-        ActivityRepository(engine),
-        reactor,
-        config.conductor.hostname,
-        retention_days=config.tftp.event_retention,
-    )
-    activity.setServiceParent(root)
-    vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
-    vendordata_errors.setServiceParent(root)
-    vendordata = make_vendordata(
-        config, reactor, RecordingVendordataErrors(vendordata_errors, activity), keystone
-    )
-    if vendordata is not None:
-        vendordata.setServiceParent(root)
-
-    cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
-    store.add_change_listener(cache.invalidate)
-    peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
-    seen = make_seen_recorder(root, engine, store, reactor)
-    caches = {"metadata": cache}
-    metadata_site = MetadataSite(
-        cache,
-        store,
-        Identifier(config.metadata.trusted_proxies, config.metadata.proxy_shared_secret),
-        static_vendordata=config.vendordata.static,
-        region=config.metadata.region,
-        vendordata=vendordata,
-        peer_routes=peer_routes,
-        guard=make_guard(config.metadata, reactor),
-        observe=request_observer(activity),
-        seen=seen.note,
-    )
+    parts = build_metadata(root, config, engine, store, reactor, keystone=keystone)
+    cache, vendordata, peer_store = parts.cache, parts.vendordata, parts.peer_store
+    activity, vendordata_errors = parts.activity, parts.vendordata_errors
+    caches: dict[str, Any] = {"metadata": cache}
     tftp = None
     if config.tftp.listen:
         # Made here, started last (below): the HTTP boot route shares its files.
@@ -172,9 +148,10 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             record=fan_out(boot_events.record, activity.tftp),
             vendordata_errors=vendordata_errors,
         )
-    site_resource: Any = MeasuredResource(metadata_site.resource(), "metadata", reactor)
+    site_resource: Any = parts.resource
     if tftp is not None and config.conductor.http_address:
-        # Boot files over HTTP at <http_address>/boot/ (docs/boot.md).
+        # Boot files over HTTP at <http_address>/boot/ (docs/boot.md); in this process
+        # only: metadata workers serve the metadata site alone.
         boot = BootFilesResource(
             tftp.server.files,
             reactor,
@@ -182,13 +159,15 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             conductor=config.conductor.hostname,
         )
         site_resource = BootRouter(boot, site_resource)
-    _listen(
-        root,
-        "metadata-http",
-        reactor,
-        config.metadata.listen,
-        _hardened_site(site_resource, config, reactor),
-    )
+    listen = with_default_backlog(config.metadata.listen, METADATA_BACKLOG)
+    workers = None
+    if config.metadata.workers == 1:
+        site = parts.site
+        if site_resource is not parts.resource:
+            site = _hardened_site(site_resource, config, reactor)
+        _listen(root, "metadata-http", reactor, listen, site)
+    else:
+        workers = _worker_pool(root, config, reactor, listen, store=store, caches=caches)
     if config.admin.listen:
         admin_site = AdminSite(
             store,
@@ -196,9 +175,10 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             max_body_bytes=config.admin.max_body_bytes,
             boot_events=boot_events,
             cluster=membership,
-            vendordata_errors=vendordata_errors,
+            vendordata_errors=parts.vendordata_errors,
             peers=peer_store,
             dhcp=dhcp,
+            workers=workers,
         )
         _listen(
             root,
@@ -238,18 +218,139 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         caches["tftp"] = tftp.mac_cache
         tftp_server = tftp.server
     MetricsService(
-        Sources(caches, membership, tftp_server, reactor)
+        Sources(caches, membership, tftp_server, reactor, workers=workers)
     ).setServiceParent(root)
     ReloadService(
         config,
         reactor,
-        set_vendordata=metadata_site.set_static_vendordata,
+        set_vendordata=parts.metadata_site.set_static_vendordata,
         invalidate=[
             *(cache.invalidate for cache in caches.values()),
             *([vendordata.forget] if vendordata is not None else []),
+            *([workers.reload] if workers is not None else []),
         ],
     ).setServiceParent(root)
+    # Once every service has started (twistd starts them before the reactor runs).
+    reactor.callWhenRunning(freeze_heap)
     return root
+
+
+def freeze_heap() -> None:
+    """Move everything start-up allocated (modules, config, caches' structures) out of
+    the collector's sight: full collections then scan only what requests allocate, and a
+    forked worker does not touch (and so copy) the parent's pages by collecting them."""
+    gc.collect()
+    gc.freeze()
+
+
+@attrs.frozen
+class MetadataParts:
+    """The metadata site and what it is built on (see :func:`build_metadata`)."""
+
+    resource: Any  # the site's resource, measured for /metrics
+    site: Site  # the hardened Site of ``resource`` (what a metadata worker serves)
+    metadata_site: MetadataSite
+    cache: NodeCache
+    vendordata: Any
+    peer_store: Any
+    vendordata_errors: VendordataErrorStore
+    activity: ActivityRecorder
+
+
+def build_metadata(
+    root: MultiService,
+    config: Config,
+    engine: Engine,
+    store: Store,
+    reactor: Any,
+    *,
+    keystone: Any,
+) -> MetadataParts:
+    """The metadata site's resource and its collaborators; the services among them
+    (the console's activity recorder, vendordata errors, dynamic vendordata, peer
+    watches, last-seen times) become children of ``root``.  The daemon's single process
+    and each metadata worker build it the same way."""
+    # The console's boot timeline (HTTP activity, last boot outcome), kept as long as
+    # boot events.
+    activity = ActivityRecorder(
+        ActivityRepository(engine),
+        reactor,
+        config.conductor.hostname,
+        retention_days=config.tftp.event_retention,
+    )
+    activity.setServiceParent(root)
+    vendordata_errors = VendordataErrorStore(VendordataErrorRepository(engine), reactor)
+    vendordata_errors.setServiceParent(root)
+    vendordata = make_vendordata(
+        config, reactor, RecordingVendordataErrors(vendordata_errors, activity), keystone
+    )
+    if vendordata is not None:
+        vendordata.setServiceParent(root)
+    cache = NodeCache(store.node_by_ip, store.get_node, reactor, config.metadata.cache_ttl)
+    store.add_change_listener(cache.invalidate)
+    peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
+    seen = make_seen_recorder(root, engine, store, reactor)
+    metadata_site = MetadataSite(
+        cache,
+        store,
+        Identifier(config.metadata.trusted_proxies, config.metadata.proxy_shared_secret),
+        static_vendordata=config.vendordata.static,
+        region=config.metadata.region,
+        vendordata=vendordata,
+        peer_routes=peer_routes,
+        guard=make_guard(config.metadata, reactor),
+        observe=request_observer(activity),
+        seen=seen.note,
+    )
+    resource = MeasuredResource(metadata_site.resource(), "metadata", reactor)
+    return MetadataParts(
+        resource,
+        _hardened_site(resource, config, reactor),
+        metadata_site,
+        cache,
+        vendordata,
+        peer_store,
+        vendordata_errors,
+        activity,
+    )
+
+
+def _worker_pool(
+    root: MultiService,
+    config: Config,
+    reactor: Any,
+    listen: str,
+    *,
+    store: Store,
+    caches: dict[str, Any],
+) -> WorkerPool:
+    """``[metadata] workers`` > 1: this process binds (or adopts) the metadata socket
+    without accepting on it, and the ``metadata-workers`` service serves it."""
+    kind = listen.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "systemd"):
+        raise SetupError(
+            f"{config.path}: [metadata] workers = {config.metadata.workers} needs a tcp, "
+            f"tcp6 or systemd listen address, not {kind}:"
+        )
+    unused = Site(Resource())  # never accepts a connection
+    held = _listen(root, "metadata-http", reactor, listen, unused, kind=_HeldSocketService)
+
+    def changed_in_a_worker() -> None:
+        for cache in caches.values():
+            cache.invalidate()
+
+    pool = WorkerPool(
+        reactor,
+        config.metadata.workers,
+        config.path,
+        held.fileno,
+        # One secret for every worker: a token from one is good on all of them.
+        config.metadata.token_secret or secrets.token_urlsafe(32),
+        on_changed=[changed_in_a_worker],
+    )
+    pool.setServiceParent(root)
+    store.add_change_listener(pool.invalidate)
+    return pool
 
 
 def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
@@ -311,19 +412,43 @@ class _ListeningService(StreamServerEndpointService):
             ) from None
 
 
+class _HeldSocketService(_ListeningService):
+    """Binds (or adopts) the socket and never accepts on it: the workers do."""
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._hold)
+
+    def _hold(self, port: Any) -> Any:
+        port.stopReading()
+        self.port = port
+        return port
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor, for the workers to adopt."""
+        return int(self.port.fileno())
+
+
 def _listen(  # noqa: PLR0917
     root: MultiService,
     name: str,
     reactor: Any,
     description: str,
     site: Site,
-    backlog: int = METADATA_BACKLOG,
-) -> None:
+    backlog: int | None = None,
+    *,
+    kind: type[_ListeningService] = _ListeningService,
+) -> Any:
+    """Listen on ``description`` (with ``backlog`` unless the string gives one)."""
+    if backlog is not None:
+        description = with_default_backlog(description, backlog)
     try:
-        endpoint = serverFromString(reactor, with_backlog(description, backlog))
+        endpoint = serverFromString(reactor, description)
     except Exception as e:  # systemd: endpoints meet their descriptors only here
         raise SetupError(f"{name}: cannot use endpoint {description!r}: {e}") from None
-    service = _ListeningService(endpoint, site)
+    service = kind(endpoint, site)
     service.description = description
     service.setName(name)
     service.setServiceParent(root)
+    return service

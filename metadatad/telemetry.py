@@ -104,6 +104,8 @@ class Sources:
     membership: Any = None  # MembershipService
     tftp: Any = None  # TFTPServer
     clock: IReactorTime | None = None
+    # WorkerPool: its workers' latest snapshot() each, summed into /metrics.
+    workers: Any = None
 
 
 class DaemonCollector(Collector):
@@ -234,6 +236,66 @@ class MetricsService(Service):
         return super().stopService()
 
 
+def snapshot() -> list[Any]:
+    """This process's metrics as JSON-ready lists, for the main process to add up:
+    ``[name, type, help, unit, [[sample, labels, value], ...]]`` per family
+    (``_created`` timestamps left out: they do not add up)."""
+    return [
+        [
+            family.name,
+            family.type,
+            family.documentation,
+            family.unit,
+            [
+                [sample.name, sample.labels, sample.value]
+                for sample in family.samples
+                if not sample.name.endswith("_created")
+            ],
+        ]
+        for family in REGISTRY.collect()
+    ]
+
+
+class _Families:
+    """What generate_latest() needs of a registry: collect()."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge(families: list[Metric], snapshots: list[list[Any]]) -> list[Metric]:
+    """``families`` (this process's) with every snapshot's samples added in: counters,
+    histogram buckets and gauges (watchers held, cached entries) are sums over the
+    processes."""
+    by_name = {family.name: family for family in families}
+    for snap in snapshots:
+        for name, kind, documentation, unit, samples in snap:
+            family = by_name.get(name)
+            if family is None:
+                family = by_name[name] = Metric(name, documentation, kind, unit)
+            index = {
+                (s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(family.samples)
+            }
+            for sample_name, labels, value in samples:
+                key = (sample_name, tuple(sorted(labels.items())))
+                found = index.get(key)
+                if found is None:
+                    index[key] = len(family.samples)
+                    family.add_sample(sample_name, labels, value)
+                else:
+                    old = family.samples[found]
+                    family.samples[found] = old._replace(value=old.value + value)
+    return list(by_name.values())
+
+
 def render_metrics() -> bytes:
-    """The registry in Prometheus' text exposition format."""
-    return generate_latest(REGISTRY)
+    """The registry in Prometheus' text exposition format; with metadata workers, the
+    sum of this process and every worker."""
+    sources = COLLECTOR.sources
+    if sources is None or sources.workers is None:
+        return generate_latest(REGISTRY)
+    merged = merge(list(REGISTRY.collect()), sources.workers.snapshots())
+    return generate_latest(_Families(merged))

@@ -33,6 +33,7 @@ from metadatad.interfaces import (
     PeerEntries,
     PushStates,
     VendordataErrors,
+    WorkerStatus,
 )
 from metadatad.metadata.reply import JSON, Reply, failure_reply
 from metadatad.telemetry import METRICS_CONTENT_TYPE, render_metrics
@@ -91,6 +92,7 @@ class AdminSite:
         peers: PeerEntries | None = None,
         dhcp: PushStates | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        workers: WorkerStatus | None = None,
     ) -> None:
         self._store = store
         # ``[admin] max_body_bytes``: the largest import document.
@@ -105,6 +107,8 @@ class AdminSite:
         self._peers = peers
         # None when no DHCP provider is configured.
         self._dhcp = dhcp
+        # None when the metadata site runs in this process ([metadata] workers = 1).
+        self._workers = workers
 
     def resource(self) -> Any:
         """The twisted.web resource of this site."""
@@ -151,23 +155,24 @@ class AdminSite:
         except Exception as e:  # whatever the store raised: unreachable
             self.log.warn("health check: database unreachable: {error}", error=e)
             return _json(503, {"status": "unhealthy", "database": "unreachable"})
-        if self._cluster is None:
-            return _json(200, {"status": "ok", "database": "ok"})
-        # "starting" until the first sync, "stale" when the others no longer count
-        # this conductor live: not ready either way.
-        membership = self._cluster.health()
-        healthy = membership == "ok"
-        age = self._cluster.heartbeat_age()
-        return _json(
-            200 if healthy else 503,
-            {
-                "status": "ok" if healthy else "unhealthy",
-                "database": "ok",
-                "membership": membership,
-                "heartbeat_age": None if age is None else round(age, 3),
-                "heartbeat_timeout": self._cluster.heartbeat_timeout,
-            },
-        )
+        report: dict[str, Any] = {"status": "ok", "database": "ok"}
+        healthy = True
+        if self._workers is not None:
+            # One worker being started again still serves the site: healthy while
+            # any runs.
+            workers = report["workers"] = self._workers.status()
+            healthy = workers["running"] > 0
+        if self._cluster is not None:
+            # "starting" until the first sync, "stale" when the others no longer count
+            # this conductor live: not ready either way.
+            membership = self._cluster.health()
+            healthy = healthy and membership == "ok"
+            age = self._cluster.heartbeat_age()
+            report["membership"] = membership
+            report["heartbeat_age"] = None if age is None else round(age, 3)
+            report["heartbeat_timeout"] = self._cluster.heartbeat_timeout
+        report["status"] = "ok" if healthy else "unhealthy"
+        return _json(200 if healthy else 503, report)
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     @_route()

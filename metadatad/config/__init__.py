@@ -88,6 +88,7 @@ class MetadataConfig:
     idle_timeout: float = 60.0
     max_connections_per_source: int = 64
     write_timeout: float = 30.0
+    workers: int = 1
 
 
 @attrs.frozen
@@ -245,6 +246,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "idle_timeout": _number(1, 86400),
             "max_connections_per_source": _integer(1, 100_000),
             "write_timeout": _number(1, 3600),
+            "workers": _integer(1, 64),
         },
     ),
     "admin": (

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from twisted.internet.endpoints import serverFromString
 
 from metadatad.core.addresses import IPNetwork
+from metadatad.core.backlog import endpoint_backlog
 from metadatad.core.bootmapping import MAX_OPTION_VALUE, URL_FIELDS, longest_url
 from metadatad.core.systemd import PREFIX, parse
 
@@ -91,6 +92,9 @@ def _endpoint(raw: str) -> str:
     port = _endpoint_port(value)
     if port is not None and not 0 <= port <= 65535:
         raise BadValue(f"bad endpoint string {value!r}: port {port} is not 0..65535")
+    backlog = endpoint_backlog(value)
+    if backlog is not None and not (backlog.isdigit() and 1 <= int(backlog) <= 65535):
+        raise BadValue(f"bad endpoint string {value!r}: backlog {backlog} is not 1..65535")
     return value
 
 

@@ -1,35 +1,50 @@
-# -*- test-case-name: tests.daemon.test_backlog -*-
-"""Listen backlogs of the HTTP listeners.
+# -*- test-case-name: tests.core.test_backlog,tests.daemon.test_backlog -*-
+"""The listen backlog of a Twisted server endpoint string.
 
-Twisted listens with a backlog of 50 unless the endpoint string says otherwise; a rack
-booting at once fills that in milliseconds and the kernel then drops SYNs (clients
-retry after 1 s, 3 s, ...).  :func:`with_backlog` adds ``backlog=`` to a ``tcp``,
-``tcp6`` or ``ssl`` endpoint string that has none, and leaves one the operator wrote
-alone.  The kernel caps any backlog at ``net.core.somaxconn`` (see docs/operations.md).
-
-Pure: strings in, strings out.
+Twisted's ``tcp``, ``tcp6``, ``ssl`` and ``unix`` endpoints accept ``backlog=N`` (or the
+same value in its positional place) and otherwise listen with a queue of 50, which a
+rack booting at once overflows: a full queue drops SYNs, and the client retries after
+1 s, 3 s, 7 s.  Parsing only; the kernel still caps the value at
+``net.core.somaxconn``.
 """
 
 from __future__ import annotations
 
 import re
 
-# The metadata site: a rack of machines connecting at once, one connection per request.
+#: The metadata site's backlog when its endpoint string names none: the kernel's
+#: default ``net.core.somaxconn`` since Linux 5.4 (older kernels cap it at 128).
 METADATA_BACKLOG = 4096
-# The admin API: few clients, but it must not be the one a flood leaves waiting.
+#: The admin API's: few clients, but it must not be the one a flood leaves waiting.
 ADMIN_BACKLOG = 1024
 
-_TYPES_WITH_BACKLOG = ("tcp", "tcp6", "ssl", "unix")
+# The position of ``backlog`` among each type's positional arguments (after the type).
+_POSITION = {"tcp": 2, "tcp6": 1, "unix": 2, "ssl": 5}
+
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
 
-def with_backlog(description: str, backlog: int) -> str:
-    """``description`` with ``backlog=<backlog>`` unless it names one (or has no
-    listen backlog of its own to set, as a ``systemd:`` socket: systemd's ``Backlog=``
-    rules that)."""
-    # Colons escaped with a backslash belong to values (IPv6 interfaces).
-    fields = re.split(r"(?<!\\):", description)
-    if fields[0] not in _TYPES_WITH_BACKLOG:
+def endpoint_backlog(description: str) -> str | None:
+    """The backlog the string gives (as written), or None if it gives none or its
+    endpoint type takes none (``systemd:``: the socket unit's ``Backlog=`` applies)."""
+    fields = _UNESCAPED_COLON.split(description.strip())
+    position = _POSITION.get(fields[0])
+    if position is None:
+        return None
+    positional = [f for f in fields[1:] if "=" not in f]
+    for field in fields[1:]:
+        key, sep, value = field.partition("=")
+        if sep and key == "backlog":
+            return value
+    if len(positional) > position:
+        return positional[position]
+    return None
+
+
+def with_default_backlog(description: str, backlog: int) -> str:
+    """``description`` with ``:backlog=N`` added when its type takes a backlog and the
+    string gives none; unchanged otherwise."""
+    fields = _UNESCAPED_COLON.split(description.strip())
+    if fields[0] not in _POSITION or endpoint_backlog(description) is not None:
         return description
-    if any(field.startswith("backlog=") for field in fields[1:]):
-        return description
-    return f"{description}:backlog={backlog}"
+    return f"{description.strip()}:backlog={backlog}"

@@ -5,7 +5,9 @@ A fresh entry is answered synchronously (no Deferred, no query).  Concurrent mis
 for one key share one query.  Every node write through this process clears the cache;
 writes through other conductors are seen within ``ttl`` seconds.  Unknown callers are
 remembered for a shorter time, so a new node is found quickly but a flood from an
-unknown address does not become a flood of queries.
+unknown address does not become a flood of queries.  An entry reloaded after its TTL
+keeps the rendered answers of the one it replaces when the stored node is unchanged:
+answers are rendered once per node revision, not once per TTL.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class NodeCache:
         ttl = self._ttl if record is not None else min(self._ttl, NEGATIVE_TTL)
         entry = CacheEntry(record, self._clock.seconds() + ttl)
         if ttl > 0 and generation == self._generation:
+            expired = self._entries.get(key)
+            # Only an expired entry survives here: invalidate() drops every entry.
+            if expired is not None and record is not None and expired.record == record:
+                entry.memo = expired.memo
             if len(self._entries) >= self._max_entries:
                 self._entries.clear()
             self._entries[key] = entry

@@ -20,6 +20,7 @@ from twisted.web.server import Site
 
 import metadatad.tap
 from metadatad.config import Config
+from metadatad.core.backlog import METADATA_BACKLOG
 from metadatad.db.store import ReactorThreadError, Store
 from metadatad.hardening import HardenedSite
 from metadatad.tap import Options, makeService
@@ -253,6 +254,67 @@ def test_start_listens_on_configured_addresses_and_stops(
         "store",
     ]
     assert not root.running
+
+
+def test_workers_move_the_metadata_site_to_a_pool(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """[metadata] workers = 2: the metadata-http listener holds the socket and the
+    metadata-workers pool serves it; admin writes are passed on to the pool."""
+    root = build(write_conf(tmp_path, migrated_url, metadata="workers = 2\n"), services)
+    names = [service.name for service in root]
+    assert names.index("metadata-workers") == names.index("metadata-http") + 1
+    pool = root.getServiceNamed("metadata-workers")
+    assert pool.count == 2
+    assert pool.invalidate in root.getServiceNamed("store")._change_listeners
+
+
+def test_workers_need_a_tcp_or_systemd_listener(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """A unix: metadata listener cannot be shared with workers: one line at start-up."""
+    conf = write_conf(tmp_path, migrated_url, metadata="workers = 2\n")
+    conf.write_text(
+        conf.read_text().replace(
+            "listen = tcp:18775:interface=127.0.0.1", f"listen = unix:{tmp_path}/m.sock"
+        )
+    )
+    with pytest.raises(SystemExit) as excinfo:
+        build(conf, services)
+    assert "[metadata] workers = 2 needs a tcp, tcp6 or systemd listen" in str(excinfo.value)
+
+
+def test_heap_is_frozen_once_the_reactor_runs(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """gc.freeze() runs after start-up (the reactor's when-running hook), not before."""
+    reactor = MemoryReactorClock()
+    build(write_conf(tmp_path, migrated_url), services, reactor)
+    hooks = [f for f, _args, _kw in reactor.whenRunningHooks]
+    assert metadatad.tap.freeze_heap in hooks
+
+
+@pytest.mark.parametrize(
+    ("listen", "backlog"),
+    [("tcp:18775:interface=127.0.0.1", METADATA_BACKLOG), ("tcp:18775:backlog=333", 333)],
+)
+def test_metadata_listen_backlog(
+    tmp_path: Path, migrated_url: str, services: list[MultiService], listen: str, backlog: int
+) -> None:
+    """The metadata site listens with the endpoint string's backlog=, or a default well
+    above Twisted's 50 when the string gives none."""
+    reactor = MemoryReactorClock()
+    conf = write_conf(tmp_path, migrated_url, metadata=f"listen = {listen}\n")
+    conf.write_text(
+        conf.read_text().replace("listen = tcp:18775:interface=127.0.0.1\n", "", 1)
+    )
+    root = build(conf, services, reactor)
+    root.startService()
+    try:
+        backlogs = {port: b for port, _f, b, _i in reactor.tcpServers}
+        assert backlogs[18775] == backlog
+    finally:
+        root.stopService()
 
 
 @pytest.mark.parametrize("access_log", ["false", "true"])

@@ -172,6 +172,7 @@ EVERY_KEY = {
         "idle_timeout": "30",
         "max_connections_per_source": "8",
         "write_timeout": "7",
+        "workers": "3",
     },
     "admin": {
         "listen": "unix:/run/metadatad/admin.sock",
@@ -299,6 +300,7 @@ def test_every_key_of_every_section_is_parsed(tmp_path: Path) -> None:
         idle_timeout=30.0,
         max_connections_per_source=8,
         write_timeout=7.0,
+        workers=3,
     )
     assert "token-secret-9c2e" not in repr(config)
     assert config.admin == AdminConfig(
@@ -566,6 +568,8 @@ BAD_VALUES = [
     ("metadata", "client_timeout", "0", "0"),
     ("metadata", "idle_timeout", "0", "0"),
     ("metadata", "max_connections_per_source", "0", "0"),
+    ("metadata", "workers", "0", "0"),
+    ("metadata", "workers", "65", "65"),
     # bad numbers
     ("metadata", "cache_ttl", "fifteen", "fifteen"),
     ("metadata", "cache_ttl", "-1", "-1"),
@@ -805,6 +809,22 @@ def test_out_of_range_port_is_refused(tmp_path: Path, listen: str) -> None:
     """A port outside 0..65535 is a bad endpoint string, named [metadata] listen."""
     message = one_line_error(write(tmp_path, f"[metadata]\nlisten = {listen}\n"))
     assert "[metadata] listen:" in message
+
+
+@pytest.mark.parametrize(
+    "listen",
+    ["tcp:8775:backlog=0", "tcp:8775:backlog=-5", "tcp:8775:backlog=lots", "tcp:1:backlog=70000"],
+)
+def test_bad_backlog_is_refused(tmp_path: Path, listen: str) -> None:
+    """backlog= outside 1..65535 (or not a number) is a bad endpoint string."""
+    message = one_line_error(write(tmp_path, f"[metadata]\nlisten = {listen}\n"))
+    assert "[metadata] listen:" in message
+
+
+def test_backlog_is_accepted(tmp_path: Path) -> None:
+    """backlog= in range is Twisted's own keyword, passed through unchanged."""
+    config = load_config(write(tmp_path, "[metadata]\nlisten = tcp:8775:backlog=1024\n"))
+    assert config.metadata.listen == "tcp:8775:backlog=1024"
 
 
 def test_ssl_endpoint_with_missing_certificate_is_a_config_error(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from metadatad.core.backlog import ADMIN_BACKLOG, METADATA_BACKLOG, with_backlog
+from metadatad.core.backlog import ADMIN_BACKLOG, METADATA_BACKLOG, with_default_backlog
 from tests.support.daemon import DaemonFactory, http_request
 
 
@@ -35,7 +35,7 @@ from tests.support.daemon import DaemonFactory, http_request
 def test_with_backlog(given: str, expected: str) -> None:
     """A backlog the operator wrote is kept; otherwise the default is added where the
     endpoint type has one (a systemd socket's is systemd's ``Backlog=``)."""
-    assert with_backlog(given, 4096) == expected
+    assert with_default_backlog(given, 4096) == expected
 
 
 def _listen_backlog(port: int) -> int:

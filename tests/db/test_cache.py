@@ -117,3 +117,24 @@ def test_size_is_bounded() -> None:
     for i in range(500):
         resolve(cache.by_ip(f"10.1.{i // 250}.{i % 250}"))
     assert len(cache._entries) <= 50
+
+
+def test_renderings_survive_a_reload_of_the_same_node() -> None:
+    """An entry reloaded after the TTL keeps the memo while the node is unchanged; a
+    changed node, or a local write, starts an empty one."""
+    cache, store, clock = make_cache()
+    first = resolve(cache.by_ip("10.0.0.2"))
+    first.memo["rendered"] = b"answer"
+    clock.advance(16)
+    second = resolve(cache.by_ip("10.0.0.2"))
+    assert second is not first and store.calls["node_by_ip"] == 2
+    assert second.memo == {"rendered": b"answer"}
+    # Changed behind the cache's back (another conductor's write): new memo.
+    store.repository.upsert_nodes([make_node(hostname="renamed")])
+    clock.advance(16)
+    third = resolve(cache.by_ip("10.0.0.2"))
+    assert third.record is not None and third.record.node.hostname == "renamed"
+    assert third.memo == {}
+    third.memo["rendered"] = b"renamed"
+    store.upsert_nodes([make_node(hostname="renamed-again")])
+    assert resolve(cache.by_ip("10.0.0.2")).memo == {}

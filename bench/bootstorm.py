@@ -1,0 +1,311 @@
+"""Boot storm: N machines run cloud-init's metadata crawl at once against the daemon.
+
+The request sequence is cloud-init's own: Debian's cloud-init (22.4) crawls a
+``twistd metadatad`` once through the driver of ``tests/daemon/test_cloudinit.py``
+(OpenStack datasource, then EC2), and every URL its ``url_helper.readurl`` was asked
+for, in order, is what each machine replays.  Each machine has its own source address
+(127.1.x.y, registered as its port address), opens a new TCP connection per request as
+cloud-init does, and waits for each answer before the next (10 s at most, cloud-init's
+time-out); all machines start together.
+
+One run, each server in turn on the same sequence and the same machines:
+
+* ``metadatad workers=1``: the daemon (defaults, SQLite, N nodes) pinned to core 0;
+* ``metadatad workers=2``: the daemon with two workers, not pinned (both cores, which
+  the client shares: the client is throttled by nothing, so read its figures as a
+  lower bound);
+* ``bare twisted.web``: a leaf resource answering a constant (``bench/peers.py bare``)
+  pinned to core 0.
+
+The client (this script's ``--client`` mode, asyncio) runs pinned to core 1 for the
+pinned servers.  Printed per server: total time, requests/s, p50/p99/max latency and
+every error by kind.
+
+    .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)  # not bench/: bench/http.py would shadow the stdlib
+
+TIMEOUT = 10.0  # cloud-init's per-request time-out
+
+
+def machine_ip(index: int) -> str:
+    return f"127.1.{index // 250}.{index % 250 + 1}"
+
+
+# --- the client ----------------------------------------------------------------------
+
+
+async def one_request(
+    port: int, source: str, method: str, path: str
+) -> tuple[float, str | None]:
+    started = time.monotonic()
+    writer = None
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
+            extra = "X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n" if method == "PUT" else ""
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+                f"User-Agent: Cloud-Init/22.4\r\nAccept: */*\r\n{extra}"
+                "Connection: close\r\n\r\n".encode("ascii")
+            )
+            response = await reader.read()
+        status = response[9:12]
+        error = None if status in (b"200", b"404") else f"status {status.decode()}"
+    except TimeoutError:
+        error = "time-out (10 s)"
+    except OSError as e:
+        error = type(e).__name__
+    finally:
+        if writer is not None:
+            writer.close()
+    return time.monotonic() - started, error
+
+
+async def machine(
+    port: int, source: str, sequence: list[list[str]], start: asyncio.Event, out: list[Any]
+) -> None:
+    await start.wait()
+    for method, path in sequence:
+        out.append(await one_request(port, source, method, path))
+
+
+async def storm(port: int, machines: int, sequence: list[list[str]]) -> dict[str, Any]:
+    start = asyncio.Event()
+    results: list[tuple[float, str | None]] = []
+    tasks = [
+        asyncio.create_task(machine(port, machine_ip(i), sequence, start, results))
+        for i in range(machines)
+    ]
+    await asyncio.sleep(0.2)
+    began = time.monotonic()
+    start.set()
+    await asyncio.gather(*tasks)
+    total = time.monotonic() - began
+    latencies = sorted(t for t, _ in results)
+    errors = Counter(e for _, e in results if e is not None)
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
+    return {
+        "requests": len(results),
+        "total_s": round(total, 2),
+        "rps": round(len(results) / total),
+        "p50_ms": round(pct(0.50), 1),
+        "p99_ms": round(pct(0.99), 1),
+        "max_ms": round(latencies[-1] * 1000, 1),
+        "errors": dict(errors),
+    }
+
+
+def client_main(args: argparse.Namespace) -> int:
+    sequence = json.loads(Path(args.sequence).read_text())
+    result = asyncio.run(storm(args.port, args.machines, sequence))
+    print(json.dumps(result))
+    return 0
+
+
+# --- the servers and the run -----------------------------------------------------------
+
+
+def capture_sequence(daemon: Any) -> list[list[str]]:
+    """cloud-init's crawl of ``daemon`` (OpenStack, then EC2), as [method, path]."""
+    from tests.daemon import test_cloudinit as ci
+
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    spec = json.dumps(
+        {
+            "base": daemon.metadata_url,
+            "jobs": [{"name": "openstack", "kind": "openstack"}, {"name": "ec2", "kind": "ec2"}],
+        }
+    )
+    done = subprocess.run(
+        [ci.SYSTEM_PYTHON, "-I", "-c", ci.DRIVER, spec],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+        cwd=daemon.directory,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the cloud-init driver failed:\n{done.stderr[-3000:]}")
+    results = json.loads(done.stdout)
+    sequence = []
+    for job in ("openstack", "ec2"):
+        if not results[job]["found"]:
+            raise SystemExit(f"cloud-init's {job} datasource found nothing")
+        for url in results[job]["requested"]:
+            path = url[len(daemon.metadata_url) :] or "/"
+            sequence.append(["PUT" if path.endswith("/api/token") else "GET", path])
+    return sequence
+
+
+def run_client(port: int, machines: int, sequence_file: Path, pin: str | None) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--client", "--port", str(port)]
+    argv += ["--machines", str(machines), "--sequence", str(sequence_file)]
+    if pin:
+        argv = ["taskset", "-c", pin, *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"client failed: {done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the daemon's workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [pid, *(p for child in children for p in tree(int(child)))]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of ``pids`` so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measured_client(
+    server_pid: int, port: int, machines: int, sequence_file: Path, pin: str | None
+) -> dict[str, Any]:
+    """The client's result plus the server's CPU time per request (all its processes)."""
+    pids = tree(server_pid)
+    before = cpu_seconds(pids)
+    result = run_client(port, machines, sequence_file, pin)
+    result["cpu_us_per_req"] = round((cpu_seconds(pids) - before) / result["requests"] * 1e6)
+    return result
+
+
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Pin a process and its children (the workers) to ``cpus``."""
+    os.sched_setaffinity(pid, cpus)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pin_tree(int(child), cpus)
+
+
+def bench(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bootstorm-"))
+    try:
+        return _bench(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, tmp: Path) -> int:
+
+    from metadatad.testing.daemon import Daemon, free_port
+    from metadatad.testing.factories import node_document
+    from tests.daemon.test_cloudinit import CALLER_NODE, VENDORDATA
+
+    nodes = [CALLER_NODE] + [
+        node_document(
+            i,
+            ports=[{"mac": f"52:54:01:{i // 65536:02x}:{i // 256 % 256:02x}:{i % 256:02x}",
+                    "ip": machine_ip(i)}],
+        )
+        for i in range(args.machines)
+    ]
+    sequence_file = tmp / "sequence.json"
+    rows = []
+    print(f"machines: {args.machines}; load average before: {os.getloadavg()}", flush=True)
+    for server in args.servers.split(","):
+        if server == "bare":
+            port = free_port()
+            proc = subprocess.Popen(
+                ["taskset", "-c", "0", sys.executable, "-P", str(ROOT / "bench" / "peers.py"),
+                 "bare", "--port", str(port), "--body", CALLER_NODE["uuid"]],
+                stdout=subprocess.PIPE, text=True,
+            )
+            try:
+                assert proc.stdout is not None
+                proc.stdout.readline()  # "ready ..."
+                result = measured_client(proc.pid, port, args.machines, sequence_file, "1")
+            finally:
+                proc.terminate()
+                proc.wait(10)
+        else:
+            workers = int(server.removeprefix("w"))
+            daemon = Daemon.create(
+                tmp / server,
+                nodes=nodes,
+                vendordata=VENDORDATA,
+                config={"metadata": {"workers": str(workers)}},
+            )
+            with daemon:
+                if not sequence_file.exists():
+                    sequence = capture_sequence(daemon)
+                    sequence_file.write_text(json.dumps(sequence))
+                    print(f"cloud-init's sequence: {len(sequence)} requests per machine",
+                          flush=True)
+                    for method, path in sequence:
+                        print(f"  {method} {path}")
+                if workers == 1:
+                    assert daemon.process is not None
+                    pin_tree(daemon.process.pid, {0})
+                assert daemon.process is not None
+                result = measured_client(
+                    daemon.process.pid, daemon.metadata_port, args.machines, sequence_file,
+                    "1" if workers == 1 else None,
+                )
+        result["server"] = server
+        result["loadavg"] = os.getloadavg()[0]
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    print()
+    print("| server | requests | total | req/s | p50 | p99 | max | errors | server CPU us/req "
+          "| load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    names = {"w1": "metadatad, 1 process (core 0)", "w2": "metadatad, 2 workers (both cores)",
+             "bare": "bare twisted.web (core 0)"}
+    for r in rows:
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        print(f"| {names.get(r['server'], r['server'])} | {r['requests']} | {r['total_s']} s "
+              f"| {r['rps']} | {r['p50_ms']} ms | {r['p99_ms']} ms | {r['max_ms']} ms "
+              f"| {errors} | {r['cpu_us_per_req']} | {r['loadavg']:.1f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machines", type=int, default=1000)
+    parser.add_argument("--servers", default="w1,w2,bare")
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sequence", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client:
+        return client_main(args)
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

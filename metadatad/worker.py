@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.daemon.test_workers -*-
+"""One metadata worker: ``python -m metadatad.worker --config FILE --index N``.
+
+Started by the main process's :class:`~metadatad.workerpool.WorkerPool` (never by hand):
+descriptor 3 is the metadata site's listening socket, stdin carries the set-up line and
+then control lines, stdout carries ``changed`` back, stderr carries log events as JSON.
+The worker serves the metadata site exactly as a single-process daemon does (the same
+:func:`metadatad.tap.build_metadata`), and nothing else: membership, DHCP, TFTP and the
+admin API stay in the main process.  It exits when told to (SIGTERM) or when the main
+process goes away (its stdin closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import select
+import socket
+import sys
+from typing import Any
+
+import attrs
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet import stdio
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.protocols.basic import LineOnlyReceiver
+
+from metadatad.clients.keystone import make_keystone_client
+from metadatad.config import Config, ConfigError, load_config
+from metadatad.db.store import NodeRepository, Store
+from metadatad.errors import SetupError
+from metadatad.reload import ReloadService
+from metadatad.tap import _database, build_metadata, freeze_heap
+from metadatad.telemetry import MetricsService, Sources, snapshot
+
+LISTENING_FD = 3
+METRICS_INTERVAL = 1.0
+
+log = Logger()
+
+
+class Control(LineOnlyReceiver):
+    """The main process's control lines on stdin; ``changed`` back on stdout."""
+
+    delimiter = b"\n"
+
+    def __init__(self, invalidate: Any, reload: Any, reactor: Any) -> None:
+        self._invalidate = invalidate
+        self._reload = reload
+        self._reactor = reactor
+
+    def lineReceived(self, line: bytes) -> None:
+        command = line.strip()
+        if command == b"invalidate":
+            self._invalidate()
+        elif command == b"reload":
+            self._reload()
+        elif command:
+            log.warn("unknown control line {line!r}", line=command)
+
+    def send_metrics(self) -> None:
+        """This worker's metrics, for the main process's ``/metrics``."""
+        if self.transport is not None:
+            self.sendLine(b"metrics " + json.dumps(snapshot()).encode("utf-8"))
+
+    def changed(self) -> None:
+        """A node was written through this worker: the others must forget it too."""
+        if self.transport is not None:
+            self.sendLine(b"changed")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        # The main process is gone (or closed our stdin): so is the reason to serve.
+        if self._reactor.running:
+            self._reactor.stop()
+
+
+def worker_config(config: Config, setup: dict[str, Any]) -> Config:
+    """The worker's share of ``config``: the pool's signing secret when the file sets
+    none, and per-node limits divided among ``workers`` (rounded up)."""
+    metadata = config.metadata
+    count = metadata.workers
+    return attrs.evolve(
+        config,
+        metadata=attrs.evolve(
+            metadata,
+            token_secret=metadata.token_secret or setup["token_secret"],
+            rate_limit=metadata.rate_limit / count,
+            rate_burst=max(1, math.ceil(metadata.rate_burst / count)),
+            max_connections_per_source=max(
+                1, math.ceil(metadata.max_connections_per_source / count)
+            ),
+        ),
+    )
+
+
+def compose(config: Config, reactor: Any) -> tuple[MultiService, Control]:
+    """The worker's services (not started) and its control protocol."""
+    engine = _database(config)
+    root = MultiService()
+    store = Store(NodeRepository(engine), reactor)
+    store.setServiceParent(root)
+    keystone = make_keystone_client(config, reactor)
+    parts = build_metadata(root, config, engine, store, reactor, keystone=keystone)
+    forget = [parts.cache.invalidate]
+    if parts.vendordata is not None:
+        forget.append(parts.vendordata.forget)
+    reload = ReloadService(
+        config,
+        reactor,
+        set_vendordata=parts.metadata_site.set_static_vendordata,
+        invalidate=forget,
+    )
+    reload.setServiceParent(root)
+
+    def invalidate() -> None:
+        parts.cache.invalidate()
+
+    control = Control(invalidate, reload.reload, reactor)
+    store.add_change_listener(control.changed)
+    MetricsService(Sources({"metadata": parts.cache}, clock=reactor)).setServiceParent(root)
+    metrics = TimerService(METRICS_INTERVAL, control.send_metrics)
+    metrics.clock = reactor
+    metrics.setServiceParent(root)
+    with socket.socket(fileno=LISTENING_FD) as inherited:
+        family = inherited.family
+        inherited.detach()
+    port = reactor.adoptStreamPort(LISTENING_FD, family, parts.site)
+    os.close(LISTENING_FD)  # the port listens on its own duplicate
+    _wake_one_worker(reactor, port.fileno())
+    return root, control
+
+
+def _wake_one_worker(reactor: Any, fd: int) -> None:
+    """A new connection wakes one idle worker, not all of them (EPOLLEXCLUSIVE): the
+    others would only find nothing to accept.  Twisted's epoll reactor has no option
+    for it, so the listening descriptor is registered again by hand; the reactor's own
+    bookkeeping (it reads, it never writes) is unchanged."""
+    poller = getattr(reactor, "_poller", None)
+    exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
+    if poller is None or exclusive is None or not isinstance(poller, select.epoll):
+        return
+    poller.unregister(fd)
+    poller.register(fd, select.EPOLLIN | exclusive)
+
+
+def _first_line() -> bytes:
+    """The set-up line, read a byte at a time: a buffered read could swallow the
+    control lines behind it, which belong to the control protocol."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="metadatad.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args(argv)
+    setup = json.loads(_first_line())
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(sys.stderr)], redirectStandardIO=False
+    )
+    from twisted.internet import reactor
+
+    try:
+        config = worker_config(load_config(args.config), setup)
+        root, control = compose(config, reactor)
+    except (ConfigError, SetupError) as e:
+        log.critical("metadata worker {index} cannot start: {error}", index=args.index, error=e)
+        return 1
+    stdio.StandardIO(control, reactor=reactor)
+    root.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.callWhenRunning(freeze_heap)
+    log.info("metadata worker {index} serving", index=args.index)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
