@@ -13,6 +13,11 @@ import attrs
 from metadatad.core.nodes import Node
 
 
+def utc_moment(seconds: float) -> datetime:
+    """A naive UTC datetime at whole-second precision (what every backend stores)."""
+    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None, microsecond=0)
+
+
 def utc_text(moment: datetime) -> str:
     """A naive UTC moment as the API shows it: ISO 8601 with a ``Z``."""
     return moment.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")

@@ -13,28 +13,22 @@ is bounded: past ``max_buffer`` distinct rows, new ones are dropped (and counted
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import attrs
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from metadatad.db.bootevents import BootEvent, utc_moment
 from metadatad.db.bulk import chunks_for, member_of
 from metadatad.db.schema import node_activity, node_boot_status
+from metadatad.db.threaded import Batch, BatchedWriter, Runner
 
 __all__ = ["Activity", "ActivityRecorder", "ActivityRepository", "BootStatus", "fan_out"]
 
-PRUNE_INTERVAL = 3600.0
 # The outcome a node's boot status takes once it reads its metadata.
 METADATA_OUTCOME = "metadata"
 
@@ -178,11 +172,11 @@ class _Pending:
     imdsv2: bool = True
 
 
-class ActivityRecorder(Service):
+class ActivityRecorder(BatchedWriter[ActivityRepository]):
     """Aggregates node activity in memory and writes it in batches."""
 
     name = "node-activity"
-    log = Logger()
+    what = "node activity rows"
 
     def __init__(
         self,
@@ -193,37 +187,22 @@ class ActivityRecorder(Service):
         flush_interval: float = 1.0,
         retention_days: float = 7.0,
         max_buffer: int = 100_000,
-        run: Callable[..., Deferred[Any]] | None = None,
+        run: Runner | None = None,
     ) -> None:
-        self.repository = repository
+        super().__init__(
+            repository,
+            reactor,
+            pool_name="metadatad-node-activity",
+            flush_interval=flush_interval,
+            retention_days=retention_days,
+            run=run,
+        )
         self._clock = reactor
         self._conductor = conductor
-        self._flush_interval = flush_interval
-        self._retention = retention_days * 86400.0
         self._max_buffer = max_buffer
         self._pending: dict[tuple[str, str, str], _Pending] = {}
         self._statuses: dict[str, tuple[str, str, float]] = {}
-        self._writing: Deferred[None] | None = None
-        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="metadatad-node-activity")
-        self._run = run or self._in_pool
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = reactor
-        self._last_prune = float("-inf")
         self.dropped = 0
-
-    def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._clock, self._pool, f, *args)
-
-    def startService(self) -> None:
-        super().startService()
-        self._pool.start()
-        self._loop.start(self._flush_interval, now=False)
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-        return self.flush().addBoth(lambda _: self._pool.stop())
 
     # --- what happened (never blocks, never fails) -----------------------------------
 
@@ -274,14 +253,14 @@ class ActivityRecorder(Service):
             rows.sort(key=lambda a: a.last_at, reverse=True)
             return rows[:limit]
 
-        return self._run(self.repository.recent, node_uuid, limit).addCallback(merged)
+        return self.run(self.repository.recent, node_uuid, limit).addCallback(merged)
 
     def status(self, node_uuid: str) -> Deferred[BootStatus | None]:
         """The node's last boot outcome (a buffered one first)."""
         waiting = self._statuses.get(node_uuid)
         if waiting is not None:
             return succeed(BootStatus(waiting[0], waiting[1], utc_moment(waiting[2])))
-        return self._run(self.repository.status, node_uuid)
+        return self.run(self.repository.status, node_uuid)
 
     def _rows(self, only: str | None = None) -> list[Activity]:
         return [
@@ -301,14 +280,9 @@ class ActivityRecorder(Service):
 
     # --- writing ---------------------------------------------------------------------
 
-    def flush(self) -> Deferred[None]:
-        """Write what is buffered; failures are logged and the batch is kept."""
-        if self._writing is not None:
-            d: Deferred[None] = Deferred()
-            self._writing.addBoth(lambda _: self.flush().chainDeferred(d))
-            return d
+    def _take_batch(self) -> Batch | None:
         if not self._pending and not self._statuses:
-            return succeed(None)
+            return None
         rows = self._rows()
         statuses = {
             uuid: BootStatus(outcome, detail, utc_moment(at))
@@ -316,43 +290,13 @@ class ActivityRecorder(Service):
         }
         pending, kept_statuses = self._pending, self._statuses
         self._pending, self._statuses = {}, {}
-        writing = self._run(self.repository.add, rows, statuses)
-        self._writing = writing
 
-        def done(result: object) -> None:
-            self._writing = None
-            if isinstance(result, Failure):
-                self.log.warn(
-                    "could not store {count} node activity rows, will retry: {error}",
-                    count=len(rows),
-                    error=result.value,
-                )
-                _keep(self._pending, pending)
-                for uuid, status in kept_statuses.items():
-                    self._statuses.setdefault(uuid, status)
+        def restore() -> None:
+            _keep(self._pending, pending)
+            for uuid, status in kept_statuses.items():
+                self._statuses.setdefault(uuid, status)
 
-        writing.addBoth(done)
-        result: Deferred[None] = Deferred()
-        writing.addBoth(lambda _: result.callback(None))
-        return result
-
-    def _tick(self) -> Deferred[None]:
-        d = self.flush()
-        now = self._clock.seconds()
-        if self._retention > 0 and now - self._last_prune >= PRUNE_INTERVAL:
-            self._last_prune = now
-            cutoff = utc_moment(now) - timedelta(seconds=self._retention)
-
-            def prune(_: object) -> Deferred[None]:
-                return self._run(self.repository.prune, cutoff).addCallbacks(
-                    lambda count: None,
-                    lambda failure: self.log.warn(
-                        "could not prune node activity: {error}", error=failure.value
-                    ),
-                )
-
-            d.addCallback(prune)
-        return d
+        return Batch(self.repository.add, (rows, statuses), len(rows), restore)
 
 
 def _keep(

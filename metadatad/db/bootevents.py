@@ -13,29 +13,19 @@ most the last interval's events; a database outage keeps them buffered (bounded)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import attrs
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Engine
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 
+from metadatad.core.records import utc_moment
 from metadatad.db.schema import boot_events
-from metadatad.db.threaded import Runner, Threaded
+from metadatad.db.threaded import Batch, BatchedWriter, Runner
 
 __all__ = ["BootEvent", "BootEventQueries", "BootEventRepository", "BootEventStore", "utc_moment"]
-
-PRUNE_INTERVAL = 3600.0
-
-
-def utc_moment(seconds: float) -> datetime:
-    """A naive UTC datetime at whole-second precision (what every backend stores)."""
-    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None, microsecond=0)
 
 
 @attrs.frozen
@@ -123,12 +113,12 @@ class BootEventQueries(Protocol):
     def prune(self, before: datetime) -> int: ...
 
 
-class BootEventStore(Threaded[BootEventQueries]):
+class BootEventStore(BatchedWriter[BootEventQueries]):
     """Buffered, batched writes of boot events, and reads for the admin API, on a
     one-thread pool of its own (``run`` replaces it in tests)."""
 
     name = "boot-events"
-    log = Logger()
+    what = "boot events"
 
     def __init__(
         self,
@@ -140,30 +130,17 @@ class BootEventStore(Threaded[BootEventQueries]):
         max_buffer: int = 100_000,
         run: Runner | None = None,
     ) -> None:
-        super().__init__(repository, reactor, pool_name="metadatad-boot-events", run=run)
-        self._flush_interval = flush_interval
-        self._retention = retention_days * 86400.0
+        super().__init__(
+            repository,
+            reactor,
+            pool_name="metadatad-boot-events",
+            flush_interval=flush_interval,
+            retention_days=retention_days,
+            run=run,
+        )
         self._max_buffer = max_buffer
         self._buffer: list[BootEvent] = []
-        self._writing: Deferred[None] | None = None
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = reactor
-        self._last_prune = float("-inf")
         self.dropped = 0
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._flush_interval, now=False)
-
-    def stopService(self) -> Deferred[None]:
-        Service.stopService(self)  # the pool stops once the last batch is written
-        if self._loop.running:
-            self._loop.stop()
-
-        def stop_pool(_: object) -> None:
-            self._stop_pool()
-
-        return self.flush().addBoth(stop_pool)
 
     def record(self, event: BootEvent) -> None:
         """Queue ``event`` for the next batch (never blocks, never fails)."""
@@ -184,51 +161,12 @@ class BootEventStore(Threaded[BootEventQueries]):
 
         return self.run(self.repository.recent, node_uuid, limit).addCallback(merged)
 
-    def flush(self) -> Deferred[None]:
-        """Write every buffered event; fires when done (failures are logged, the events
-        stay buffered for the next try)."""
-        if self._writing is not None:
-            # One batch at a time: chain behind the running one.
-            d: Deferred[None] = Deferred()
-            self._writing.addBoth(lambda _: self.flush().chainDeferred(d))
-            return d
+    def _take_batch(self) -> Batch | None:
         if not self._buffer:
-            return succeed(None)
+            return None
         batch, self._buffer = self._buffer, []
-        writing = self.run(self.repository.add, batch)
-        self._writing = writing
 
-        def done(result: object) -> None:
-            self._writing = None
-            if isinstance(result, Failure):
-                self.log.warn(
-                    "could not store {count} boot events, will retry: {error}",
-                    count=len(batch),
-                    error=result.value,
-                )
-                self._buffer[:0] = batch
+        def restore() -> None:
+            self._buffer[:0] = batch
 
-        writing.addBoth(done)
-        # Callers wait for the write; they never see its failure (it was logged).
-        result: Deferred[None] = Deferred()
-        writing.addBoth(lambda _: result.callback(None))
-        return result
-
-    def _tick(self) -> Deferred[None]:
-        # Never raises: a LoopingCall that fails stops for good.
-        d = self.flush()
-        now = self._reactor.seconds()
-        if self._retention > 0 and now - self._last_prune >= PRUNE_INTERVAL:
-            self._last_prune = now
-            cutoff = utc_moment(now) - timedelta(seconds=self._retention)
-
-            def prune(_: object) -> Deferred[None]:
-                return self.run(self.repository.prune, cutoff).addCallbacks(
-                    lambda count: None,
-                    lambda failure: self.log.warn(
-                        "could not prune boot events: {error}", error=failure.value
-                    ),
-                )
-
-            d.addCallback(prune)
-        return d
+        return Batch(self.repository.add, (batch,), len(batch), restore)

@@ -17,14 +17,30 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, Self, TypeVar, overload
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["Facade", "Runner", "Threaded", "deferred", "private_pool", "run_now"]
+from metadatad.core.records import utc_moment
+
+__all__ = [
+    "Batch",
+    "BatchedWriter",
+    "Facade",
+    "Runner",
+    "Threaded",
+    "deferred",
+    "private_pool",
+    "run_now",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -166,3 +182,126 @@ class Threaded(Facade[R], Service):
     def _stop_pool(self) -> None:
         # Joins the worker threads: in-flight work finishes first.
         self._pool.stop()
+
+
+#: How often a :class:`BatchedWriter` deletes rows past its retention.
+PRUNE_INTERVAL = 3600.0
+
+
+@attrs.frozen
+class Batch:
+    """A batch taken from a :class:`BatchedWriter`'s buffer: ``write(*args)`` runs on
+    the pool; ``restore()`` puts the batch back after a failed write."""
+
+    write: Callable[..., Any]
+    args: tuple[Any, ...]
+    count: int
+    restore: Callable[[], None]
+
+
+class Prunable(Protocol):
+    """A repository whose old rows can be deleted."""
+
+    def prune(self, before: datetime) -> int: ...
+
+
+W = TypeVar("W", bound=Prunable)
+
+
+class BatchedWriter(Threaded[W]):
+    """A :class:`Threaded` store that buffers what happens in memory and writes it in
+    batches every ``flush_interval`` seconds, one batch at a time, keeping a batch that
+    failed for the next try; rows older than ``retention_days`` are pruned hourly
+    (``repository.prune(before)``).  Stopping writes the last batch, then stops the pool.
+
+    Subclasses buffer as they like and say how to take a batch (:meth:`_take_batch`).
+    """
+
+    log = Logger()
+    #: What the rows are, in log lines ("boot events").
+    what = "rows"
+
+    def __init__(
+        self,
+        repository: W,
+        reactor: Any,
+        *,
+        pool_name: str,
+        flush_interval: float = 1.0,
+        retention_days: float = 7.0,
+        run: Runner | None = None,
+    ) -> None:
+        super().__init__(repository, reactor, pool_name=pool_name, run=run)
+        self._flush_interval = flush_interval
+        self._retention = retention_days * 86400.0
+        self._writing: Deferred[None] | None = None
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._last_prune = float("-inf")
+
+    def _take_batch(self) -> Batch | None:
+        """Take what is buffered (None when nothing is)."""
+        raise NotImplementedError
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._flush_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)  # the pool stops once the last batch is written
+        if self._loop.running:
+            self._loop.stop()
+
+        def stop_pool(_: object) -> None:
+            self._stop_pool()
+
+        return self.flush().addBoth(stop_pool)
+
+    def flush(self) -> Deferred[None]:
+        """Write what is buffered; fires when done (a failure is logged and the batch
+        is kept for the next try: callers never see it)."""
+        if self._writing is not None:
+            # One batch at a time: chain behind the running one.
+            d: Deferred[None] = Deferred()
+            self._writing.addBoth(lambda _: self.flush().chainDeferred(d))
+            return d
+        batch = self._take_batch()
+        if batch is None:
+            return succeed(None)
+        writing = self.run(batch.write, *batch.args)
+        self._writing = writing
+
+        def done(result: object) -> None:
+            self._writing = None
+            if isinstance(result, Failure):
+                self.log.warn(
+                    "could not store {count} {what}, will retry: {error}",
+                    count=batch.count,
+                    what=self.what,
+                    error=result.value,
+                )
+                batch.restore()
+
+        writing.addBoth(done)
+        result: Deferred[None] = Deferred()
+        writing.addBoth(lambda _: result.callback(None))
+        return result
+
+    def _tick(self) -> Deferred[None]:
+        # Never raises: a LoopingCall that fails stops for good.
+        d = self.flush()
+        now = self._reactor.seconds()
+        if self._retention > 0 and now - self._last_prune >= PRUNE_INTERVAL:
+            self._last_prune = now
+            cutoff = utc_moment(now) - timedelta(seconds=self._retention)
+
+            def prune(_: object) -> Deferred[None]:
+                return self.run(self.repository.prune, cutoff).addCallbacks(
+                    lambda count: None,
+                    lambda failure: self.log.warn(
+                        "could not prune {what}: {error}", what=self.what, error=failure.value
+                    ),
+                )
+
+            d.addCallback(prune)
+        return d
