@@ -281,11 +281,19 @@ def test_a_killed_worker_is_restarted_and_loses_only_its_own(
         wait_for(lambda: len(outcomes) > 200, "load running")
         os.kill(victim, signal.SIGKILL)
         killed_at = len(outcomes)
-        wait_for(
-            lambda: health(daemon)["workers"]["running"] == 2
-            and victim not in health(daemon)["workers"]["pids"],
-            "the worker started again",
-        )
+
+        def restarted() -> bool:
+            # One reading: two separate ones could straddle the main process noticing
+            # the death (the first still counting the victim, the second not yet
+            # counting its replacement).
+            workers = health(daemon)["workers"]
+            return (
+                workers["restarts"] == 1
+                and workers["running"] == 2
+                and victim not in workers["pids"]
+            )
+
+        wait_for(restarted, "the worker started again")
         wait_for(lambda: len(outcomes) > killed_at + 200, "load after the restart")
         stop.set()
     failed = outcomes.count(False)
