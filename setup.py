@@ -46,8 +46,8 @@ setup(
             "selenium>=4.20",
             "ec2-metadata>=3.0",
         ],
-        # bench/tftp.py's Python peer servers.
-        "bench": ["fbtftp>=0.5", "py3tftp>=1.3"],
+        # bench/tftp.py's Python peer servers; bench/bootstorm.py's client loop.
+        "bench": ["fbtftp>=0.5", "py3tftp>=1.3", "uvloop>=0.19"],
         "dev": ["ruff>=0.6", "mypy>=1.10", "mypy-zope>=1.0.5"],
     },
     entry_points={
