@@ -3,8 +3,14 @@ tests/daemon/test_workers.py)."""
 
 from __future__ import annotations
 
+import socket
+
+from twisted.internet import tcp
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+
 from metadatad.config import Config, MetadataConfig
-from metadatad.worker import worker_config
+from metadatad.worker import _accept_one_per_wake, worker_config
 
 
 def config(**metadata: object) -> Config:
@@ -30,3 +36,28 @@ def test_per_node_limits_are_shared_out_rounded_up() -> None:
         config(workers=4, rate_burst=1, max_connections_per_source=1), {"token_secret": "s"}
     )
     assert (tiny.metadata.rate_burst, tiny.metadata.max_connections_per_source) == (1, 1)
+
+
+def test_a_worker_accepts_one_waiting_connection_per_wake_up() -> None:
+    """Three connections wait; each read of the listening port accepts one of them, so
+    a connection arriving meanwhile wakes another worker (Twisted would take them all)."""
+    reactor = MemoryReactor()
+    accepted: list[object] = []
+
+    class Counting(Factory):
+        def buildProtocol(self, addr: object) -> Protocol:
+            accepted.append(addr)
+            return Protocol()
+
+    port = tcp.Port(0, Counting(), interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    clients = [socket.create_connection(port.socket.getsockname()) for _ in range(3)]
+    try:
+        _accept_one_per_wake(port)
+        for expected in (1, 2, 3):
+            port.doRead()
+            assert len(accepted) == expected
+    finally:
+        for client in clients:
+            client.close()
+        port.socket.close()

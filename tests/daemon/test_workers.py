@@ -35,6 +35,8 @@ def start(daemon_factory: DaemonFactory, **metadata: str) -> Daemon:
     }
     daemon = daemon_factory([NODE, PEER], config=config, vendordata={"v": 1})
     wait_for(lambda: health(daemon)["workers"]["running"] == 2, "two workers running")
+    # Running is not yet serving: a worker adopts the socket once it has started up.
+    wait_for(lambda: workers_that_logged(daemon, "serving") == {0, 1}, "both serving")
     return daemon
 
 
