@@ -1,6 +1,7 @@
 """``[metadata] workers = 2`` on the real daemon: two worker processes behind one
 listening socket, tokens and cache invalidation and watches across them, a worker killed
-with SIGKILL under load, SIGHUP, and stopping."""
+with SIGKILL under load, SIGHUP, stopping, and the default per-node limits (divided
+among the workers) against cloud-init's crawl."""
 
 from __future__ import annotations
 
@@ -8,15 +9,23 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
+from tests.daemon.test_cloudinit import (
+    CALLER_NODE,
+    VENDORDATA,
+    run_driver,
+    system_python,  # noqa: F401  (the fixture, shared)
+)
 from tests.support.daemon import Daemon, DaemonFactory, http_request
 from tests.support.factories import node_document
 
@@ -26,6 +35,7 @@ NODE = node_document(0, ports=[{"mac": "52:54:00:00:02:01", "ip": "127.0.0.1"}])
 PEER = node_document(1, ports=[{"mac": "52:54:00:00:02:02", "ip": "127.0.0.2"}])
 UUID = NODE["uuid"]
 DEADLINE = 15.0
+ACCESS = re.compile(r'^"[^"]*" .*" (?P<status>\d{3}) \S+ "[^"]*" "(?P<agent>[^"]*)"$')
 
 
 def start(daemon_factory: DaemonFactory, **metadata: str) -> Daemon:
@@ -319,3 +329,66 @@ def test_sighup_reloads_every_worker(daemon_factory: DaemonFactory) -> None:
 
     answers = until_both_serve(daemon, vendordata, "hup")
     assert {json.loads(body)["v"] for _, body in answers} == {2}
+
+
+def test_default_limits_never_refuse_a_boot_that_lands_on_one_worker(
+    daemon_factory: DaemonFactory, system_python: str  # noqa: F811
+) -> None:
+    """The defaults (rate_limit 100, rate_burst 1000, max_connections_per_source 64)
+    are divided between 2 workers: 50/s, 500 at once and 32 connections each.  The worst
+    case, every connection of the node on one worker, is forced by stopping the other
+    (SIGSTOP: it leaves epoll_wait, so the kernel wakes worker 0 for every connection).
+    cloud-init's crawl (its OpenStack datasource, then its EC2 one: 84 requests with
+    cloud-init 22.4, one connection each), twice in a row as a boot and a reboot would,
+    is answered without a 429 or a refused connection, all of it by worker 0.  (With
+    rate_limit 10 and rate_burst 100, 5/s and 50 at once per worker, it fails.)"""
+    daemon = daemon_factory(
+        [CALLER_NODE],
+        config={"metadata": {"workers": "2", "access_log": "true"}, "logging": {"format": "json"}},
+        vendordata=VENDORDATA,
+    )
+    wait_for(lambda: health(daemon)["workers"]["running"] == 2, "two workers running")
+    stopped = health(daemon)["workers"]["pids"][1]
+    jobs = [{"name": "openstack", "kind": "openstack"}, {"name": "ec2", "kind": "ec2"}]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        boots = [run_driver(system_python, daemon, f"boot-{n}", jobs) for n in (1, 2)]
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    requested = sum(len(boot[job["name"]]["requested"]) for boot in boots for job in jobs)
+    for boot in boots:
+        for job in jobs:
+            assert boot[job["name"]]["found"], (job, boot[job["name"]].get("error"))
+
+    def crawl() -> list[tuple[int, str]]:
+        """(worker, status) of each request cloud-init made (the harness sends no
+        User-Agent)."""
+        found = []
+        for event in events(daemon):
+            line = ACCESS.match(str(event.get("message", "")))
+            if line is not None and line["agent"] != "-":
+                found.append((event["worker"], line["status"]))
+        return found
+
+    wait_for(lambda: len(crawl()) >= requested, f"the {requested} requests logged")
+    answered = crawl()
+    assert {status for _, status in answered} <= {"200", "404"}, Counter(answered)
+    assert {worker for worker, _ in answered} == {0}, "worker 1 answered while stopped"
+    assert len(answered) == requested, (len(answered), requested)  # no retries
+    assert workers_that_logged(daemon, "refusing connections") == set()
+    # /metrics adds up both workers: nothing refused before reaching the site either.
+    wait_for(
+        lambda: metadata_200s(daemon) == len(workers_that_logged_each(daemon, '" 200 ')),
+        "/metrics counting both workers' answers",
+    )
+    assert metric_sum(daemon, "metadatad_http_refused_total{", 'site="metadata"') == 0
+    assert metric_sum(daemon, "metadatad_metadata_denied_total{", "") == 0
+
+
+def metric_sum(daemon: Daemon, prefix: str, label: str) -> float:
+    _, text = daemon.admin("GET", "/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in str(text).splitlines()
+        if line.startswith(prefix) and label in line
+    )
