@@ -353,7 +353,9 @@ def sequence_file(tmp: Path) -> Path:
 
     path = tmp / "sequence.json"
     with Daemon.create(tmp / "capture", nodes=[CALLER_NODE], vendordata=VENDORDATA) as daemon:
-        path.write_text(json.dumps(capture_sequence(daemon)))
+        sequence = capture_sequence(daemon)
+    path.write_text(json.dumps(sequence))
+    print(f"cloud-init's crawl: {len(sequence)} requests per machine", flush=True)
     return path
 
 
