@@ -141,11 +141,23 @@ def _cache_metrics(caches: Mapping[str, Any]) -> Iterator[Metric]:
     misses = CounterMetricFamily(
         "metadatad_node_cache_misses", "Node lookups that went to the database.", labels=["cache"]
     )
+    entries = GaugeMetricFamily(
+        "metadatad_node_cache_entries", "Node lookups held in memory.", labels=["cache"]
+    )
+    memo = GaugeMetricFamily(
+        "metadatad_node_cache_memo_bytes",
+        "Estimated bytes of rendered answers held by the node cache (bounded).",
+        labels=["cache"],
+    )
     for name, cache in caches.items():
         hits.add_metric([name], cache.hits)
         misses.add_metric([name], cache.misses)
+        entries.add_metric([name], len(cache))
+        memo.add_metric([name], cache.memo_bytes)
     yield hits
     yield misses
+    yield entries
+    yield memo
 
 
 _HEALTH_STATES = ("ok", "starting", "stale", "stopped")

@@ -8,10 +8,18 @@ remembered for a shorter time, so a new node is found quickly but a flood from a
 unknown address does not become a flood of queries.  An entry reloaded after its TTL
 keeps the rendered answers of the one it replaces when the stored node is unchanged:
 answers are rendered once per node revision, not once per TTL.
+
+Bounded (docs/configuration.md, "The node cache's memory"): at most ``max_entries``
+entries (all dropped when full); each entry's memo at most ``max_entry_memo_bytes``
+(answers past it are rendered per request), and the memos of all entries together at
+most ``max_memo_bytes`` (all memos dropped when full, the records kept).  A memoised
+answer counts its body, unless that is the node's own user data (shared, not copied),
+plus ``MEMO_OVERHEAD_BYTES`` for its key, reply and slot.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,18 +31,29 @@ from twisted.python.failure import Failure
 from metadatad.core.records import NodeRecord
 
 NEGATIVE_TTL = 1.0
+MAX_ENTRIES = 100_000
+# One node's answers: cloud-init's whole crawl of a typical node is about 4 KiB; the
+# largest node validation accepts would need over 40 MiB for every path of every
+# version (bench/memory.py entry).
+MAX_ENTRY_MEMO_BYTES = 64 * 1024
+MAX_MEMO_BYTES = 256 * 1024 * 1024
+# What a memoised answer holds besides its body: key tuple, Reply, body header, dict
+# slot (tracemalloc, bench/memory.py entry; key strings are interned).
+MEMO_OVERHEAD_BYTES = 256
 
 
 class CacheEntry:
     """A looked-up node (or None) with its expiry and memoised renderings."""
 
-    __slots__ = ("expires", "memo", "record")
+    __slots__ = ("expires", "memo", "memo_bytes", "record")
 
     def __init__(self, record: NodeRecord | None, expires: float) -> None:
         self.record = record
         self.expires = expires
-        # Rendered replies by path, valid as long as this entry is.
+        # Rendered replies by path, valid as long as this entry is; filled through
+        # NodeCache.remember, which keeps it within its bounds.
         self.memo: dict[Any, Any] = {}
+        self.memo_bytes = 0
 
 
 class NodeCache:
@@ -48,12 +67,20 @@ class NodeCache:
         by_uuid: Callable[[str], Deferred[NodeRecord | None]],
         clock: IReactorTime,
         ttl: float,
-        max_entries: int = 100_000,
+        *,
+        max_entries: int = MAX_ENTRIES,
+        max_entry_memo_bytes: int = MAX_ENTRY_MEMO_BYTES,
+        max_memo_bytes: int = MAX_MEMO_BYTES,
     ) -> None:
         self._loaders = {"ip": by_ip, "uuid": by_uuid}
         self._clock = clock
         self._ttl = ttl
         self._max_entries = max_entries
+        self._max_entry_memo = max_entry_memo_bytes
+        self._max_memo = max_memo_bytes
+        # The memo bytes of every entry that can still grow: an entry dropped while a
+        # request holds it may add to this count, never subtract (an overestimate).
+        self.memo_bytes = 0
         self._entries: dict[tuple[str, str], CacheEntry] = {}
         self._waiting: dict[tuple[str, str], list[Deferred[CacheEntry]]] = {}
         self._generation = 0
@@ -68,10 +95,41 @@ class NodeCache:
         """The entry for the node ``uuid``."""
         return self._get(("uuid", uuid))
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remember(self, entry: CacheEntry, key: tuple[str, ...], reply: Any) -> None:
+        """Memoise ``reply`` (a :class:`~metadatad.metadata.reply.Reply`) as ``entry``'s
+        answer to ``key`` if the bounds allow; otherwise it is rendered again next time."""
+        body = reply.body
+        record = entry.record
+        shared = record is not None and body is record.node.user_data
+        cost = MEMO_OVERHEAD_BYTES + (0 if shared else len(body))
+        if entry.memo_bytes + cost > self._max_entry_memo:
+            return
+        if self.memo_bytes + cost > self._max_memo:
+            self._forget_memos()
+        # Interned: the same few path names in every entry's keys are stored once.
+        entry.memo[tuple(map(sys.intern, key))] = reply
+        entry.memo_bytes += cost
+        self.memo_bytes += cost
+
     def invalidate(self) -> None:
         """Forget everything, including lookups still in flight."""
         self._entries.clear()
+        self.memo_bytes = 0
         self._generation += 1
+
+    def _forget_memos(self) -> None:
+        self.log.info(
+            "node cache: {bytes} bytes of rendered answers in {entries} entries, forgetting them",
+            bytes=self.memo_bytes,
+            entries=len(self._entries),
+        )
+        for entry in self._entries.values():
+            entry.memo = {}
+            entry.memo_bytes = 0
+        self.memo_bytes = 0
 
     def _get(self, key: tuple[str, str]) -> CacheEntry | Deferred[CacheEntry]:
         entry = self._entries.get(key)
@@ -102,10 +160,14 @@ class NodeCache:
         if ttl > 0 and generation == self._generation:
             expired = self._entries.get(key)
             # Only an expired entry survives here: invalidate() drops every entry.
-            if expired is not None and record is not None and expired.record == record:
-                entry.memo = expired.memo
+            if expired is not None:
+                if record is not None and expired.record == record:
+                    entry.memo, entry.memo_bytes = expired.memo, expired.memo_bytes
+                else:
+                    self.memo_bytes -= expired.memo_bytes
             if len(self._entries) >= self._max_entries:
                 self._entries.clear()
+                self.memo_bytes = 0
             self._entries[key] = entry
         for d in waiting:
             d.callback(entry)

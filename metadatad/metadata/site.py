@@ -213,7 +213,7 @@ class MetadataSite:
                 pending_time=record.created_at,
             )
             if reply.status == 200:
-                entry.memo[key] = reply
+                self._cache.remember(entry, key, reply)
         return reply
 
     def _openstack(
@@ -244,7 +244,7 @@ class MetadataSite:
         reply = entry.memo.get(key)
         if reply is None:
             reply = self._openstack_file(node, name)
-            entry.memo[key] = reply
+            self._cache.remember(entry, key, reply)
         return reply
 
     def _meta_data(self, entry: CacheEntry, node: Any, version: str) -> Reply:
@@ -254,11 +254,10 @@ class MetadataSite:
         template = entry.memo.get(key)
         if template is None:
             document = openstack.meta_data(node, version, b"")
-            if "random_seed" not in document:
-                template = entry.memo[key] = json_reply(document)
-                return template
-            document["random_seed"] = _SEED_PLACEHOLDER
-            template = entry.memo[key] = json_reply(document)
+            if "random_seed" in document:
+                document["random_seed"] = _SEED_PLACEHOLDER
+            template = json_reply(document)
+            self._cache.remember(entry, key, template)
         before, found, after = template.body.partition(_SEED_PLACEHOLDER_BYTES)
         if not found:
             return template

@@ -7,7 +7,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from metadatad.db.cache import NEGATIVE_TTL, CacheEntry, NodeCache
+from metadatad.db.cache import MEMO_OVERHEAD_BYTES, NEGATIVE_TTL, CacheEntry, NodeCache
+from metadatad.metadata.reply import Reply
 from metadatad.testing import MemoryStore
 from tests.support.factories import cache_with_pending_queries, make_node
 
@@ -138,3 +139,85 @@ def test_renderings_survive_a_reload_of_the_same_node() -> None:
     third.memo["rendered"] = b"renamed"
     store.upsert_nodes([make_node(hostname="renamed-again")])
     assert resolve(cache.by_ip("10.0.0.2")).memo == {}
+
+
+def answer(size: int) -> Reply:
+    return Reply(200, b"x" * size)
+
+
+def test_one_entrys_memo_is_bounded() -> None:
+    """Answers past an entry's memo budget are not memoised (rendered again next time);
+    smaller ones still are, and the entry's count says what it holds."""
+    cache, _, _ = make_cache()
+    cache = NodeCache(
+        cache._loaders["ip"],
+        cache._loaders["uuid"],
+        Clock(),
+        15,
+        max_entry_memo_bytes=4 * MEMO_OVERHEAD_BYTES,
+    )
+    entry = resolve(cache.by_ip("10.0.0.2"))
+    cache.remember(entry, ("ec2", "latest", "big"), answer(3 * MEMO_OVERHEAD_BYTES + 1))
+    assert entry.memo == {} and entry.memo_bytes == 0
+    cache.remember(entry, ("ec2", "latest", "a"), answer(MEMO_OVERHEAD_BYTES))
+    cache.remember(entry, ("ec2", "latest", "b"), answer(0))
+    cache.remember(entry, ("ec2", "latest", "c"), answer(0))
+    cache.remember(entry, ("ec2", "latest", "d"), answer(0))
+    assert set(entry.memo) == {("ec2", "latest", name) for name in "abc"}
+    assert entry.memo_bytes == cache.memo_bytes == 4 * MEMO_OVERHEAD_BYTES
+
+
+def test_a_nodes_own_user_data_costs_no_copy() -> None:
+    """An answer whose body is the node's user data (shared, not copied) counts only its
+    overhead."""
+    cache, _, _ = make_cache()
+    entry = resolve(cache.by_ip("10.0.0.2"))
+    assert entry.record is not None and entry.record.node.user_data
+    cache.remember(entry, ("ec2", "latest", "user-data"), Reply(200, entry.record.node.user_data))
+    assert entry.memo_bytes == MEMO_OVERHEAD_BYTES
+
+
+def test_all_memos_together_are_bounded() -> None:
+    """Past the cache's memo budget every memo is dropped (the records stay cached and
+    are answered without a query), and memoising starts again."""
+    clock = Clock()
+    store = MemoryStore()
+    store.repository.upsert_nodes([make_node(i) for i in range(10)])
+    cache = NodeCache(
+        store.node_by_ip, store.get_node, clock, 15, max_memo_bytes=5 * MEMO_OVERHEAD_BYTES
+    )
+    entries = [resolve(cache.by_ip(f"10.0.0.{i + 2}")) for i in range(10)]
+    for entry in entries[:5]:
+        cache.remember(entry, ("k",), answer(0))
+    assert cache.memo_bytes == 5 * MEMO_OVERHEAD_BYTES
+    cache.remember(entries[5], ("k",), answer(0))
+    assert [len(e.memo) for e in entries[:6]] == [0, 0, 0, 0, 0, 1]
+    assert cache.memo_bytes == entries[5].memo_bytes == MEMO_OVERHEAD_BYTES
+    assert cache.by_ip("10.0.0.2") is entries[0]
+    assert store.calls["node_by_ip"] == 10
+
+
+def test_memo_count_follows_the_entries() -> None:
+    """Dropping entries (a write, the cache full, a changed node on reload) drops their
+    bytes from the count; an unchanged node's reload keeps them."""
+    cache, store, clock = make_cache()
+    entry = resolve(cache.by_ip("10.0.0.2"))
+    cache.remember(entry, ("k",), answer(10))
+    clock.advance(16)
+    assert (
+        resolve(cache.by_ip("10.0.0.2")).memo_bytes
+        == cache.memo_bytes
+        == (MEMO_OVERHEAD_BYTES + 10)
+    )
+    store.repository.upsert_nodes([make_node(hostname="renamed")])
+    clock.advance(16)
+    assert resolve(cache.by_ip("10.0.0.2")).memo == {}
+    assert cache.memo_bytes == 0
+    cache.remember(resolve(cache.by_ip("10.0.0.2")), ("k",), answer(10))
+    cache.invalidate()
+    assert cache.memo_bytes == 0
+    small = NodeCache(store.node_by_ip, store.get_node, clock, 15, max_entries=1)
+    cache.remember(resolve(small.by_ip("10.0.0.2")), ("k",), answer(10))
+    small.remember(resolve(small.by_ip("10.0.0.2")), ("k",), answer(10))
+    resolve(small.by_ip("10.0.0.9"))
+    assert small.memo_bytes == 0 and len(small) == 1

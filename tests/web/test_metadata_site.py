@@ -21,7 +21,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from metadatad.core.identity import Identifier, sign_instance_id
 from metadatad.core.records import NodeRecord
-from metadatad.db.cache import NodeCache
+from metadatad.db.cache import CacheEntry, NodeCache
 from metadatad.metadata.site import MetadataSite
 from metadatad.testing import MemoryStore
 from tests.support.factories import USER_DATA, cache_with_pending_queries, make_node
@@ -391,3 +391,44 @@ def test_meta_data_json_seed_is_spliced_into_the_cached_document() -> None:
     assert first["meta"] == second["meta"] == {"random_seed": "x", "note": '"random_seed":"'}
     old = json.loads(client.get("/openstack/2012-08-10/meta_data.json").body)
     assert "random_seed" not in old and old["uuid"] == sneaky.uuid
+
+
+def test_answers_past_the_memo_bound_are_rendered_each_time() -> None:
+    """A node whose answers outgrow its entry's memo budget gets the same answers (a
+    fresh random_seed included), rendered per request; the memo stays within bounds."""
+    big_keys = {f"key{i}": "ssh-rsa " + "A" * 4000 for i in range(8)}
+    node = make_node(
+        0, ports=[{"mac": "52:54:00:00:00:01", "ip": "127.0.0.1"}], public_keys=big_keys
+    )
+    paths = [
+        "/openstack/latest/meta_data.json",
+        "/latest/meta-data/public-keys/7/openssh-key",
+        "/2009-04-04/meta-data/public-keys/7/openssh-key",
+        "/latest/user-data",
+        "/latest/meta-data/instance-id",
+    ]
+    seeds = iter(bytes([i]) * 512 for i in range(100))
+    answers = []
+    for bound in (None, 4096):
+        store = MemoryStore()
+        store.repository.upsert_nodes([node])
+        kwargs = {} if bound is None else {"max_entry_memo_bytes": bound}
+        cache = NodeCache(store.node_by_ip, store.get_node, Clock(), 15, **kwargs)
+        site = MetadataSite(cache, store, Identifier([], ""), random_bytes=lambda n: next(seeds))
+        client = Client(site.resource())
+        answers.append([client.get(path).body for path in paths + paths])
+        entry = cache.by_ip("127.0.0.1")
+        assert isinstance(entry, CacheEntry)
+        if bound is not None:
+            assert entry.memo_bytes <= bound
+            assert ("openstack", "latest", "meta_data.json") not in entry.memo
+            assert ("ec2", "latest", "meta-data", "instance-id") in entry.memo
+    unbounded, bounded = answers
+    for plain, capped in zip(unbounded, bounded, strict=True):
+        if plain.startswith(b"{"):
+            documents = json.loads(plain), json.loads(capped)
+            assert documents[0].pop("random_seed") != documents[1].pop("random_seed")
+            assert documents[0] == documents[1]
+        else:
+            assert plain == capped
+    assert json.loads(bounded[0])["random_seed"] != json.loads(bounded[5])["random_seed"]

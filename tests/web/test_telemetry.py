@@ -151,6 +151,8 @@ def test_collector_reads_the_daemon_parts(tmp_path: Path) -> None:
     found = samples(registry)
     assert value(found, "metadatad_node_cache_misses_total", cache="metadata") == 1
     assert value(found, "metadatad_node_cache_hits_total", cache="metadata") == 1
+    assert value(found, "metadatad_node_cache_entries", cache="metadata") == 1
+    assert value(found, "metadatad_node_cache_memo_bytes", cache="metadata") == 0
     assert 0 <= value(found, "metadatad_heartbeat_age_seconds") <= 1
     assert value(found, "metadatad_heartbeat_timeout_seconds") == 5
     assert value(found, "metadatad_membership_state", state="ok") == 1
