@@ -174,6 +174,26 @@ def test_the_deadline_is_per_request_not_per_connection() -> None:
     assert transport.disconnecting  # idle_timeout
 
 
+def test_a_later_request_gets_its_own_deadline_from_the_same_timer() -> None:
+    """One timer per connection: when it fires for a finished request while a later one
+    is being received, that one still gets its full client_timeout; requests on a
+    keep-alive connection schedule no timer each."""
+    site, resource, clock = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    timers = len(clock.getDelayedCalls())
+    for i in range(5):
+        channel.dataReceived(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+    assert len(clock.getDelayedCalls()) <= timers + 1
+    clock.advance(5)
+    channel.dataReceived(b"GET /late HTTP/1.1\r\n")
+    clock.advance(LIMITS.client_timeout - 0.1)
+    assert transport.value().count(b"HTTP/1.1 408") == 0
+    clock.advance(0.1)
+    assert b"HTTP/1.1 408" in transport.value()
+    assert transport.disconnecting
+    assert resource.seen == [b"/%d" % i for i in range(5)]
+
+
 def test_connections_per_source_are_capped() -> None:
     """Past the cap a source's connection is refused; others are not; a closed
     connection frees its slot."""
