@@ -23,10 +23,12 @@ from metadatad.core.conductors import ConductorInfo
 from metadatad.db.cache import NodeCache
 from metadatad.metrics import REGISTRY
 from metadatad.telemetry import (
+    _MAX_KEYS,
     COLLECTOR,
     DaemonCollector,
     MeasuredResource,
     MetricsService,
+    RequestCollector,
     Sources,
 )
 from metadatad.testing import MemoryClusterRepository, MemoryNodeRepository, MemoryStore
@@ -104,6 +106,38 @@ def test_requests_are_counted_with_their_duration() -> None:
     bucket = "metadatad_http_request_duration_seconds_bucket"
     slow_bucket = {"site": "test-site", "le": "0.25"}
     assert value(after, bucket, **slow_bucket) == value(before, bucket, **slow_bucket) + 2
+
+
+def test_a_tally_folds_odd_methods_and_keeps_cumulative_buckets() -> None:
+    """Counted in plain integers, exported as Prometheus counts them: a scanner's many
+    odd methods are one "other" label (and stop growing the tally's keys), buckets are
+    cumulative with ``le`` bounds, an aborted request is "aborted"."""
+    registry = CollectorRegistry()
+    collector = RequestCollector()
+    registry.register(collector)
+    tally = collector.tally("probe")
+    assert collector.tally("probe") is tally
+    assert samples(registry) == {}
+    for i in range(_MAX_KEYS + 50):
+        tally.observe(b"X%d" % i, 405, 0.0001)
+    tally.observe(b"get", 200, 0.3)
+    tally.observe(b"GET", None, 100.0)
+    found = samples(registry)
+    counted = "metadatad_http_requests_total"
+    assert value(found, counted, site="probe", method="other", code="405") == _MAX_KEYS + 50
+    assert value(found, counted, site="probe", method="GET", code="200") == 1
+    assert value(found, counted, site="probe", method="GET", code="aborted") == 1
+    assert len(tally._counts) <= _MAX_KEYS
+    bucket = "metadatad_http_request_duration_seconds_bucket"
+    assert value(found, bucket, site="probe", le="0.0005") == _MAX_KEYS + 50
+    assert value(found, bucket, site="probe", le="0.25") == _MAX_KEYS + 50
+    assert value(found, bucket, site="probe", le="0.5") == _MAX_KEYS + 51
+    assert value(found, bucket, site="probe", le="60.0") == _MAX_KEYS + 51
+    assert value(found, bucket, site="probe", le="+Inf") == _MAX_KEYS + 52
+    count = "metadatad_http_request_duration_seconds_count"
+    assert value(found, count, site="probe") == _MAX_KEYS + 52
+    total = "metadatad_http_request_duration_seconds_sum"
+    assert value(found, total, site="probe") == pytest.approx(100.3 + 0.0001 * (_MAX_KEYS + 50))
 
 
 def membership(clock: Clock) -> MembershipService:
