@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -71,9 +71,33 @@ class Limits:
 
 
 class HardenedRequest(Request):
-    """A request whose body stops being read past the channel's body limit."""
+    """A request whose body stops being read past the channel's body limit, and which
+    can tell one listener that it is done without a Deferred (:meth:`when_done`)."""
 
     _body_bytes = 0
+    _done: tuple[Callable[..., object], tuple[Any, ...]] | None = None
+
+    def when_done(self, listener: Callable[..., object], *args: Any) -> None:
+        """Call ``listener(code, *args)`` once: when the response is finished (``code``
+        its status) or when the connection is lost first (``code`` None).
+
+        ``notifyFinish`` without its Deferred, for what runs on every request (request
+        metrics); one listener per request."""
+        if self._done is not None:
+            raise RuntimeError("a request tells one when_done listener")
+        self._done = (listener, args)
+
+    def tell_done(self, code: int | None) -> None:
+        """The response is finished (``code``) or its connection lost (None)."""
+        done = self._done
+        if done is not None:
+            self._done = None
+            listener, args = done
+            listener(code, *args)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.tell_done(None)
+        super().connectionLost(reason)
 
     def handleContentChunk(self, data: bytes) -> None:
         channel = self.channel
@@ -391,6 +415,10 @@ class HardenedSite(Site):
         return self._open.get(host, 0)
 
     def log(self, request: Any) -> None:
-        """An access-log line only when asked for (metrics count requests)."""
+        """Called by twisted.web as each response is finished: tells the request's
+        :meth:`~HardenedRequest.when_done` listener; an access-log line only when asked
+        for (metrics count requests)."""
+        if isinstance(request, HardenedRequest):
+            request.tell_done(request.code)
         if self.access_log:
             super().log(request)

@@ -154,14 +154,20 @@ class MeasuredResource(Resource):
 
     def render(self, request: Request) -> Any:
         started = self._clock.seconds()
-
-        def finished(result: object) -> None:
-            # An errback here is the caller hanging up: count it, swallow it.
-            code = None if isinstance(result, Failure) else request.code
-            self._tally.observe(request.method, code, self._clock.seconds() - started)
-
-        request.notifyFinish().addBoth(finished)
+        when_done = getattr(request, "when_done", None)
+        if when_done is not None:
+            # A HardenedRequest (the daemon's sites): told without a Deferred.
+            when_done(self._finished, request, started)
+        else:
+            request.notifyFinish().addBoth(self._notified, request, started)
         return self._inner.render(request)
+
+    def _finished(self, code: int | None, request: Request, started: float) -> None:
+        self._tally.observe(request.method, code, self._clock.seconds() - started)
+
+    def _notified(self, result: object, request: Request, started: float) -> None:
+        # An errback here is the caller hanging up: count it, swallow it.
+        self._finished(None if isinstance(result, Failure) else request.code, request, started)
 
 
 @attrs.define

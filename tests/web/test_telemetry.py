@@ -13,14 +13,19 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from metadatad.admin.site import AdminSite
 from metadatad.cluster.membership import MembershipService
 from metadatad.core.conductors import ConductorInfo
 from metadatad.db.cache import NodeCache
+from metadatad.hardening import HardenedSite, Limits
 from metadatad.metrics import REGISTRY
 from metadatad.telemetry import (
     _MAX_KEYS,
@@ -106,6 +111,39 @@ def test_requests_are_counted_with_their_duration() -> None:
     bucket = "metadatad_http_request_duration_seconds_bucket"
     slow_bucket = {"site": "test-site", "le": "0.25"}
     assert value(after, bucket, **slow_bucket) == value(before, bucket, **slow_bucket) + 2
+
+
+def test_requests_on_a_hardened_site_are_counted_without_a_deferred() -> None:
+    """Behind the daemon's HardenedSite the count comes from the request's when_done
+    (no notifyFinish Deferred): a finished request by its code after its duration, a
+    caller that hangs up as "aborted"."""
+    clock = Clock()
+    slow = Slow()
+    site = HardenedSite(
+        MeasuredResource(slow.app.resource(), "hardened", clock),
+        Limits(),
+        "hardened",
+        reactor=clock,
+    )
+    before = samples()
+    address = IPv4Address("TCP", "10.0.0.9", 40000)
+    channel = site.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /missing HTTP/1.1\r\nHost: a\r\n\r\n")
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    clock.advance(0.3)
+    channel.connectionLost(Failure(ConnectionDone()))
+
+    after = samples()
+    counted = "metadatad_http_requests_total"
+    for code in ("404", "aborted"):
+        labels = {"site": "hardened", "method": "GET", "code": code}
+        assert value(after, counted, **labels) == value(before, counted, **labels) + 1
+    total = "metadatad_http_request_duration_seconds_sum"
+    assert value(after, total, site="hardened") == pytest.approx(
+        value(before, total, site="hardened") + 0.3
+    )
 
 
 def test_a_tally_folds_odd_methods_and_keeps_cumulative_buckets() -> None:
