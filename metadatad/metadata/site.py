@@ -173,7 +173,9 @@ class MetadataSite:
         listing = _listing(parts)
         if listing is not None:
             return listing
-        return self._answer(entry, request, caller, parts)
+        if visible is None:
+            return error(404, "Not Found: no node for this caller")
+        return self._answer(entry, visible, request, parts)
 
     def _store_failed(self, failure: Failure) -> Reply | Failure:
         return store_unavailable(failure, self.log)
@@ -185,11 +187,9 @@ class MetadataSite:
         return self._cache.by_ip(caller.ip)
 
     def _answer(
-        self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]
+        self, entry: CacheEntry, record: NodeRecord, request: Request, parts: list[str]
     ) -> Answer:
-        record = _visible(entry.record, caller)
-        if record is None:
-            return error(404, "Not Found: no node for this caller")
+        """``record`` (the caller's, visible to it) answers ``parts``."""
         if self._seen is not None:
             self._seen(record.node.uuid)
         if parts[0] == "openstack":
@@ -372,9 +372,11 @@ def _is_peer_post(parts: list[str]) -> bool:
 
 def _listing(parts: list[str]) -> Reply | None:
     """The public version listings, which need no node."""
-    if not parts or parts == ["ec2"]:
+    if len(parts) > 1:
+        return None
+    if not parts or parts[0] == "ec2":
         return ec2.versions_listing()
-    if parts == ["openstack"]:
+    if parts[0] == "openstack":
         return openstack.versions_listing()
     return None
 
