@@ -249,21 +249,22 @@ class MetadataSite:
 
     def _meta_data(self, entry: CacheEntry, node: Any, version: str) -> Reply:
         # random_seed is fresh on every read, as Nova does; the rest of the document is
-        # serialised once per cache entry around an unguessable placeholder.
+        # serialised once per cache entry around an unguessable placeholder, and kept
+        # as the bytes before and after it (None: a document without a seed).
         key = ("openstack", version, "meta_data.json")
-        template = entry.memo.get(key)
-        if template is None:
+        memo: tuple[Reply, bytes | None, bytes] | None = entry.memo.get(key)
+        if memo is None:
             document = openstack.meta_data(node, version, b"")
-            if "random_seed" not in document:
-                template = entry.memo[key] = json_reply(document)
-                return template
-            document["random_seed"] = _SEED_PLACEHOLDER
-            template = entry.memo[key] = json_reply(document)
-        before, found, after = template.body.partition(_SEED_PLACEHOLDER_BYTES)
-        if not found:
+            if "random_seed" in document:
+                document["random_seed"] = _SEED_PLACEHOLDER
+            rendered = json_reply(document)
+            head, found, tail = rendered.body.partition(_SEED_PLACEHOLDER_BYTES)
+            memo = entry.memo[key] = (rendered, head if found else None, tail)
+        template, before, after = memo
+        if before is None:
             return template
         seed = base64.b64encode(self._random_bytes(512))
-        return attrs.evolve(template, body=b"".join((before, seed, after)))
+        return Reply(200, b"".join((before, seed, after)), template.content_type)
 
     def _openstack_file(self, node: Any, name: str) -> Reply:
         if name == "user_data":
