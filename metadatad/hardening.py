@@ -8,6 +8,8 @@
   before reading it, or while reading a chunked body), without buffering it;
 - answer ``408`` and close when a request is not complete ``client_timeout`` seconds
   after its first byte (slow clients: Twisted's idle timeout restarts on every byte);
+  one timer per connection, re-armed only when it fires: a request on a keep-alive
+  connection costs a clock read, not a timer scheduled and cancelled;
 - close connections idle for ``idle_timeout`` seconds;
 - abort a connection whose client has taken none of its pending response for
   ``write_timeout`` seconds (Twisted's idle timeout is off while a response is
@@ -25,11 +27,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from prometheus_client import Counter
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,9 +71,33 @@ class Limits:
 
 
 class HardenedRequest(Request):
-    """A request whose body stops being read past the channel's body limit."""
+    """A request whose body stops being read past the channel's body limit, and which
+    can tell one listener that it is done without a Deferred (:meth:`when_done`)."""
 
     _body_bytes = 0
+    _done: tuple[Callable[..., object], tuple[Any, ...]] | None = None
+
+    def when_done(self, listener: Callable[..., object], *args: Any) -> None:
+        """Call ``listener(code, *args)`` once: when the response is finished (``code``
+        its status) or when the connection is lost first (``code`` None).
+
+        ``notifyFinish`` without its Deferred, for what runs on every request (request
+        metrics); one listener per request."""
+        if self._done is not None:
+            raise RuntimeError("a request tells one when_done listener")
+        self._done = (listener, args)
+
+    def tell_done(self, code: int | None) -> None:
+        """The response is finished (``code``) or its connection lost (None)."""
+        done = self._done
+        if done is not None:
+            self._done = None
+            listener, args = done
+            listener(code, *args)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.tell_done(None)
+        super().connectionLost(reason)
 
     def handleContentChunk(self, data: bytes) -> None:
         channel = self.channel
@@ -88,16 +115,25 @@ class HardenedChannel(HTTPChannel):
     """An HTTP/1.1 channel enforcing :class:`Limits` (see the module docstring)."""
 
     refused = False
+    # The timer of the client_timeout deadline, and when the request being received
+    # (None: none is) sent its first byte.
     _deadline: Any = None
+    _receiving_since: float | None = None
     _stall: Any = None
     _unsent_then: int | None = None
     _saved_hops: tuple[int, int, int] | None = None
     _source: str | None = None
 
-    def __init__(self, limits: Limits, name: str = "") -> None:
+    def __init__(self, limits: Limits, name: str = "", clock: IReactorTime | None = None) -> None:
         super().__init__()
         self.limits = limits
         self.name = name
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        # The deadline's clock: the one ``callLater`` is on (the site's reactor).
+        self._seconds = clock.seconds
         # LineReceiver drops a longer line silently; lineLengthExceeded answers 431.
         self.MAX_LENGTH = limits.max_header_bytes
         self.totalHeadersSize = limits.max_header_bytes
@@ -105,8 +141,10 @@ class HardenedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return
-        if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.callLater(self.limits.client_timeout, self._too_slow)
+        if self._receiving_since is None and not self._handlingRequest:
+            self._receiving_since = self._seconds()
+            if self._deadline is None:
+                self._deadline = self.callLater(self.limits.client_timeout, self._check_deadline)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -133,7 +171,8 @@ class HardenedChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         if self.refused:
             return
-        self._cancel_deadline()
+        # The timer stays: it finds no request being received, or a later one.
+        self._receiving_since = None
         self._restore_hops()
         super().allContentReceived()
 
@@ -184,8 +223,16 @@ class HardenedChannel(HTTPChannel):
                 self._stall.cancel()
             self._stall = None
 
-    def _too_slow(self) -> None:
+    def _check_deadline(self) -> None:
         self._deadline = None
+        since = self._receiving_since
+        if since is None:
+            return  # between requests: the idle timeout rules
+        left = since + self.limits.client_timeout - self._seconds()
+        if left > 0:
+            # A later request than the one the timer was set for: its own deadline.
+            self._deadline = self.callLater(left, self._check_deadline)
+            return
         self.refuse(408, "slow client")
 
     def _cancel_deadline(self) -> None:
@@ -331,7 +378,7 @@ class HardenedSite(Site):
 
     def protocol(self) -> HardenedChannel:  # type: ignore[override]
         """A new channel (HTTP/1.1 only: no HTTP/2 upgrade for metadata clients)."""
-        return HardenedChannel(self.limits, self.name)
+        return HardenedChannel(self.limits, self.name, self.reactor)
 
     def buildProtocol(self, addr: Any) -> Any:
         """A channel for ``addr``, or None (the connection is closed) past the cap."""
@@ -368,6 +415,10 @@ class HardenedSite(Site):
         return self._open.get(host, 0)
 
     def log(self, request: Any) -> None:
-        """An access-log line only when asked for (metrics count requests)."""
+        """Called by twisted.web as each response is finished: tells the request's
+        :meth:`~HardenedRequest.when_done` listener; an access-log line only when asked
+        for (metrics count requests)."""
+        if isinstance(request, HardenedRequest):
+            request.tell_done(request.code)
         if self.access_log:
             super().log(request)

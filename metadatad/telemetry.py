@@ -3,7 +3,9 @@
 ring and TFTP, on :data:`metadatad.metrics.REGISTRY`.
 
 HTTP requests are counted as they finish (:class:`MeasuredResource` wraps each site's
-resource).  Everything else already has a counter or a state somewhere in the daemon;
+resource), in plain integers (:class:`RequestTally`) that become Prometheus families only
+when scraped: counting costs a request a few dictionary and list operations.
+Everything else already has a counter or a state somewhere in the daemon;
 :class:`DaemonCollector` reads those at scrape time instead of keeping copies, so a
 metric can never drift from what the daemon does.  The ``metrics`` service attaches
 the daemon's parts to the collector while it runs.
@@ -12,13 +14,20 @@ the daemon's parts to the collector while it runs.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
-from prometheus_client import Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -30,46 +39,105 @@ from metadatad.metrics import REGISTRY
 # The classic text format, which generate_latest() writes and every scraper reads.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Methods beyond these are one label value: a scanner cannot grow the series.
+# Methods shown by name; any other is "other".
 _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"})
 
-HTTP_REQUESTS = Counter(
-    "metadatad_http_requests",
-    "HTTP requests answered, by site, method and status code.",
-    ["site", "method", "code"],
-    registry=REGISTRY,
-)
-HTTP_LATENCY = Histogram(
-    "metadatad_http_request_duration_seconds",
-    "Time from the request's arrival to its last byte, by site.",
-    ["site"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
-    registry=REGISTRY,
-)
+_REQUESTS_HELP = "HTTP requests answered, by site, method and status code."
+_LATENCY_HELP = "Time from the request's arrival to its last byte, by site."
+#: Upper bounds (seconds) of the latency histogram's buckets.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
+_LE = (*(floatToGoString(bound) for bound in LATENCY_BUCKETS), "+Inf")
+# Distinct (method, code) pairs a tally keeps apart; past it, a scanner's odd methods
+# are folded into their label at once.
+_MAX_KEYS = 1000
 
 
-# Labelled children by label values: labels() builds and locks on every call, and
-# this runs once per request.  Bounded: sites x methods x status codes.
-_COUNTERS: dict[tuple[str, bytes, int | None], Any] = {}
-_HISTOGRAMS: dict[str, Any] = {}
+class RequestTally:
+    """One site's finished requests, counted with plain integers on the hot path (no
+    labelled child, no lock: requests finish on the reactor thread) and turned into
+    ``metadatad_http_requests`` and ``metadatad_http_request_duration_seconds`` only
+    when ``/metrics`` is read."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self._counts: dict[tuple[bytes, int | None], int] = {}
+        self._folded: dict[tuple[str, str], int] = {}
+        # Per bucket, not cumulative; the last one is +Inf.
+        self._buckets = [0] * len(_LE)
+        self._sum = 0.0
+
+    def observe(self, method: bytes, code: int | None, seconds: float) -> None:
+        """Count one finished request (``code`` None: the caller went away first)."""
+        key = (method, code)
+        counts = self._counts
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < _MAX_KEYS:
+            counts[key] = 1
+        else:
+            label = _labels(method, code)
+            self._folded[label] = self._folded.get(label, 0) + 1
+        # The first bucket whose bound is >= seconds (Prometheus' le), else +Inf.
+        self._buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        if seconds > 0:
+            self._sum += seconds
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Requests by (method label, code label)."""
+        found = dict(self._folded)
+        for (method, code), count in self._counts.items():
+            label = _labels(method, code)
+            found[label] = found.get(label, 0) + count
+        return found
+
+    def histogram(self) -> tuple[list[tuple[str, float]], float]:
+        """The cumulative buckets (``le``, count) and the sum of seconds."""
+        total = 0
+        buckets = []
+        for le, count in zip(_LE, self._buckets, strict=True):
+            total += count
+            buckets.append((le, float(total)))
+        return buckets, self._sum
 
 
-def observe_request(site: str, method: bytes, code: int | None, seconds: float) -> None:
-    """Count one finished request (``code`` None: the caller went away first)."""
-    key = (site, method, code)
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        shown = method.decode("ascii", "replace").upper()
-        counter = HTTP_REQUESTS.labels(
-            site, shown if shown in _METHODS else "other", str(code) if code else "aborted"
+def _labels(method: bytes, code: int | None) -> tuple[str, str]:
+    # Methods beyond _METHODS are one label value: a scanner cannot grow the series.
+    shown = method.decode("ascii", "replace").upper()
+    return (shown if shown in _METHODS else "other", str(code) if code else "aborted")
+
+
+class RequestCollector(Collector):
+    """The HTTP request families of every site's :class:`RequestTally`."""
+
+    def __init__(self) -> None:
+        self._tallies: dict[str, RequestTally] = {}
+
+    def tally(self, site: str) -> RequestTally:
+        """The tally of ``site`` (one per site name, shared by its resources)."""
+        found = self._tallies.get(site)
+        if found is None:
+            found = self._tallies[site] = RequestTally(site)
+        return found
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "metadatad_http_requests", _REQUESTS_HELP, labels=["site", "method", "code"]
         )
-        if len(_COUNTERS) < 10_000:  # odd methods from scanners: not remembered forever
-            _COUNTERS[key] = counter
-    counter.inc()
-    histogram = _HISTOGRAMS.get(site)
-    if histogram is None:
-        histogram = _HISTOGRAMS[site] = HTTP_LATENCY.labels(site)
-    histogram.observe(max(0.0, seconds))
+        latency = HistogramMetricFamily(
+            "metadatad_http_request_duration_seconds", _LATENCY_HELP, labels=["site"]
+        )
+        for site, tally in sorted(self._tallies.items()):
+            for (method, code), count in sorted(tally.counts().items()):
+                requests.add_metric([site, method, code], count)
+            buckets, seconds = tally.histogram()
+            if buckets[-1][1]:
+                latency.add_metric([site], buckets, seconds)
+        yield requests
+        yield latency
+
+
+REQUESTS = RequestCollector()
+REGISTRY.register(REQUESTS)
 
 
 class MeasuredResource(Resource):
@@ -81,19 +149,25 @@ class MeasuredResource(Resource):
     def __init__(self, inner: Any, site: str, clock: IReactorTime) -> None:
         super().__init__()
         self._inner = inner
-        self._site = site
+        self._tally = REQUESTS.tally(site)
         self._clock = clock
 
     def render(self, request: Request) -> Any:
         started = self._clock.seconds()
-
-        def finished(result: object) -> None:
-            # An errback here is the caller hanging up: count it, swallow it.
-            code = None if isinstance(result, Failure) else request.code
-            observe_request(self._site, request.method, code, self._clock.seconds() - started)
-
-        request.notifyFinish().addBoth(finished)
+        when_done = getattr(request, "when_done", None)
+        if when_done is not None:
+            # A HardenedRequest (the daemon's sites): told without a Deferred.
+            when_done(self._finished, request, started)
+        else:
+            request.notifyFinish().addBoth(self._notified, request, started)
         return self._inner.render(request)
+
+    def _finished(self, code: int | None, request: Request, started: float) -> None:
+        self._tally.observe(request.method, code, self._clock.seconds() - started)
+
+    def _notified(self, result: object, request: Request, started: float) -> None:
+        # An errback here is the caller hanging up: count it, swallow it.
+        self._finished(None if isinstance(result, Failure) else request.code, request, started)
 
 
 @attrs.define

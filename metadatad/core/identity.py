@@ -20,6 +20,7 @@ TENANT_ID = "x-tenant-id"
 SIGNATURE = "x-instance-id-signature"
 FORWARDED_FOR = "x-forwarded-for"
 _SIGNED_HEADERS = (INSTANCE_ID, TENANT_ID, SIGNATURE)
+_MAX_PEERS = 65536
 
 
 class IdentityError(Exception):
@@ -56,6 +57,9 @@ class Identifier:
     def __init__(self, trusted_proxies: Sequence[IPNetwork] = (), shared_secret: str = "") -> None:
         self._proxies = tuple(trusted_proxies)
         self._secret = shared_secret
+        # Callers known by their address alone, by peer: a Caller is immutable, and a
+        # node asks dozens of paths in a crawl.  Cleared when full.
+        self._by_peer: dict[str, Caller] = {}
 
     def identify(self, peer: str, header: Callable[[str], list[str] | None]) -> Caller:
         """Identify a request from ``peer``; ``header(name)`` returns a header's values.
@@ -66,6 +70,9 @@ class Identifier:
         """
         if self._secret and any(header(name) for name in _SIGNED_HEADERS):
             return self._signed(header)
+        caller = self._by_peer.get(peer)
+        if caller is not None:
+            return caller
         try:
             ip = normalise_ip(peer)
         except ValueError:
@@ -74,7 +81,13 @@ class Identifier:
             forwarded = header(FORWARDED_FOR)
             if forwarded:
                 return Caller(ip=self._forwarded_client(forwarded))
-        return Caller(ip=ip)
+            # A trusted proxy asking for itself: not remembered, its next request may
+            # carry X-Forwarded-For.
+            return Caller(ip=ip)
+        if len(self._by_peer) >= _MAX_PEERS:
+            self._by_peer.clear()
+        caller = self._by_peer[peer] = Caller(ip=ip)
+        return caller
 
     def _signed(self, header: Callable[[str], list[str] | None]) -> Caller:
         values = {}

@@ -222,9 +222,21 @@ class ActivityRecorder(BatchedWriter[ActivityRepository]):
         pending.imdsv2 = pending.imdsv2 and imdsv2
 
     def metadata_request(self, node_uuid: str, method: str, imdsv2: bool) -> None:
-        """A request of the metadata site answered for this node."""
-        self.note(node_uuid, "metadata", method, imdsv2)
-        self._status(node_uuid, METADATA_OUTCOME, "read its metadata")
+        """A request of the metadata site answered for this node.  Runs on every
+        request: past a crawl's first request, one clock read and two dict updates."""
+        now = self._clock.seconds()
+        pending = self._pending.get((node_uuid, "metadata", method))
+        if pending is None:
+            self.note(node_uuid, "metadata", method, imdsv2)
+        else:
+            pending.last = now
+            pending.requests += 1
+            pending.imdsv2 = pending.imdsv2 and imdsv2
+        statuses = self._statuses
+        if node_uuid in statuses or len(statuses) < self._max_buffer:
+            statuses[node_uuid] = (METADATA_OUTCOME, "read its metadata", now)
+        else:
+            self.dropped += 1
 
     def tftp(self, event: BootEvent) -> None:
         """A TFTP transfer reached a decision: the node's boot status follows it."""

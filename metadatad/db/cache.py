@@ -98,9 +98,12 @@ class NodeCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, entry: CacheEntry, key: tuple[str, ...], reply: Any) -> None:
+    def remember(
+        self, entry: CacheEntry, key: tuple[str, ...], reply: Any, *, stored: Any = None
+    ) -> None:
         """Memoise ``reply`` (a :class:`~metadatad.metadata.reply.Reply`) as ``entry``'s
-        answer to ``key`` if the bounds allow; otherwise it is rendered again next time."""
+        answer to ``key`` if the bounds allow; otherwise it is rendered again next time.
+        ``stored``, when given, is kept in its place (a form of the same bytes)."""
         body = reply.body
         record = entry.record
         shared = record is not None and body is record.node.user_data
@@ -110,7 +113,7 @@ class NodeCache:
         if self.memo_bytes + cost > self._max_memo:
             self._forget_memos()
         # Interned: the same few path names in every entry's keys are stored once.
-        entry.memo[tuple(map(sys.intern, key))] = reply
+        entry.memo[tuple(map(sys.intern, key))] = reply if stored is None else stored
         entry.memo_bytes += cost
         self.memo_bytes += cost
 

@@ -44,6 +44,7 @@ from metadatad.metrics import REGISTRY
 
 TOKEN_HEADER = "x-aws-ec2-metadata-token"
 TTL_HEADER = "x-aws-ec2-metadata-token-ttl-seconds"
+_TOKEN_HEADER = TOKEN_HEADER.encode("ascii")
 
 audit = Logger(namespace="metadatad.audit")
 
@@ -79,6 +80,10 @@ class Denied:
     reason: str
     # False for the repeats of a flood: counted, but logged once.
     logged: bool = True
+
+
+# What most requests are screened to: no token, nothing to refuse (shared: frozen).
+_PLAIN = Screened()
 
 
 def is_public_listing(parts: list[str]) -> bool:
@@ -126,18 +131,18 @@ class Guard:
         if isinstance(ttl_or_refusal, Denied):
             return Screened(token_request, refusal=ttl_or_refusal)
         ttl = ttl_or_refusal
-        public = is_public_listing(parts)
-        tokens = _header(request, TOKEN_HEADER)
+        tokens = request.requestHeaders.getRawHeaders(_TOKEN_HEADER)
         if not tokens:
-            if self.require_tokens and not token_request and not public:
+            if self.require_tokens and not token_request and not is_public_listing(parts):
                 reply = error(401, "Unauthorized: a session token is required")
                 return Screened(token_request, ttl, refusal=Denied(reply, "no token"))
-            return Screened(token_request, ttl)
+            return Screened(token_request, ttl) if token_request else _PLAIN
         if len(tokens) != 1:
             refusal = Denied(error(401, "Unauthorized"), "several tokens")
             return Screened(token_request, ttl, refusal=refusal)
         try:
-            node, _ = self._signer.verify(tokens[0].strip(), self._clock.seconds())
+            token = tokens[0].decode("latin-1").strip()
+            node, _ = self._signer.verify(token, self._clock.seconds())
         except TokenError as e:
             refusal = Denied(error(401, "Unauthorized"), e.reason)
             return Screened(token_request, ttl, refusal=refusal)
@@ -165,8 +170,11 @@ class Guard:
                 ttl = parse_ttl(_header(request, TTL_HEADER))
             except TTLError as e:
                 return Denied(error(400, f"Bad Request: {e}"), "bad token TTL")
-        public = is_public_listing(parts)
-        if self._require_header is not None and not public and not self._has_required(request):
+        if (
+            self._require_header is not None
+            and not is_public_listing(parts)
+            and not self._has_required(request)
+        ):
             return Denied(error(403, "Forbidden: required header missing"), "required header")
         return ttl
 

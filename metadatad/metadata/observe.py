@@ -10,6 +10,9 @@ from twisted.web.server import Request
 
 __all__ = ["RecordingVendordataErrors", "request_observer"]
 
+# The usual methods' names, not decoded again on every request.
+_METHODS = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")}
+
 
 class Recorder(Protocol):
     def note(self, node_uuid: str, kind: str, detail: str, imdsv2: bool = False) -> None: ...
@@ -24,7 +27,7 @@ def request_observer(recorder: Recorder) -> Any:
     answered) and every other request, as the node's activity."""
 
     def observe(request: Request, node_uuid: str, imdsv2: bool, token_request: bool) -> None:
-        method = request.method.decode("ascii", errors="replace")
+        method = _METHODS.get(request.method) or request.method.decode("ascii", "replace")
         if token_request:
             recorder.note(node_uuid, "token", "PUT /latest/api/token")
             return

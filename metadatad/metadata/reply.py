@@ -80,11 +80,23 @@ def store_unavailable(failure: Failure, log: Logger) -> Reply | Failure:
     return STORE_UNAVAILABLE
 
 
+# Paths seen lately, split: a crawl asks the same few dozen paths of every node.
+_SPLIT: dict[bytes, list[str]] = {}
+_SPLIT_MAX = 4096
+
+
 def split_path(raw_path: bytes) -> list[str]:
     """Nova-style path normalisation: decode, collapse ``//``, ``.``, ``..``; drop slashes.
 
-    So a trailing slash never matters and ``/openstack`` equals ``/openstack/``.
+    So a trailing slash never matters and ``/openstack`` equals ``/openstack/``.  The
+    list is shared by every request for the same raw path: read it, never change it.
     """
-    path = unquote(raw_path.decode("latin-1"), errors="replace")
-    normal = posixpath.normpath("/" + path)
-    return [part for part in normal.split("/") if part]
+    parts = _SPLIT.get(raw_path)
+    if parts is None:
+        path = unquote(raw_path.decode("latin-1"), errors="replace")
+        normal = posixpath.normpath("/" + path)
+        parts = [part for part in normal.split("/") if part]
+        if len(_SPLIT) >= _SPLIT_MAX:
+            _SPLIT.clear()  # a scan of made-up paths: start again
+        _SPLIT[raw_path] = parts
+    return parts

@@ -173,7 +173,9 @@ class MetadataSite:
         listing = _listing(parts)
         if listing is not None:
             return listing
-        return self._answer(entry, request, caller, parts)
+        if visible is None:
+            return error(404, "Not Found: no node for this caller")
+        return self._answer(entry, visible, request, parts)
 
     def _store_failed(self, failure: Failure) -> Reply | Failure:
         return store_unavailable(failure, self.log)
@@ -185,11 +187,9 @@ class MetadataSite:
         return self._cache.by_ip(caller.ip)
 
     def _answer(
-        self, entry: CacheEntry, request: Request, caller: Caller, parts: list[str]
+        self, entry: CacheEntry, record: NodeRecord, request: Request, parts: list[str]
     ) -> Answer:
-        record = _visible(entry.record, caller)
-        if record is None:
-            return error(404, "Not Found: no node for this caller")
+        """``record`` (the caller's, visible to it) answers ``parts``."""
         if self._seen is not None:
             self._seen(record.node.uuid)
         if parts[0] == "openstack":
@@ -249,20 +249,27 @@ class MetadataSite:
 
     def _meta_data(self, entry: CacheEntry, node: Any, version: str) -> Reply:
         # random_seed is fresh on every read, as Nova does; the rest of the document is
-        # serialised once per cache entry around an unguessable placeholder.
+        # serialised once per cache entry around an unguessable placeholder, and kept
+        # as the bytes before and after it (None: a document without a seed).
         key = ("openstack", version, "meta_data.json")
-        template = entry.memo.get(key)
-        if template is None:
+        memo: tuple[Reply, bytes | None, bytes] | None = entry.memo.get(key)
+        if memo is None:
             document = openstack.meta_data(node, version, b"")
             if "random_seed" in document:
                 document["random_seed"] = _SEED_PLACEHOLDER
-            template = json_reply(document)
-            self._cache.remember(entry, key, template)
-        before, found, after = template.body.partition(_SEED_PLACEHOLDER_BYTES)
-        if not found:
+            rendered = json_reply(document)
+            head, found, tail = rendered.body.partition(_SEED_PLACEHOLDER_BYTES)
+            if found:
+                # The two halves take the whole body's place (and its size in the bound).
+                memo = (Reply(200, b"", rendered.content_type), head, tail)
+            else:
+                memo = (rendered, None, b"")
+            self._cache.remember(entry, key, rendered, stored=memo)
+        template, before, after = memo
+        if before is None:
             return template
         seed = base64.b64encode(self._random_bytes(512))
-        return attrs.evolve(template, body=b"".join((before, seed, after)))
+        return Reply(200, b"".join((before, seed, after)), template.content_type)
 
     def _openstack_file(self, node: Any, name: str) -> Reply:
         if name == "user_data":
@@ -371,9 +378,11 @@ def _is_peer_post(parts: list[str]) -> bool:
 
 def _listing(parts: list[str]) -> Reply | None:
     """The public version listings, which need no node."""
-    if not parts or parts == ["ec2"]:
+    if len(parts) > 1:
+        return None
+    if not parts or parts[0] == "ec2":
         return ec2.versions_listing()
-    if parts == ["openstack"]:
+    if parts[0] == "openstack":
         return openstack.versions_listing()
     return None
 

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from metadatad.core import identity
 from metadatad.core.identity import Caller, Identifier, IdentityError, sign_instance_id
 
 SECRET = "s3cret"
@@ -62,6 +63,21 @@ def test_trusted_proxy_forwarded_for() -> None:
 def test_trusted_proxy_without_header_is_the_caller() -> None:
     """A proxy that forwards nothing is itself the caller."""
     assert Identifier(PROXIES).identify("192.0.2.1", headers()).ip == "192.0.2.1"
+
+
+def test_callers_are_remembered_by_peer_but_not_a_proxy() -> None:
+    """A direct caller's identity is remembered by its peer address (the memory is
+    bounded); a trusted proxy's is worked out on every request, since its next one may
+    forward for a node."""
+    identifier = Identifier(PROXIES)
+    first = identifier.identify("10.0.0.5", headers())
+    assert identifier.identify("10.0.0.5", headers(x_forwarded_for="10.0.0.99")) is first
+    assert identifier.identify("192.0.2.1", headers()).ip == "192.0.2.1"
+    assert identifier.identify("192.0.2.1", headers(x_forwarded_for="10.0.0.7")).ip == "10.0.0.7"
+    for i in range(identity._MAX_PEERS + 10):
+        peer = str(ipaddress.ip_address(0x0A000000 + i))
+        assert identifier.identify(peer, headers()) == Caller(ip=peer)
+    assert len(identifier._by_peer) <= identity._MAX_PEERS
 
 
 def test_malformed_forwarded_for_from_trusted_proxy() -> None:

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from metadatad.hardening import HardenedChannel, HardenedSite, Limits, limit_response_hops
 
@@ -172,6 +174,63 @@ def test_the_deadline_is_per_request_not_per_connection() -> None:
     assert not transport.disconnecting
     clock.advance(1)
     assert transport.disconnecting  # idle_timeout
+
+
+def test_a_later_request_gets_its_own_deadline_from_the_same_timer() -> None:
+    """One timer per connection: when it fires for a finished request while a later one
+    is being received, that one still gets its full client_timeout; requests on a
+    keep-alive connection schedule no timer each."""
+    site, resource, clock = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    timers = len(clock.getDelayedCalls())
+    for i in range(5):
+        channel.dataReceived(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+    assert len(clock.getDelayedCalls()) <= timers + 1
+    clock.advance(5)
+    channel.dataReceived(b"GET /late HTTP/1.1\r\n")
+    clock.advance(LIMITS.client_timeout - 0.1)
+    assert transport.value().count(b"HTTP/1.1 408") == 0
+    clock.advance(0.1)
+    assert b"HTTP/1.1 408" in transport.value()
+    assert transport.disconnecting
+    assert resource.seen == [b"/%d" % i for i in range(5)]
+
+
+class Held(Resource):
+    """Answers later: each request waits in ``pending`` until the test finishes it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+
+def test_when_done_tells_the_status_or_a_lost_connection_once() -> None:
+    """A request's one when_done listener hears its status as the response finishes,
+    or None when the caller hangs up first; a second listener is refused."""
+    clock = Clock()
+    held = Held()
+    site = HardenedSite(held, LIMITS, "test", reactor=clock)
+    told: list[tuple[int | None, str]] = []
+    channel, _ = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    first = held.pending[0]
+    first.when_done(lambda code, name: told.append((code, name)), "first")
+    with pytest.raises(RuntimeError):
+        first.when_done(lambda code: None)
+    first.setResponseCode(404)
+    first.finish()
+    assert told == [(404, "first")]
+    channel.dataReceived(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    second = held.pending[1]
+    second.when_done(lambda code, name: told.append((code, name)), "second")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert told == [(404, "first"), (None, "second")]
 
 
 def test_connections_per_source_are_capped() -> None:

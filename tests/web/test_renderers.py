@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metadatad.metadata import ec2, openstack
+from metadatad.metadata import ec2, openstack, reply
 from metadatad.metadata.reply import split_path
 from tests.support.factories import USER_DATA, make_node
 
@@ -192,8 +192,17 @@ def test_unknown_paths_404(path: str) -> None:
     ],
 )
 def test_split_path(raw: str, parts: list[str]) -> None:
-    """Paths normalise like Nova's: slashes, dots and escapes never matter."""
+    """Paths normalise like Nova's: slashes, dots and escapes never matter; the second
+    time from memory."""
     assert split_path(raw.encode()) == parts
+    assert split_path(raw.encode()) == parts
+
+
+def test_split_path_memory_is_bounded() -> None:
+    """Made-up paths do not grow the memory of split paths past its bound."""
+    for i in range(reply._SPLIT_MAX + 10):
+        assert split_path(b"/scan/%d" % i) == ["scan", str(i)]
+    assert len(reply._SPLIT) <= reply._SPLIT_MAX
 
 
 @given(st.lists(st.text(min_size=1, max_size=12), max_size=5))

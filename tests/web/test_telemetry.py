@@ -13,20 +13,27 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from metadatad.admin.site import AdminSite
 from metadatad.cluster.membership import MembershipService
 from metadatad.core.conductors import ConductorInfo
 from metadatad.db.cache import NodeCache
+from metadatad.hardening import HardenedSite, Limits
 from metadatad.metrics import REGISTRY
 from metadatad.telemetry import (
+    _MAX_KEYS,
     COLLECTOR,
     DaemonCollector,
     MeasuredResource,
     MetricsService,
+    RequestCollector,
     Sources,
 )
 from metadatad.testing import MemoryClusterRepository, MemoryNodeRepository, MemoryStore
@@ -104,6 +111,71 @@ def test_requests_are_counted_with_their_duration() -> None:
     bucket = "metadatad_http_request_duration_seconds_bucket"
     slow_bucket = {"site": "test-site", "le": "0.25"}
     assert value(after, bucket, **slow_bucket) == value(before, bucket, **slow_bucket) + 2
+
+
+def test_requests_on_a_hardened_site_are_counted_without_a_deferred() -> None:
+    """Behind the daemon's HardenedSite the count comes from the request's when_done
+    (no notifyFinish Deferred): a finished request by its code after its duration, a
+    caller that hangs up as "aborted"."""
+    clock = Clock()
+    slow = Slow()
+    site = HardenedSite(
+        MeasuredResource(slow.app.resource(), "hardened", clock),
+        Limits(),
+        "hardened",
+        reactor=clock,
+    )
+    before = samples()
+    address = IPv4Address("TCP", "10.0.0.9", 40000)
+    channel = site.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /missing HTTP/1.1\r\nHost: a\r\n\r\n")
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    clock.advance(0.3)
+    channel.connectionLost(Failure(ConnectionDone()))
+
+    after = samples()
+    counted = "metadatad_http_requests_total"
+    for code in ("404", "aborted"):
+        labels = {"site": "hardened", "method": "GET", "code": code}
+        assert value(after, counted, **labels) == value(before, counted, **labels) + 1
+    total = "metadatad_http_request_duration_seconds_sum"
+    assert value(after, total, site="hardened") == pytest.approx(
+        value(before, total, site="hardened") + 0.3
+    )
+
+
+def test_a_tally_folds_odd_methods_and_keeps_cumulative_buckets() -> None:
+    """Counted in plain integers, exported as Prometheus counts them: a scanner's many
+    odd methods are one "other" label (and stop growing the tally's keys), buckets are
+    cumulative with ``le`` bounds, an aborted request is "aborted"."""
+    registry = CollectorRegistry()
+    collector = RequestCollector()
+    registry.register(collector)
+    tally = collector.tally("probe")
+    assert collector.tally("probe") is tally
+    assert samples(registry) == {}
+    for i in range(_MAX_KEYS + 50):
+        tally.observe(b"X%d" % i, 405, 0.0001)
+    tally.observe(b"get", 200, 0.3)
+    tally.observe(b"GET", None, 100.0)
+    found = samples(registry)
+    counted = "metadatad_http_requests_total"
+    assert value(found, counted, site="probe", method="other", code="405") == _MAX_KEYS + 50
+    assert value(found, counted, site="probe", method="GET", code="200") == 1
+    assert value(found, counted, site="probe", method="GET", code="aborted") == 1
+    assert len(tally._counts) <= _MAX_KEYS
+    bucket = "metadatad_http_request_duration_seconds_bucket"
+    assert value(found, bucket, site="probe", le="0.0005") == _MAX_KEYS + 50
+    assert value(found, bucket, site="probe", le="0.25") == _MAX_KEYS + 50
+    assert value(found, bucket, site="probe", le="0.5") == _MAX_KEYS + 51
+    assert value(found, bucket, site="probe", le="60.0") == _MAX_KEYS + 51
+    assert value(found, bucket, site="probe", le="+Inf") == _MAX_KEYS + 52
+    count = "metadatad_http_request_duration_seconds_count"
+    assert value(found, count, site="probe") == _MAX_KEYS + 52
+    total = "metadatad_http_request_duration_seconds_sum"
+    assert value(found, total, site="probe") == pytest.approx(100.3 + 0.0001 * (_MAX_KEYS + 50))
 
 
 def membership(clock: Clock) -> MembershipService:
