@@ -21,7 +21,7 @@ The client (this script's ``--client`` mode, asyncio) runs pinned to core 1 for 
 pinned servers.  Printed per server: total time, requests/s, p50/p99/max latency and
 every error by kind.
 
-    .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare]
+    .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare] [--cache-ttl S]
 """
 
 from __future__ import annotations
@@ -295,11 +295,12 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
                 proc.wait(10)
         else:
             workers = int(server.removeprefix("w"))
+            extra = {"cache_ttl": str(args.cache_ttl)} if args.cache_ttl is not None else {}
             daemon = Daemon.create(
                 tmp / server,
                 nodes=nodes,
                 vendordata=VENDORDATA,
-                config={"metadata": {"workers": str(workers)}},
+                config={"metadata": {"workers": str(workers), **extra}},
             )
             with daemon:
                 if not sequence_file.exists():
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--machines", type=int, default=1000)
     parser.add_argument("--servers", default="w1,w2,bare")
+    parser.add_argument(
+        "--cache-ttl", type=float, help="[metadata] cache_ttl of the daemon (its default: 15)"
+    )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--sequence", help=argparse.SUPPRESS)
