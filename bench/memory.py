@@ -277,7 +277,7 @@ def memory_of(pid: int) -> dict[str, int]:
 
 async def sweep(port: int, nodes: int) -> dict[str, Any]:
     """Every node asks for ``SWEEP_PATHS`` from its own address, a few hundred at once."""
-    from bench.bootstorm import one_request
+    from bench.bootstorm import one_request, request_bytes
 
     gate = asyncio.Semaphore(SWEEP_CONCURRENCY)
     errors: dict[str, int] = {}
@@ -285,7 +285,7 @@ async def sweep(port: int, nodes: int) -> dict[str, Any]:
     async def node(index: int) -> None:
         async with gate:
             for path in SWEEP_PATHS:
-                _, error = await one_request(port, node_ip(index), "GET", path)
+                _, error = await one_request(port, node_ip(index), request_bytes("GET", path))
                 if error is not None:
                     errors[error] = errors.get(error, 0) + 1
 

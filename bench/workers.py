@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import BenchError, Processes, run_bench, signal_group, signals_held
+from harness import ROOT, BenchError, Processes, run_bench, signal_group, signals_held
+
+sys.path.append(str(ROOT))  # after bench/, which must stay first (see http.py)
+from bench.bootstorm import tree
 
 _spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).with_name("http.py"))
 assert _spec is not None and _spec.loader is not None
@@ -39,15 +42,6 @@ sys.modules["bench_http"] = web  # its dataclasses look their module up
 _spec.loader.exec_module(web)
 
 PATHS = ("/latest/meta-data/instance-id", "/openstack/latest/meta_data.json")
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the daemon's workers)."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return []
-    return [pid, *(p for child in children for p in tree(int(child)))]
 
 
 def cpu_by_pid(pids: list[int]) -> dict[int, float]:
