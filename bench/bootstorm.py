@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: bench/http.py would shadow the stdlib
 
+from bench.harness import cpu_seconds, tree  # noqa: E402 (after the path is set)
+
 TIMEOUT = 10.0  # cloud-init's per-request time-out
 
 
@@ -211,35 +213,15 @@ def run_client(port: int, machines: int, sequence_file: Path, pin: str | None) -
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the daemon's workers)."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return []
-    return [pid, *(p for child in children for p in tree(int(child)))]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time of ``pids`` so far."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def measured_client(
     server_pid: int, port: int, machines: int, sequence_file: Path, pin: str | None
 ) -> dict[str, Any]:
     """The client's result plus the server's CPU time per request (all its processes)."""
     pids = tree(server_pid)
-    before = cpu_seconds(pids)
+    before = sum(map(cpu_seconds, pids))
     result = run_client(port, machines, sequence_file, pin)
-    result["cpu_us_per_req"] = round((cpu_seconds(pids) - before) / result["requests"] * 1e6)
+    used = sum(map(cpu_seconds, pids)) - before
+    result["cpu_us_per_req"] = round(used / result["requests"] * 1e6)
     return result
 
 

@@ -19,6 +19,24 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a daemon's workers); [] once it is gone."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [pid, *(p for child in children for p in tree(int(child)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class BenchError(Exception):
     """A run that cannot be trusted: a server died, a check failed."""
 

@@ -57,7 +57,14 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from harness import BenchError, Processes, run_bench, signal_group, signals_held
+from harness import (
+    BenchError,
+    Processes,
+    cpu_seconds,
+    run_bench,
+    signal_group,
+    signals_held,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -216,12 +223,6 @@ def manage(conf: Path, *args: str) -> None:
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BenchError(f"{' '.join(args)} failed: {done.stderr.strip() or done.stdout}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(

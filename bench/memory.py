@@ -300,7 +300,7 @@ async def sweep(port: int, nodes: int) -> dict[str, Any]:
 
 def settled_tree(pid: int, processes: int, deadline: float = 30.0) -> list[int]:
     """The daemon's pids once all ``processes`` are up (main first)."""
-    from bench.bootstorm import tree
+    from bench.harness import tree
 
     end = time.monotonic() + deadline
     while time.monotonic() < end:

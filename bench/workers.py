@@ -30,10 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, BenchError, Processes, run_bench, signal_group, signals_held
-
-sys.path.append(str(ROOT))  # after bench/, which must stay first (see http.py)
-from bench.bootstorm import tree
+from harness import (
+    BenchError,
+    Processes,
+    cpu_seconds,
+    run_bench,
+    signal_group,
+    signals_held,
+    tree,
+)
 
 _spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).with_name("http.py"))
 assert _spec is not None and _spec.loader is not None
@@ -42,16 +47,6 @@ sys.modules["bench_http"] = web  # its dataclasses look their module up
 _spec.loader.exec_module(web)
 
 PATHS = ("/latest/meta-data/instance-id", "/openstack/latest/meta_data.json")
-
-
-def cpu_by_pid(pids: list[int]) -> dict[int, float]:
-    used = {}
-    for pid in pids:
-        try:
-            used[pid] = web.cpu_seconds(pid)
-        except FileNotFoundError:
-            used[pid] = 0.0
-    return used
 
 
 def wrk(
@@ -94,9 +89,9 @@ def measure(
     if args.warmup:
         wrk(lua, port, path, args, pin=pin, seconds=args.warmup)
     pids = tree(procs.pid(name))
-    before = cpu_by_pid(pids)
+    before = {pid: cpu_seconds(pid) for pid in pids}
     result, client_cpu = wrk(lua, port, path, args, pin=pin, seconds=args.duration)
-    after = cpu_by_pid(pids)
+    after = {pid: cpu_seconds(pid) for pid in pids}
     web.check_run(target, result, "run")
     web.check_probe(target, "after")
     procs.check_alive()
