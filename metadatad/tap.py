@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import secrets
 import threading
 from typing import Any
@@ -23,7 +24,13 @@ from metadatad.admin.site import AdminSite
 from metadatad.admin.wiring import with_console
 from metadatad.clients.keystone import make_keystone_client
 from metadatad.cluster.membership import MembershipService
-from metadatad.config import Config, ConfigError, load_config, read_admin_token
+from metadatad.config import (
+    SHAREABLE_LISTEN_KINDS,
+    Config,
+    ConfigError,
+    load_config,
+    read_admin_token,
+)
 from metadatad.core.backlog import ADMIN_BACKLOG, METADATA_BACKLOG, with_default_backlog
 from metadatad.core.conductors import ConductorInfo
 from metadatad.core.identity import Identifier
@@ -161,13 +168,16 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         site_resource = BootRouter(boot, site_resource)
     listen = with_default_backlog(config.metadata.listen, METADATA_BACKLOG)
     workers = None
-    if config.metadata.workers == 1:
+    count = config.metadata.worker_count(len(os.sched_getaffinity(0)))
+    if count == 1:
         site = parts.site
         if site_resource is not parts.resource:
             site = _hardened_site(site_resource, config, reactor)
         _listen(root, "metadata-http", reactor, listen, site)
     else:
-        workers = _worker_pool(root, config, reactor, listen, store=store, caches=caches)
+        workers = _worker_pool(
+            root, config, reactor, listen, count=count, store=store, caches=caches
+        )
     if config.admin.listen:
         admin_site = AdminSite(
             store,
@@ -321,15 +331,16 @@ def _worker_pool(
     reactor: Any,
     listen: str,
     *,
+    count: int,
     store: Store,
     caches: dict[str, Any],
 ) -> WorkerPool:
     """``[metadata] workers`` > 1: this process binds (or adopts) the metadata socket
     without accepting on it, and the ``metadata-workers`` service serves it."""
     kind = listen.split(":", 1)[0]
-    if kind not in ("tcp", "tcp6", "systemd"):
+    if kind not in SHAREABLE_LISTEN_KINDS:
         raise SetupError(
-            f"{config.path}: [metadata] workers = {config.metadata.workers} needs a tcp, "
+            f"{config.path}: [metadata] workers = {count} needs a tcp, "
             f"tcp6 or systemd listen address, not {kind}:"
         )
     unused = Site(Resource())  # never accepts a connection
@@ -341,7 +352,7 @@ def _worker_pool(
 
     pool = WorkerPool(
         reactor,
-        config.metadata.workers,
+        count,
         config.path,
         held.fileno,
         # One secret for every worker: a token from one is good on all of them.

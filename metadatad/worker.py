@@ -79,9 +79,10 @@ class Control(LineOnlyReceiver):
 
 def worker_config(config: Config, setup: dict[str, Any]) -> Config:
     """The worker's share of ``config``: the pool's signing secret when the file sets
-    none, and per-node limits divided among ``workers`` (rounded up)."""
+    none, and per-node limits divided among the pool's workers (rounded up; the count
+    comes from the pool, as ``auto`` is decided there)."""
     metadata = config.metadata
-    count = metadata.workers
+    count = setup["workers"]
     return attrs.evolve(
         config,
         metadata=attrs.evolve(

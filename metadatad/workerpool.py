@@ -212,7 +212,7 @@ class WorkerPool(Service):
             childFDs={0: "w", 1: "r", 2: "r", 3: fd},
         )
         # The first line a worker reads: its set-up.
-        worker.send(json.dumps({"token_secret": self._secret}))
+        worker.send(json.dumps({"token_secret": self._secret, "workers": self.count}))
         self._workers[index] = worker
         self._started_at[index] = self._reactor.seconds()
         self.log.info(

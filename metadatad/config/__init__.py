@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from metadatad.config.values import (
+    MAX_WORKERS,
     BadValue,
     _boolean,
     _boot_option,
@@ -40,11 +41,15 @@ from metadatad.config.values import (
     _string,
     _udp_addresses,
     _vendordata_targets,
+    _workers,
     check_ca_file,
 )
 from metadatad.core.addresses import IPNetwork
 from metadatad.core.ring import DEFAULT_POINTS, MAX_POINTS
 from metadatad.errors import SetupError
+
+# Listen kinds whose socket worker processes can share (adopt by descriptor).
+SHAREABLE_LISTEN_KINDS = ("tcp", "tcp6", "systemd")
 
 
 class ConfigError(SetupError):
@@ -88,7 +93,18 @@ class MetadataConfig:
     idle_timeout: float = 60.0
     max_connections_per_source: int = 64
     write_timeout: float = 30.0
-    workers: int = 1
+    # None: "auto", one worker per usable CPU (see worker_count).
+    workers: int | None = None
+
+    def worker_count(self, cpus: int) -> int:
+        """How many processes serve the site on a machine with ``cpus`` usable CPUs:
+        ``workers`` when set; for ``auto``, one per CPU (at most ``MAX_WORKERS``), or 1
+        where the listen address cannot be shared with workers (``unix:``, ``ssl:``)."""
+        if self.workers is not None:
+            return self.workers
+        if self.listen.split(":", 1)[0] not in SHAREABLE_LISTEN_KINDS:
+            return 1
+        return max(1, min(cpus, MAX_WORKERS))
 
 
 @attrs.frozen
@@ -246,7 +262,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "idle_timeout": _number(1, 86400),
             "max_connections_per_source": _integer(1, 100_000),
             "write_timeout": _number(1, 3600),
-            "workers": _integer(1, 64),
+            "workers": _workers,
         },
     ),
     "admin": (

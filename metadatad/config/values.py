@@ -38,6 +38,9 @@ def _nonempty_string(raw: str) -> str:
     return value
 
 
+MAX_WORKERS = 64
+
+
 def _number(minimum: float, maximum: float | None = None) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
@@ -63,6 +66,16 @@ def _integer(minimum: int, maximum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _workers(raw: str) -> int | None:
+    """``auto`` (None: one per usable CPU, decided at start-up) or an integer, 1..64."""
+    if raw.strip().lower() == "auto":
+        return None
+    try:
+        return _integer(1, MAX_WORKERS)(raw)
+    except BadValue as e:
+        raise BadValue(f"{e} (or auto)") from None
 
 
 def _boolean(raw: str) -> bool:

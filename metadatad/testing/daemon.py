@@ -191,7 +191,12 @@ class Daemon:
             self.admin_port = free_port()
         sections: dict[str, dict[str, str]] = {
             "database": {"url": self.database_url},
-            "metadata": {"listen": f"tcp:{self.metadata_port}:interface=127.0.0.1"},
+            "metadata": {
+                "listen": f"tcp:{self.metadata_port}:interface=127.0.0.1",
+                # One process unless a test asks for workers: the default, auto, would
+                # start one per CPU (tests/daemon/test_workers.py covers it).
+                "workers": "1",
+            },
             "admin": {
                 "listen": f"tcp:{self.admin_port}:interface=127.0.0.1",
                 "token_file": str(self.token_path),

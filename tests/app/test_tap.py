@@ -61,6 +61,8 @@ def write_conf(  # noqa: PLR0917 (a test helper; keywords at every call)
     token_file = directory / "admin-token"
     if token is not None:
         token_file.write_bytes(token)
+    if "workers" not in metadata:
+        metadata += "workers = 1\n"  # auto, the default, would depend on this machine's CPUs
     admin += f"token_file = {token_file}\n"
     if admin_listen is not None:
         admin += f"listen = {admin_listen}\n"
@@ -267,6 +269,39 @@ def test_workers_move_the_metadata_site_to_a_pool(
     pool = root.getServiceNamed("metadata-workers")
     assert pool.count == 2
     assert pool.invalidate in root.getServiceNamed("store")._change_listeners
+
+
+@pytest.mark.parametrize(("cpus", "count"), [(1, None), (3, 3)])
+def test_auto_is_a_worker_per_usable_cpu(
+    tmp_path: Path,
+    migrated_url: str,
+    services: list[MultiService],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    cpus: int,
+    count: int | None,
+) -> None:
+    """workers = auto counts the CPUs this process may run on: one means no pool."""
+    monkeypatch.setattr("metadatad.tap.os.sched_getaffinity", lambda pid: set(range(cpus)))
+    root = build(write_conf(tmp_path, migrated_url, metadata="workers = auto\n"), services)
+    names = [service.name for service in root]
+    if count is None:
+        assert "metadata-workers" not in names
+    else:
+        assert root.getServiceNamed("metadata-workers").count == count
+
+
+def test_auto_serves_a_unix_listener_in_this_process(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """workers = auto with a listener workers cannot share: no pool, no error."""
+    conf = write_conf(tmp_path, migrated_url, metadata="workers = auto\n")
+    conf.write_text(
+        conf.read_text().replace(
+            "listen = tcp:18775:interface=127.0.0.1", f"listen = unix:{tmp_path}/m.sock"
+        )
+    )
+    assert "metadata-workers" not in [service.name for service in build(conf, services)]
 
 
 def test_workers_need_a_tcp_or_systemd_listener(

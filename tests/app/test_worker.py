@@ -18,7 +18,7 @@ def config(**metadata: object) -> Config:
 
 
 def test_the_pools_secret_is_used_only_when_the_file_sets_none() -> None:
-    setup = {"token_secret": "from-the-pool"}
+    setup = {"token_secret": "from-the-pool", "workers": 2}
     assert worker_config(config(workers=2), setup).metadata.token_secret == "from-the-pool"
     chosen = config(workers=2, token_secret="from-the-file")
     assert worker_config(chosen, setup).metadata.token_secret == "from-the-file"
@@ -27,15 +27,30 @@ def test_the_pools_secret_is_used_only_when_the_file_sets_none() -> None:
 def test_per_node_limits_are_shared_out_rounded_up() -> None:
     metadata = worker_config(
         config(workers=3, rate_limit=100.0, rate_burst=1000, max_connections_per_source=64),
-        {"token_secret": "s"},
+        {"token_secret": "s", "workers": 3},
     ).metadata
     assert metadata.rate_limit * 3 == 100.0
     assert (metadata.rate_burst, metadata.max_connections_per_source) == (334, 22)
     # Never below one.
     tiny = worker_config(
-        config(workers=4, rate_burst=1, max_connections_per_source=1), {"token_secret": "s"}
+        config(workers=4, rate_burst=1, max_connections_per_source=1),
+        {"token_secret": "s", "workers": 4},
     )
     assert (tiny.metadata.rate_burst, tiny.metadata.max_connections_per_source) == (1, 1)
+
+
+def test_with_auto_the_pools_count_divides_the_limits() -> None:
+    """``workers = auto`` is decided by the main process (CPUs there); a worker divides
+    by the count it is told, not by anything it could work out itself."""
+    metadata = worker_config(
+        config(workers=None, rate_limit=100.0, rate_burst=1000, max_connections_per_source=64),
+        {"token_secret": "s", "workers": 2},
+    ).metadata
+    assert (metadata.rate_limit, metadata.rate_burst, metadata.max_connections_per_source) == (
+        50.0,
+        500,
+        32,
+    )
 
 
 def test_a_worker_accepts_one_waiting_connection_per_wake_up() -> None:

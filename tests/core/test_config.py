@@ -534,6 +534,20 @@ def test_example_file_states_the_real_defaults() -> None:
             assert getattr(getattr(parsed, section), key) == actual, f"[{section}] {key}"
 
 
+def test_workers_auto_is_one_per_cpu_where_the_socket_can_be_shared(tmp_path: Path) -> None:
+    """``auto`` (the default) means a worker per usable CPU, at most 64, and a single
+    process where the listen address cannot be handed to workers; a number is kept."""
+    auto = parse_config("<t>", {"metadata": {"workers": "AUTO"}}).metadata
+    assert auto.workers is None and Config().metadata.workers is None
+    assert [auto.worker_count(cpus) for cpus in (1, 2, 8, 200)] == [1, 2, 8, 64]
+    for listen in ("tcp6:8775", "systemd:domain=INET:index=0"):
+        assert attrs.evolve(auto, listen=listen).worker_count(4) == 4
+    for listen in ("unix:/run/metadatad.sock", "ssl:8775:privateKey=k.pem"):
+        assert attrs.evolve(auto, listen=listen).worker_count(4) == 1
+    fixed = parse_config("<t>", {"metadata": {"workers": "3"}}).metadata
+    assert fixed.worker_count(1) == fixed.worker_count(16) == 3
+
+
 def test_documented_keys_helper_reads_commented_keys() -> None:
     """The helper counts `# key =` lines and ignores prose containing `=` or `:`."""
     text = (
@@ -570,6 +584,7 @@ BAD_VALUES = [
     ("metadata", "max_connections_per_source", "0", "0"),
     ("metadata", "workers", "0", "0"),
     ("metadata", "workers", "65", "65"),
+    ("metadata", "workers", "many", "or auto"),
     # bad numbers
     ("metadata", "cache_ttl", "fifteen", "fifteen"),
     ("metadata", "cache_ttl", "-1", "-1"),

@@ -38,15 +38,18 @@ DEADLINE = 15.0
 ACCESS = re.compile(r'^"[^"]*" .*" (?P<status>\d{3}) \S+ "[^"]*" "(?P<agent>[^"]*)"$')
 
 
-def start(daemon_factory: DaemonFactory, **metadata: str) -> Daemon:
+def start(daemon_factory: DaemonFactory, count: int = 2, **metadata: str) -> Daemon:
     config = {
         "metadata": {"workers": "2", "access_log": "true", "rate_limit": "0", **metadata},
         "logging": {"format": "json"},
     }
     daemon = daemon_factory([NODE, PEER], config=config, vendordata={"v": 1})
-    wait_for(lambda: health(daemon)["workers"]["running"] == 2, "two workers running")
+    wait_for(lambda: health(daemon)["workers"]["running"] == count, f"{count} workers running")
     # Running is not yet serving: a worker adopts the socket once it has started up.
-    wait_for(lambda: workers_that_logged(daemon, "serving") == {0, 1}, "both serving")
+    wait_for(
+        lambda: workers_that_logged(daemon, "serving") == set(range(count)),
+        f"all {count} serving",
+    )
     return daemon
 
 
@@ -156,6 +159,20 @@ def test_two_workers_behind_one_socket(daemon_factory: DaemonFactory) -> None:
     daemon.stop()
     for pid in workers["pids"]:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+
+
+def test_auto_starts_a_worker_per_usable_cpu(daemon_factory: DaemonFactory) -> None:
+    """``workers = auto`` (the default) on this machine: as many workers as the CPUs the
+    daemon may run on (one process on a single CPU), and they answer."""
+    cpus = min(len(os.sched_getaffinity(0)), 64)  # the daemon inherits this affinity
+    if cpus == 1:
+        daemon = daemon_factory([NODE], config={"metadata": {"workers": "auto"}})
+        assert "workers" not in health(daemon)
+    else:
+        daemon = start(daemon_factory, cpus, workers="auto")
+        assert health(daemon)["workers"]["configured"] == cpus
+    status, _, body = daemon.get("/latest/meta-data/instance-id")
+    assert (status, body) == (200, UUID.encode())
 
 
 def metadata_200s(daemon: Daemon) -> float:
