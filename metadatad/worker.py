@@ -13,10 +13,12 @@ process goes away (its stdin closes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import select
+import signal
 import socket
 import sys
 from typing import Any
@@ -25,6 +27,7 @@ import attrs
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import stdio
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -73,8 +76,28 @@ class Control(LineOnlyReceiver):
 
     def connectionLost(self, reason: Any = None) -> None:
         # The main process is gone (or closed our stdin): so is the reason to serve.
-        if self._reactor.running:
-            self._reactor.stop()
+        stop_once(self._reactor)
+
+
+def stop_once(reactor: Any) -> None:
+    """Stop ``reactor`` unless it is already stopping: a worker is told to stop more than
+    once (a SIGTERM to the whole service's group, then one from the pool, then its stdin
+    closing), and Twisted's own handler would log ReactorNotRunning as a critical
+    traceback for each one after the first."""
+    if reactor.running:
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
+
+def _on_stop_signals(reactor: Any) -> None:
+    """SIGTERM and SIGINT stop the worker once, however often they come."""
+
+    def handler(signum: int, frame: object) -> None:
+        log.info("metadata worker: {signal}, stopping", signal=signal.Signals(signum).name)
+        reactor.callFromThread(stop_once, reactor)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def worker_config(config: Config, setup: dict[str, Any]) -> Config:
@@ -196,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     root.startService()
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.callWhenRunning(freeze_heap)
+    # After the reactor's own handlers are in place, which these replace.
+    reactor.callWhenRunning(_on_stop_signals, reactor)
     log.info("metadata worker {index} serving", index=args.index)
     reactor.run()
     return 0

@@ -7,10 +7,12 @@ import socket
 
 from twisted.internet import tcp
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import globalLogPublisher
 
 from metadatad.config import Config, MetadataConfig
-from metadatad.worker import _accept_one_per_wake, worker_config
+from metadatad.worker import _accept_one_per_wake, stop_once, worker_config
 
 
 def config(**metadata: object) -> Config:
@@ -76,3 +78,28 @@ def test_a_worker_accepts_one_waiting_connection_per_wake_up() -> None:
         for client in clients:
             client.close()
         port.socket.close()
+
+
+def test_a_worker_stops_once_however_often_it_is_told() -> None:
+    """SIGTERM from systemd, SIGTERM from the pool, stdin closing: the second and third
+    requests to stop are no-ops, not a logged ReactorNotRunning."""
+    reactor = SelectReactor()
+    failures: list[dict[str, object]] = []
+
+    def observe(event: dict[str, object]) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    def told_three_times() -> None:
+        for _ in range(3):
+            stop_once(reactor)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        reactor.callWhenRunning(told_three_times)
+        reactor.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert failures == []
+    assert not reactor.running
+    stop_once(reactor)  # and after it stopped
