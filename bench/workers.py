@@ -1,26 +1,43 @@
 """What a second worker buys: wrk against the daemon with 1 and with 2 metadata workers.
 
-    .venv/bin/python bench/workers.py [--duration 10] [--runs 3] [--connections 50]
+    flock /work/bench.lock .venv/bin/python bench/workers.py [--duration 10] [--runs 3]
+        [--connections 50] [--quota 0.4]
 
 Starts the real daemon twice on a fresh SQLite database (the demo node, the settings of
-bench/http.py: rate limit and per-source connection cap out of wrk's reach):
-``[metadata] workers = 1`` (one process) pinned to core 0 with wrk pinned to core 1, as
-bench/http.py measures it; and ``workers = 2``, main process and workers free to use
-both cores, wrk too.  On a 2-core machine the second run's wrk takes its share from the
-workers' cores, so its req/s is a lower bound of what two workers do with a core each;
-the table therefore also prints the CPU each side used per response, the share of the
-serving CPU each worker used, and ``capacity``: what the servers would answer per second
-with two whole cores at the measured CPU cost per response (2 / cost), next to one
-process with one core (1 / cost).
+bench/http.py: rate limit and per-source connection cap out of wrk's reach), with
+``[metadata] workers = 1`` (one process) and with ``workers = 2``, and runs wrk (1
+thread, keep-alive connections) against each on ``GET /latest/meta-data/instance-id``
+and ``GET /openstack/latest/meta_data.json``.  Each response is checked as bench/http.py
+checks it (status 200, size).
 
-Targets: ``GET /latest/meta-data/instance-id`` and ``GET /openstack/latest/meta_data.json``
-(keep-alive connections, wrk's default).  Each response is checked as bench/http.py
-checks it (status 200, size).  Every process started is stopped at the end.
+Measuring fairly on 2 cores.  Two workers need a core each and wrk needs a third, and
+this machine has two, shared with other work.  Worse, the scheduler shares the CPU
+among sessions (autogroup), not processes: the daemon's main process and its workers
+are one session, so against any other busy session two workers get no more CPU than
+one process.  So by default (``--quota 0.4``) every server process (the one process;
+with 2 workers the main process and each worker) runs in a cpu cgroup of its own,
+capped at 0.4 of a core (CFS bandwidth, 10 ms period): a scaled-down machine with a
+core per worker (0.4 of one) and the rest for wrk.  Nothing is pinned.  Then two
+workers should answer twice what one process does, unless something serialises them.
+The cgroups need root and a cgroup v1 ``cpu`` hierarchy or cgroup v2 with the cpu
+controller; ``--quota 0`` measures the old way instead: the one process pinned to core
+0 with wrk on core 1, the two workers and wrk unpinned on both cores (req/s then tells
+more about the machine's other load than about the workers).
+
+Per run the bench also records, for each server process (from /proc/PID/schedstat):
+the share of the run it spent on a CPU, waiting for one (runnable, or held back by
+its quota) and asleep (waiting for work: a worker that sleeps while wrk has 50 requests
+out is held back by something other than CPU); and the keep-alive connections each
+worker holds half-way through (a connection stays with the worker that accepted it).
+A quota run in which a server process got less than 90 % of its quota without
+sleeping was starved by other load and is marked.  Every process and cgroup created
+is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -47,12 +64,103 @@ sys.modules["bench_http"] = web  # its dataclasses look their module up
 _spec.loader.exec_module(web)
 
 PATHS = ("/latest/meta-data/instance-id", "/openstack/latest/meta_data.json")
+PERIOD_US = 10_000  # short, so a capped process is held back in small steps
+STARVED = 0.9  # of the quota, without sleeping: other load took the CPU
+
+
+class CpuQuota:
+    """Each process given to :meth:`cap` in a cpu cgroup of its own, capped at
+    ``cores`` of a core."""
+
+    def __init__(self, cores: float) -> None:
+        self.cores = cores
+        self._groups: list[Path] = []
+        v1 = Path("/sys/fs/cgroup/cpu")
+        v2 = Path("/sys/fs/cgroup")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self._root, self._v2 = v1, False
+        elif "cpu" in _read(v2 / "cgroup.subtree_control").split():
+            self._root, self._v2 = v2, True
+        else:
+            raise BenchError("no cgroup cpu controller to cap the servers with: --quota 0")
+
+    def cap(self, pid: int) -> None:
+        group = self._root / f"metadatad-bench-{os.getpid()}-{len(self._groups)}"
+        try:
+            group.mkdir()
+            self._groups.append(group)
+            quota = round(self.cores * PERIOD_US)
+            if self._v2:
+                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as e:
+            raise BenchError(f"cannot cap process {pid} in {group} ({e}): --quota 0") from e
+
+    def remove(self) -> None:
+        """Remove the cgroups (once their processes are gone)."""
+        deadline = time.monotonic() + 5
+        for group in self._groups:
+            while True:
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        print(f"bench: could not remove {group}", file=sys.stderr)
+                        break
+                    time.sleep(0.05)
+        self._groups.clear()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """Seconds process ``pid`` (all its threads) spent on a CPU and waiting for one."""
+    on = wait = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        fields = _read(task).split()
+        if len(fields) >= 2:
+            on += int(fields[0])
+            wait += int(fields[1])
+    return on / 1e9, wait / 1e9
+
+
+def connections(port: int, pids: list[int]) -> list[int]:
+    """The established connections to ``port`` each of ``pids`` holds."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in _read(Path(table)).splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    counts = []
+    for pid in pids:
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    held += link.startswith("socket:[") and link[8:-1] in inodes
+        counts.append(held)
+    return counts
 
 
 def wrk(
-    lua: Path, port: int, path: str, args: argparse.Namespace, *, pin: str | None, seconds: int
-) -> tuple[dict[str, float], float]:
-    """One wrk run: its parsed report and the CPU seconds wrk itself used."""
+    lua: Path, port: int, path: str, args: argparse.Namespace, *, pin: str | None,
+    seconds: int, servers: list[int] | None = None,
+) -> tuple[dict[str, float], float, list[int]]:
+    """One wrk run: its parsed report, the CPU seconds wrk itself used and, when
+    ``servers`` are given, the connections each holds half-way through."""
     argv = ["wrk", "-t", "1", "-c", str(args.connections), "-d", f"{seconds}s",
             "--timeout", "5s", "-s", str(lua), f"http://{web.HOST}:{port}{path}"]
     if pin is not None:
@@ -62,7 +170,11 @@ def wrk(
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
+    held: list[int] = []
     try:
+        if servers:
+            time.sleep(seconds / 2)
+            held = connections(port, servers)
         out, _ = proc.communicate(timeout=seconds + 30)
     finally:
         if proc.poll() is None:
@@ -77,7 +189,7 @@ def wrk(
     client_cpu = (after.children_user - before.children_user) + (
         after.children_system - before.children_system
     )
-    return result, client_cpu
+    return result, client_cpu, held
 
 
 def measure(
@@ -89,33 +201,67 @@ def measure(
     if args.warmup:
         wrk(lua, port, path, args, pin=pin, seconds=args.warmup)
     pids = tree(procs.pid(name))
+    # The serving processes: the workers, or the one process.
+    workers = pids[1:] or pids
     before = {pid: cpu_seconds(pid) for pid in pids}
-    result, client_cpu = wrk(lua, port, path, args, pin=pin, seconds=args.duration)
+    sched_before = {pid: schedstat(pid) for pid in workers}
+    wall_before = time.monotonic()
+    result, client_cpu, held = wrk(
+        lua, port, path, args, pin=pin, seconds=args.duration, servers=workers
+    )
+    wall = time.monotonic() - wall_before
     after = {pid: cpu_seconds(pid) for pid in pids}
+    sched_after = {pid: schedstat(pid) for pid in workers}
     web.check_run(target, result, "run")
     web.check_probe(target, "after")
     procs.check_alive()
     if target.problems:
         raise BenchError("; ".join(target.problems))
     requests = max(result["requests"], 1)
-    used = {pid: after[pid] - before[pid] for pid in pids}
-    server_cpu = sum(used.values())
-    workers = pids[1:] or pids
+    server_cpu = sum(after[pid] - before[pid] for pid in pids)
+    shares = []
+    for pid in workers:
+        on = (sched_after[pid][0] - sched_before[pid][0]) / wall
+        wait = (sched_after[pid][1] - sched_before[pid][1]) / wall
+        shares.append((on, wait, max(0.0, 1 - on - wait)))
+    starved = bool(args.quota) and any(
+        on < STARVED * args.quota and asleep < 1 - STARVED for on, _, asleep in shares
+    )
     return {
         "rps": result["requests"] / (result["duration_us"] / 1e6),
         "server_us": server_cpu / requests * 1e6,
         "client_us": client_cpu / requests * 1e6,
-        # The workers' shares of the serving CPU: how evenly the kernel spread the work.
-        "split": [used[p] / max(sum(used[w] for w in workers), 1e-9) for p in workers],
+        "main_us": (after[pids[0]] - before[pids[0]]) / requests * 1e6 if pids[1:] else 0.0,
+        "connections": held,
+        "shares": shares,
+        "starved": starved,
         "p99_ms": result["p99_us"] / 1000,
     }
 
 
+def _shares(row: dict[str, Any]) -> str:
+    return ", ".join(f"{on:.2f} / {wait:.2f} / {asleep:.2f}" for on, wait, asleep in row["shares"])
+
+
 def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+    quota = CpuQuota(args.quota) if args.quota else None
+    try:
+        return _bench(args, tmp, procs, quota)
+    finally:
+        if quota is not None:
+            procs.stop_all()
+            quota.remove()
+
+
+def _bench(
+    args: argparse.Namespace, tmp: Path, procs: Processes, quota: CpuQuota | None
+) -> int:
     lua = tmp / "report.lua"
     lua.write_text(web.REPORT_LUA)
     rows: dict[tuple[int, str], list[dict[str, Any]]] = {}
     print("load average before: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if quota is not None:
+        print(f"each server process capped at {quota.cores} of a core; nothing pinned")
     for count in (1, 2):
         name = f"w{count}"
         directory = tmp / name
@@ -134,7 +280,8 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
             web.manage(conf, "node", "import", str(web.DEMO_NODES))
             twistd = [str(web.BIN / "twistd"), "-n", "--pidfile=", "metadatad", "--config",
                       str(conf)]
-            return ["taskset", "-c", "0", *twistd] if count == 1 else twistd
+            pinned = quota is None and count == 1
+            return ["taskset", "-c", "0", *twistd] if pinned else twistd
 
         port = web.start_server(procs, name, argv, PATHS[0])
         if count == 2:
@@ -143,38 +290,46 @@ def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
                 if time.monotonic() > deadline:
                     raise BenchError("the two workers did not start")
                 time.sleep(0.1)
+        if quota is not None:
+            for pid in tree(procs.pid(name)):
+                quota.cap(pid)
+        pin = "1" if quota is None and count == 1 else None
         for round_ in range(args.runs):
             for path in PATHS:
-                row = measure(
-                    procs, name, port, path, args, lua=lua, pin="1" if count == 1 else None
-                )
+                row = measure(procs, name, port, path, args, lua=lua, pin=pin)
                 rows.setdefault((count, path), []).append(row)
                 print(f"  {name} round {round_ + 1} {path}: {row['rps']:.0f} req/s, "
-                      f"server {row['server_us']:.0f} us/req, split "
-                      f"{'/'.join(f'{s:.0%}' for s in row['split'])}", flush=True)
+                      f"server {row['server_us']:.0f} us/req (main process "
+                      f"{row['main_us']:.1f}), connections "
+                      f"{'/'.join(map(str, row['connections']))}, on CPU / waiting / "
+                      f"asleep {_shares(row)}{' STARVED' if row['starved'] else ''}",
+                      flush=True)
         procs.discard(name)
 
     def med(count: int, path: str, key: str) -> float:
         return statistics.median(r[key] for r in rows[(count, path)])
 
     print()
-    print("| target | server | req/s | p99 | server CPU us/req | wrk CPU us/req "
-          "| split between workers | capacity req/s | x one process (req/s) "
-          "| x one process (capacity) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| target | server | req/s | x one process | p99 | server CPU us/req "
+          "| wrk CPU us/req | connections per worker | each worker: on CPU / waiting / asleep |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in PATHS:
         for count in (1, 2):
-            rps, cost = med(count, path, "rps"), med(count, path, "server_us")
-            capacity = count / cost * 1e6
-            base_rps = med(1, path, "rps")
-            base_capacity = 1 / med(1, path, "server_us") * 1e6
-            split = rows[(count, path)][-1]["split"]
-            how = "1 process (core 0), wrk core 1" if count == 1 else "2 workers + wrk, 2 cores"
-            print(f"| `{path}` | {how} "
-                  f"| {rps:.0f} | {med(count, path, 'p99_ms'):.1f} ms | {cost:.0f} "
+            runs = rows[(count, path)]
+            rps = med(count, path, "rps")
+            # The round whose req/s is the median's (the lower one for an even count).
+            shown = sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2]
+            if quota is not None:
+                how = f"{count} {'process' if count == 1 else 'workers'}, {quota.cores} core each"
+            else:
+                how = ("1 process (core 0), wrk core 1" if count == 1
+                       else "2 workers + wrk, 2 cores")
+            starved = sum(r["starved"] for r in runs)
+            print(f"| `{path}` | {how} | {rps:.0f} | {rps / med(1, path, 'rps'):.2f} "
+                  f"| {med(count, path, 'p99_ms'):.1f} ms | {med(count, path, 'server_us'):.0f} "
                   f"| {med(count, path, 'client_us'):.0f} "
-                  f"| {'/'.join(f'{s:.0%}' for s in split)} | {capacity:.0f} "
-                  f"| {rps / base_rps:.2f} | {capacity / base_capacity:.2f} |")
+                  f"| {'/'.join(map(str, shown['connections']))} | {_shares(shown)}"
+                  f"{f' ({starved} of {len(runs)} rounds starved)' if starved else ''} |")
     print("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0
 
@@ -185,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--quota", type=float, default=0.4,
+                        help="cores each server process may use (0: no cap, old layout)")
     return run_bench(bench, parser.parse_args(argv), "metadatad-workers-bench-")
 
 
