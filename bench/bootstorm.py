@@ -22,6 +22,12 @@ pinned servers.  Printed per server: total time, requests/s, p50/p99/max latency
 every error by kind.
 
     .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare] [--cache-ttl S]
+        [--quota Q]
+
+``--quota Q`` is bench/workers.py's fair method on 2 cores: no pinning, every server
+process (the bare server; the daemon's main process and each worker) capped at Q of a
+core in a cpu cgroup of its own, and the client on what is left: a scaled-down machine
+with a core per server process and the rest for the booting machines.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)  # not bench/: bench/http.py would shadow the stdlib
 
-from bench.harness import cpu_seconds, tree  # noqa: E402 (after the path is set)
+from bench.harness import CpuQuota, cpu_seconds, tree  # noqa: E402 (after the path is set)
 
 TIMEOUT = 10.0  # cloud-init's per-request time-out
 
@@ -225,25 +231,36 @@ def measured_client(
     return result
 
 
-def pin_tree(pid: int, cpus: set[int]) -> None:
-    """Pin a process and its children (the workers) to ``cpus``."""
-    os.sched_setaffinity(pid, cpus)
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        pin_tree(int(child), cpus)
-
-
 def bench(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="bootstorm-"))
+    quota = CpuQuota(args.quota) if args.quota else None
     try:
-        return _bench(args, tmp)
+        return _bench(args, tmp, quota)
     finally:
+        if quota is not None:
+            quota.remove()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _bench(args: argparse.Namespace, tmp: Path) -> int:
+def place(pid: int, expected: int, pin: set[int] | None, quota: CpuQuota | None) -> None:
+    """Pin the server's processes (``expected`` of them: main and workers) to ``pin``,
+    or cap each at the quota in a cgroup of its own (unpinned)."""
+    give_up = time.monotonic() + 30
+    while len(pids := tree(pid)) < expected:
+        if time.monotonic() > give_up:
+            raise SystemExit(f"server {pid}: {len(pids)} processes, not {expected}")
+        time.sleep(0.1)  # poll-with-deadline: the workers are real subprocesses
+    for each in pids:
+        if quota is not None:
+            quota.cap(each)
+        elif pin is not None:
+            os.sched_setaffinity(each, pin)
+
+
+def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
 
     from metadatad.testing.daemon import Daemon, free_port
     from metadatad.testing.factories import node_document
@@ -264,14 +281,17 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
         if server == "bare":
             port = free_port()
             proc = subprocess.Popen(
-                ["taskset", "-c", "0", sys.executable, "-P", str(ROOT / "bench" / "peers.py"),
+                [sys.executable, "-P", str(ROOT / "bench" / "peers.py"),
                  "bare", "--port", str(port), "--body", CALLER_NODE["uuid"]],
                 stdout=subprocess.PIPE, text=True,
             )
             try:
                 assert proc.stdout is not None
                 proc.stdout.readline()  # "ready ..."
-                result = measured_client(proc.pid, port, args.machines, sequence_file, "1")
+                place(proc.pid, 1, {0}, quota)
+                result = measured_client(
+                    proc.pid, port, args.machines, sequence_file, None if quota else "1"
+                )
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -292,13 +312,16 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
                           flush=True)
                     for method, path in sequence:
                         print(f"  {method} {path}")
-                if workers == 1:
-                    assert daemon.process is not None
-                    pin_tree(daemon.process.pid, {0})
                 assert daemon.process is not None
+                place(
+                    daemon.process.pid,
+                    1 if workers == 1 else 1 + workers,
+                    {0} if workers == 1 else None,
+                    quota,
+                )
                 result = measured_client(
                     daemon.process.pid, daemon.metadata_port, args.machines, sequence_file,
-                    "1" if workers == 1 else None,
+                    "1" if workers == 1 and quota is None else None,
                 )
         result["server"] = server
         result["loadavg"] = os.getloadavg()[0]
@@ -308,8 +331,13 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
     print("| server | requests | total | req/s | p50 | p99 | max | errors | server CPU us/req "
           "| client CPU us/req (share of its core) | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    names = {"w1": "metadatad, 1 process (core 0)", "w2": "metadatad, 2 workers (both cores)",
-             "bare": "bare twisted.web (core 0)"}
+    if quota is None:
+        names = {"w1": "metadatad, 1 process (core 0)",
+                 "w2": "metadatad, 2 workers (both cores)", "bare": "bare twisted.web (core 0)"}
+    else:
+        cap = f"{args.quota:g} core"
+        names = {"w1": f"metadatad, 1 process ({cap})",
+                 "w2": f"metadatad, 2 workers ({cap} each)", "bare": f"bare twisted.web ({cap})"}
     for r in rows:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         print(f"| {names.get(r['server'], r['server'])} | {r['requests']} | {r['total_s']} s "
@@ -327,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default="w1,w2,bare")
     parser.add_argument(
         "--cache-ttl", type=float, help="[metadata] cache_ttl of the daemon (its default: 15)"
+    )
+    parser.add_argument(
+        "--quota", type=float, default=0.0,
+        help="cap each server process at this share of a core in a cgroup of its own, "
+        "nothing pinned (as bench/workers.py; 0: pin one-process servers to core 0)",
     )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

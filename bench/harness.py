@@ -41,6 +41,77 @@ class BenchError(Exception):
     """A run that cannot be trusted: a server died, a check failed."""
 
 
+PERIOD_US = 10_000  # short, so a capped process is held back in small steps
+
+
+class CpuQuota:
+    """Each process given to :meth:`cap` in a cpu cgroup of its own, capped at
+    ``cores`` of a core."""
+
+    def __init__(self, cores: float) -> None:
+        self.cores = cores
+        self._groups: list[Path] = []
+        v1 = Path("/sys/fs/cgroup/cpu")
+        v2 = Path("/sys/fs/cgroup")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self._root, self._v2 = v1, False
+        elif "cpu" in read_text(v2 / "cgroup.subtree_control").split():
+            self._root, self._v2 = v2, True
+        else:
+            raise BenchError("no cgroup cpu controller to cap the servers with: --quota 0")
+
+    def cap(self, pid: int) -> None:
+        group = self._root / f"metadatad-bench-{os.getpid()}-{len(self._groups)}"
+        try:
+            group.mkdir()
+            self._groups.append(group)
+            quota = round(self.cores * PERIOD_US)
+            if self._v2:
+                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as e:
+            raise BenchError(f"cannot cap process {pid} in {group} ({e}): --quota 0") from e
+
+    def remove(self) -> None:
+        """Remove the cgroups (once their processes are gone)."""
+        deadline = time.monotonic() + 5
+        for group in self._groups:
+            while True:
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        print(f"bench: could not remove {group}", file=sys.stderr)
+                        break
+                    time.sleep(0.05)
+        self._groups.clear()
+
+
+def read_text(path: Path) -> str:
+    """The file's text, or "" when it cannot be read."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """Seconds process ``pid`` (all its threads) spent on a CPU and waiting for one."""
+    on = wait = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        fields = read_text(task).split()
+        if len(fields) >= 2:
+            on += int(fields[0])
+            wait += int(fields[1])
+    return on / 1e9, wait / 1e9
+
+
 class Processes:
     """Every child started here, each in its own session, stopped on exit."""
 

@@ -49,9 +49,12 @@ from typing import Any
 
 from harness import (
     BenchError,
+    CpuQuota,
     Processes,
     cpu_seconds,
+    read_text,
     run_bench,
+    schedstat,
     signal_group,
     signals_held,
     tree,
@@ -64,82 +67,14 @@ sys.modules["bench_http"] = web  # its dataclasses look their module up
 _spec.loader.exec_module(web)
 
 PATHS = ("/latest/meta-data/instance-id", "/openstack/latest/meta_data.json")
-PERIOD_US = 10_000  # short, so a capped process is held back in small steps
 STARVED = 0.9  # of the quota, without sleeping: other load took the CPU
-
-
-class CpuQuota:
-    """Each process given to :meth:`cap` in a cpu cgroup of its own, capped at
-    ``cores`` of a core."""
-
-    def __init__(self, cores: float) -> None:
-        self.cores = cores
-        self._groups: list[Path] = []
-        v1 = Path("/sys/fs/cgroup/cpu")
-        v2 = Path("/sys/fs/cgroup")
-        if (v1 / "cpu.cfs_quota_us").exists():
-            self._root, self._v2 = v1, False
-        elif "cpu" in _read(v2 / "cgroup.subtree_control").split():
-            self._root, self._v2 = v2, True
-        else:
-            raise BenchError("no cgroup cpu controller to cap the servers with: --quota 0")
-
-    def cap(self, pid: int) -> None:
-        group = self._root / f"metadatad-bench-{os.getpid()}-{len(self._groups)}"
-        try:
-            group.mkdir()
-            self._groups.append(group)
-            quota = round(self.cores * PERIOD_US)
-            if self._v2:
-                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-            else:
-                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-                (group / "cpu.cfs_quota_us").write_text(str(quota))
-            (group / "cgroup.procs").write_text(str(pid))
-        except OSError as e:
-            raise BenchError(f"cannot cap process {pid} in {group} ({e}): --quota 0") from e
-
-    def remove(self) -> None:
-        """Remove the cgroups (once their processes are gone)."""
-        deadline = time.monotonic() + 5
-        for group in self._groups:
-            while True:
-                try:
-                    group.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        print(f"bench: could not remove {group}", file=sys.stderr)
-                        break
-                    time.sleep(0.05)
-        self._groups.clear()
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
-def schedstat(pid: int) -> tuple[float, float]:
-    """Seconds process ``pid`` (all its threads) spent on a CPU and waiting for one."""
-    on = wait = 0
-    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        fields = _read(task).split()
-        if len(fields) >= 2:
-            on += int(fields[0])
-            wait += int(fields[1])
-    return on / 1e9, wait / 1e9
 
 
 def connections(port: int, pids: list[int]) -> list[int]:
     """The established connections to ``port`` each of ``pids`` holds."""
     inodes: set[str] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in _read(Path(table)).splitlines()[1:]:
+        for line in read_text(Path(table)).splitlines()[1:]:
             fields = line.split()
             if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(fields[9])
