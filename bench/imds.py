@@ -86,7 +86,9 @@ def make_site(gate: Callable[[Clock], Guard]) -> Any:
     )
     clock = Clock()
     clock.advance(time.time())
-    cache = NodeCache(store.node_by_ip, store.get_node, clock, 1e9)
+    cache = NodeCache(
+        store.node_by_ip, store.get_node, clock, 1e9, generation=store.node_generation
+    )
     return MetadataSite(cache, store, Identifier(), guard=gate(clock)).resource(), clock
 
 

@@ -43,6 +43,8 @@ class NodeStore(Protocol):
 
     def node_by_ip(self, ip: str) -> Deferred[NodeRecord | None]: ...
 
+    def node_generation(self) -> Deferred[int]: ...
+
     def list_nodes(self) -> Deferred[list[NodeRecord]]: ...
 
     def upsert_nodes(
@@ -55,11 +57,14 @@ class NodeStore(Protocol):
 
 
 class NodeLookup(Protocol):
-    """Where the metadata site's cache loads nodes from: by caller address and uuid."""
+    """Where the metadata site's cache loads nodes from: by caller address and uuid,
+    and the node generation it revalidates them with (one read per interval)."""
 
     def node_by_ip(self, ip: str) -> Deferred[NodeRecord | None]: ...
 
     def get_node(self, uuid: str) -> Deferred[NodeRecord | None]: ...
+
+    def node_generation(self) -> Deferred[int]: ...
 
 
 class BootEvents(Protocol):

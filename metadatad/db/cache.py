@@ -2,12 +2,19 @@
 """In-memory node lookups for the metadata site's hot path.
 
 A fresh entry is answered synchronously (no Deferred, no query).  Concurrent misses
-for one key share one query.  Every node write through this process clears the cache;
-writes through other conductors are seen within ``ttl`` seconds.  Unknown callers are
-remembered for a shorter time, so a new node is found quickly but a flood from an
-unknown address does not become a flood of queries.  An entry reloaded after its TTL
-keeps the rendered answers of the one it replaces when the stored node is unchanged:
-answers are rendered once per node revision, not once per TTL.
+for one key share one query.  Every node write through this process clears the cache.
+Writes through other conductors are seen within ``ttl`` seconds (plus a query's time):
+once per ``ttl`` interval, on the first lookup after it ends, the cache reads the node
+generation (one query; every node write on every conductor bumps it), and lookups
+arriving meanwhile wait for that one read.  Unchanged, every entry stays fresh for
+another interval with no query per node; changed, each entry is reloaded when next
+asked for.  A reloaded entry keeps the rendered answers of the one it replaces when the
+stored node is unchanged: answers are rendered once per node revision.  A failed
+generation read counts as a change (logged once until a read succeeds again; the next
+read is an interval later, so an outage costs no more queries than the reloads).
+Unknown callers are remembered for ``NEGATIVE_TTL`` each, so a new node is found
+quickly but a flood from an unknown address does not become a flood of queries.
+``ttl`` 0 caches nothing.
 
 Bounded (docs/configuration.md, "The node cache's memory"): at most ``max_entries``
 entries (all dropped when full); each entry's memo at most ``max_entry_memo_bytes``
@@ -23,7 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,13 +50,17 @@ MEMO_OVERHEAD_BYTES = 256
 
 
 class CacheEntry:
-    """A looked-up node (or None) with its expiry and memoised renderings."""
+    """A looked-up node (or None) with its expiry and memoised renderings.
 
-    __slots__ = ("expires", "memo", "memo_bytes", "record")
+    A found node's entry is fresh while its ``epoch`` is the cache's (and the cache's
+    interval runs); an unknown caller's until ``expires``."""
 
-    def __init__(self, record: NodeRecord | None, expires: float) -> None:
+    __slots__ = ("epoch", "expires", "memo", "memo_bytes", "record")
+
+    def __init__(self, record: NodeRecord | None, expires: float, epoch: int = 0) -> None:
         self.record = record
         self.expires = expires
+        self.epoch = epoch
         # Rendered replies by path, valid as long as this entry is; filled through
         # NodeCache.remember, which keeps it within its bounds.
         self.memo: dict[Any, Any] = {}
@@ -57,7 +68,8 @@ class CacheEntry:
 
 
 class NodeCache:
-    """Node lookups by address and by uuid, cached for ``ttl`` seconds."""
+    """Node lookups by address and by uuid, revalidated every ``ttl`` seconds with one
+    read of ``generation()`` (the store's ``node_generation``)."""
 
     log = Logger()
 
@@ -68,11 +80,13 @@ class NodeCache:
         clock: IReactorTime,
         ttl: float,
         *,
+        generation: Callable[[], Deferred[int]],
         max_entries: int = MAX_ENTRIES,
         max_entry_memo_bytes: int = MAX_ENTRY_MEMO_BYTES,
         max_memo_bytes: int = MAX_MEMO_BYTES,
     ) -> None:
         self._loaders = {"ip": by_ip, "uuid": by_uuid}
+        self._read_generation = generation
         self._clock = clock
         self._ttl = ttl
         self._max_entries = max_entries
@@ -83,7 +97,17 @@ class NodeCache:
         self.memo_bytes = 0
         self._entries: dict[tuple[str, str], CacheEntry] = {}
         self._waiting: dict[tuple[str, str], list[Deferred[CacheEntry]]] = {}
-        self._generation = 0
+        # Found nodes' entries of this epoch are fresh until ``_fresh_until``; a changed
+        # generation or a local write starts a new epoch (older entries are stale, kept
+        # only to pass their memo on), and a load is cached only if no new epoch began
+        # while it ran.  ``_known`` is the generation last read: every load of this
+        # epoch started after that read, so the next read equal to it proves them current.
+        self._epoch = 0
+        self._known: int | None = None
+        self._fresh_until = float("-inf")
+        # Lookups waiting for the generation read in flight (None: none in flight).
+        self._checking: list[tuple[tuple[str, str], Deferred[CacheEntry]]] | None = None
+        self._check_failing = False
         self.hits = 0
         self.misses = 0
 
@@ -118,10 +142,12 @@ class NodeCache:
         self.memo_bytes += cost
 
     def invalidate(self) -> None:
-        """Forget everything, including lookups still in flight."""
+        """Forget everything, including lookups still in flight; the next lookup reads
+        the generation again (it includes the write that called this)."""
         self._entries.clear()
         self.memo_bytes = 0
-        self._generation += 1
+        self._epoch += 1
+        self._fresh_until = float("-inf")
 
     def _forget_memos(self) -> None:
         self.log.info(
@@ -134,11 +160,23 @@ class NodeCache:
             entry.memo_bytes = 0
         self.memo_bytes = 0
 
-    def _get(self, key: tuple[str, str]) -> CacheEntry | Deferred[CacheEntry]:
+    def _get(
+        self, key: tuple[str, str], checked: bool = False
+    ) -> CacheEntry | Deferred[CacheEntry]:
+        # ``checked``: a lookup that waited for a generation read, answered with that
+        # read's outcome even if the interval is over again (a read slower than ttl).
+        now = self._clock.seconds()
         entry = self._entries.get(key)
-        if entry is not None and entry.expires > self._clock.seconds():
-            self.hits += 1
-            return entry
+        if entry is not None:
+            if entry.record is None:
+                if entry.expires > now:
+                    self.hits += 1
+                    return entry
+            elif entry.epoch == self._epoch and (checked or now < self._fresh_until):
+                self.hits += 1
+                return entry
+        if not checked and self._ttl > 0 and now >= self._fresh_until:
+            return self._after_check(key)
         self.misses += 1
         waiting = self._waiting.get(key)
         result: Deferred[CacheEntry] = Deferred()
@@ -146,31 +184,78 @@ class NodeCache:
             waiting.append(result)
             return result
         self._waiting[key] = [result]
-        generation = self._generation
+        epoch = self._epoch
         kind, value = key
-        self._loaders[kind](value).addBoth(self._loaded, key, generation)
+        self._loaders[kind](value).addBoth(self._loaded, key, epoch)
         return result
 
-    def _loaded(self, record: Any, key: tuple[str, str], generation: int) -> None:
+    def _after_check(self, key: tuple[str, str]) -> Deferred[CacheEntry]:
+        result: Deferred[CacheEntry] = Deferred()
+        if self._checking is not None:
+            self._checking.append((key, result))
+            return result
+        self._checking = [(key, result)]
+        # Before the read is sent: a write committed after it is seen a ttl from now.
+        started = self._clock.seconds()
+        # maybeDeferred: a reader that raises must not leave the lookups waiting forever.
+        maybeDeferred(self._read_generation).addBoth(self._checked, started, self._epoch)
+        return result
+
+    def _checked(self, generation: Any, started: float, epoch: int) -> None:
+        waiting, self._checking = self._checking or [], None
+        if isinstance(generation, Failure):
+            if not self._check_failing:
+                self._check_failing = True
+                self.log.warn(
+                    "node cache: cannot read the node generation, reloading nodes as they "
+                    "are asked for until it can be read: {error}",
+                    error=generation.value,
+                )
+            # Like a change; ``_known`` stays the last generation read.
+            changed = True
+        else:
+            if self._check_failing:
+                self._check_failing = False
+                self.log.info("node cache: the node generation can be read again")
+            changed = generation != self._known
+            self._known = generation
+        # A local write during the read (a new epoch) left the cache to be checked again.
+        if epoch == self._epoch:
+            if changed:
+                self._epoch += 1
+            self._fresh_until = started + self._ttl
+        for key, d in waiting:
+            found = self._get(key, checked=True)
+            if isinstance(found, Deferred):
+                found.chainDeferred(d)
+            else:
+                d.callback(found)
+
+    def _loaded(self, record: Any, key: tuple[str, str], epoch: int) -> None:
         waiting = self._waiting.pop(key)
         if isinstance(record, Failure):
             # A failed query: every waiter gets the failure, nothing is cached.
             for d in waiting:
                 d.errback(record)
             return
-        ttl = self._ttl if record is not None else min(self._ttl, NEGATIVE_TTL)
-        entry = CacheEntry(record, self._clock.seconds() + ttl)
-        if ttl > 0 and generation == self._generation:
-            expired = self._entries.get(key)
-            # Only an expired entry survives here: invalidate() drops every entry.
-            if expired is not None:
-                if record is not None and expired.record == record:
-                    entry.memo, entry.memo_bytes = expired.memo, expired.memo_bytes
-                else:
-                    self.memo_bytes -= expired.memo_bytes
-            if len(self._entries) >= self._max_entries:
+        if record is None:
+            ttl = min(self._ttl, NEGATIVE_TTL)
+            entry = CacheEntry(None, self._clock.seconds() + ttl, epoch)
+        else:
+            ttl = self._ttl
+            entry = CacheEntry(record, float("inf"), epoch)
+        if ttl > 0 and epoch == self._epoch:
+            if len(self._entries) >= self._max_entries and key not in self._entries:
                 self._entries.clear()
                 self.memo_bytes = 0
+            # Only a stale entry survives here (a current one would not have been loaded
+            # again; invalidate() drops every entry).
+            stale = self._entries.get(key)
+            if stale is not None:
+                if record is not None and stale.record == record:
+                    entry.memo, entry.memo_bytes = stale.memo, stale.memo_bytes
+                else:
+                    self.memo_bytes -= stale.memo_bytes
             self._entries[key] = entry
         for d in waiting:
             d.callback(entry)

@@ -89,6 +89,16 @@ boot_events = Table(
     Index("ix_boot_events_started_at", "started_at"),
 )
 
+# A single row (id 1, migration 0012): bumped in the transaction of every write that
+# can change what a node lookup answers (nodes, their ports, passwords, service
+# members), so a node cache revalidates all its entries with one read.
+node_generation = Table(
+    "node_generation",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("generation", BigInteger, nullable=False),
+)
+
 # --- conductor membership and node claims (migration 0002) ---------------------------
 
 # Heartbeats are compared at sub-second precision: MySQL's DATETIME alone keeps seconds.
@@ -271,9 +281,7 @@ service_members = Table(
     Column("service_name", String(255), nullable=False),
     Column("cardinal", Integer, nullable=False),
     Column("joined_at", DateTime, nullable=False),
-    UniqueConstraint(
-        "project_id", "service_name", "cardinal", name="uq_service_members_cardinal"
-    ),
+    UniqueConstraint("project_id", "service_name", "cardinal", name="uq_service_members_cardinal"),
 )
 
 # When each node last made a metadata request (UTC, to the conductors' flush interval):

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import create_engine, delete, event, insert, select, text, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet.interfaces import IReactorThreads
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from metadatad.core.nodes import Node, parse_node
 from metadatad.core.records import ConflictError, NodeRecord, port_fields, port_taken
 from metadatad.db.peers import bump_projects
-from metadatad.db.schema import nodes, ports, service_members
+from metadatad.db.schema import node_generation, nodes, ports, service_members
 from metadatad.db.services import assign_cardinals
 from metadatad.db.threaded import Threaded, deferred
 
@@ -149,6 +150,13 @@ class NodeRepository:
         with self.engine.connect() as connection:
             return connection.execute(select(nodes.c.password).where(nodes.c.uuid == uuid)).scalar()
 
+    def node_generation(self) -> int:
+        """The node generation: it changes with every write that can change what
+        ``get_node``, ``node_by_ip`` or ``node_by_mac`` answer, on any conductor."""
+        with self.engine.connect() as connection:
+            value = connection.execute(_SELECT_GENERATION).scalar()
+        return int(value) if value is not None else 0
+
     # --- writes ------------------------------------------------------------------
 
     def upsert_nodes(self, new_nodes: Sequence[Node], as_list: bool = True) -> list[bool]:
@@ -215,6 +223,8 @@ class NodeRepository:
                     assign_cardinals(connection, new_nodes, moment)
                 except IntegrityError:
                     raise _CardinalRace from None
+                # Last: the generation row is the last lock a node write takes.
+                bump_generation(connection)
         except IntegrityError:
             # Another writer took a MAC or address between our check and our insert.
             raise ConflictError(
@@ -254,7 +264,10 @@ class NodeRepository:
             if project is not None:
                 bump_projects(connection, [project])
             connection.execute(delete(ports).where(ports.c.node_uuid == uuid))
-            return connection.execute(delete(nodes).where(nodes.c.uuid == uuid)).rowcount > 0
+            deleted = connection.execute(delete(nodes).where(nodes.c.uuid == uuid)).rowcount > 0
+            if deleted:
+                bump_generation(connection)
+            return deleted
 
     def set_password(self, uuid: str, password: str) -> bool | None:
         """Store a password once: True if stored, False if one was set, None if no node."""
@@ -265,6 +278,7 @@ class NodeRepository:
                 .values(password=password)
             )
             if result.rowcount:
+                bump_generation(connection)
                 return True
             exists = connection.execute(select(nodes.c.uuid).where(nodes.c.uuid == uuid)).first()
             return False if exists is not None else None
@@ -279,9 +293,34 @@ class NodeRepository:
                 .values(password=None)
             )
             if result.rowcount:
+                bump_generation(connection)
                 return True
             exists = connection.execute(select(nodes.c.uuid).where(nodes.c.uuid == uuid)).first()
             return False if exists is not None else None
+
+
+def bump_generation(connection: Connection) -> None:
+    """Add one to the node generation in ``connection``'s transaction (its row is
+    created if missing: a scratch database may have emptied the table)."""
+    dialect = connection.dialect.name
+    statement: Any
+    if dialect in ("postgresql", "sqlite"):
+        insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = (
+            insert_(node_generation)
+            .values(id=1, generation=1)
+            .on_conflict_do_update(
+                index_elements=[node_generation.c.id],
+                set_={"generation": node_generation.c.generation + 1},
+            )
+        )
+    else:
+        my = mysql.insert(node_generation).values(id=1, generation=1)
+        statement = my.on_duplicate_key_update(generation=node_generation.c.generation + 1)
+    connection.execute(statement)
+
+
+_SELECT_GENERATION = select(node_generation.c.generation).where(node_generation.c.id == 1)
 
 
 class _CardinalRace(Exception):
@@ -349,6 +388,8 @@ class NodeQueries(Protocol):
 
     def get_password(self, uuid: str) -> str | None: ...
 
+    def node_generation(self) -> int: ...
+
     def upsert_nodes(self, new_nodes: Sequence[Node], as_list: bool = True) -> list[bool]: ...
 
     def delete_node(self, uuid: str) -> bool: ...
@@ -369,6 +410,7 @@ class NodeMethods:
     node_by_mac = deferred(NodeQueries.node_by_mac)
     list_nodes = deferred(NodeQueries.list_nodes)
     get_password = deferred(NodeQueries.get_password)
+    node_generation = deferred(NodeQueries.node_generation)
     upsert_nodes = deferred(NodeQueries.upsert_nodes, changes=True)
     delete_node = deferred(NodeQueries.delete_node, changes=True)
     set_password = deferred(NodeQueries.set_password, changes=True)

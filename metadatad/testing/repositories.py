@@ -58,6 +58,8 @@ class MemoryNodeRepository:
     def __init__(self, now: Callable[[], float] = time.time) -> None:
         self._now = now
         self._nodes: dict[str, _Stored] = {}
+        # Bumped by every write that changes a lookup's answer (the SQL table's counter).
+        self._generation = 0
         self.available = True
         # Called with the uuid of each deleted node (the cluster fake's ON DELETE CASCADE).
         self.delete_listeners: list[Callable[[str], None]] = []
@@ -101,6 +103,10 @@ class MemoryNodeRepository:
         self._check()
         stored = self._nodes.get(uuid)
         return stored.password if stored is not None else None
+
+    def node_generation(self) -> int:
+        self._check()
+        return self._generation
 
     def upsert_nodes(self, new_nodes: Sequence[Node], as_list: bool = True) -> list[bool]:
         self._check()
@@ -155,6 +161,7 @@ class MemoryNodeRepository:
             ]
             for joiner, cardinal in choose_cardinals(holding, members).items():
                 self._nodes[joiner].member = (project, name, cardinal)
+        self._generation += 1
         return created
 
     def delete_node(self, uuid: str) -> bool:
@@ -162,6 +169,7 @@ class MemoryNodeRepository:
         gone = self._nodes.pop(uuid, None)
         deleted = gone is not None
         if gone is not None:
+            self._generation += 1
             for project_listener in self.project_listeners:
                 project_listener({gone.node.project_id})
             for listener in self.delete_listeners:
@@ -176,6 +184,7 @@ class MemoryNodeRepository:
         if stored.password is not None:
             return False
         stored.password = password
+        self._generation += 1
         return True
 
     def clear_password(self, uuid: str) -> bool | None:
@@ -185,6 +194,7 @@ class MemoryNodeRepository:
             return None
         had = stored.password is not None
         stored.password = None
+        self._generation += had
         return had
 
 

@@ -58,7 +58,13 @@ def make_tftp_service(
                 key=key,
                 path=path,
             )
-    mac_cache = NodeCache(store.node_by_mac, store.get_node, reactor, config.metadata.cache_ttl)
+    mac_cache = NodeCache(
+        store.node_by_mac,
+        store.get_node,
+        reactor,
+        config.metadata.cache_ttl,
+        generation=store.node_generation,
+    )
     store.add_change_listener(mac_cache.invalidate)
     files = BootFiles(
         tftp.root,
@@ -90,7 +96,6 @@ def make_tftp_service(
     # The MAC cache rides along for /metrics and SIGHUP (which clears it with the
     # site's cache).
     return TFTPService(server, tftp.listen, reactor, mac_cache=mac_cache)
-
 
 
 def _held(

@@ -133,7 +133,7 @@ def test_site_notes_requests_and_shared_json_shows_them() -> None:
     clock.advance(1_765_015_200)
     recorder = SeenRecorder(lambda seen: store.run(seen_repository.record, seen), clock)
     recorder.startService()
-    cache = NodeCache(store.node_by_ip, store.get_node, clock, 15)
+    cache = NodeCache(store.node_by_ip, store.get_node, clock, 15, generation=store.node_generation)
     routes = PeerRoutes(PeerStore(peer_repository, store.run), WatchHub(clock))
     site = MetadataSite(
         cache,  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -190,6 +190,77 @@ def test_unicode_survives(repository: Any) -> None:
     assert repository.get_node(node.uuid).node == node
 
 
+# Every write that can change what get_node / node_by_ip / node_by_mac answer, on the
+# node 0 (with a password) and node 1 of the setup below.
+GENERATION_WRITES = {
+    "create": lambda r: r.upsert_nodes([make_node(2)]),
+    "update": lambda r: r.upsert_nodes([make_node(0, hostname="renamed")]),
+    "move a port": lambda r: r.upsert_nodes(
+        [make_node(1, ports=[{"mac": "52:54:00:aa:bb:cc", "ip": "10.9.9.9"}])]
+    ),
+    "join a service": lambda r: r.upsert_nodes([make_node(1, service={"name": "db"})]),
+    "import many": lambda r: r.upsert_nodes([make_node(i) for i in range(600)]),
+    "delete": lambda r: r.delete_node(make_node(0).uuid),
+    "set a password": lambda r: r.set_password(make_node(1).uuid, "pw"),
+    "clear a password": lambda r: r.clear_password(make_node(0).uuid),
+}
+
+# Writes that change nothing, and so leave the generation as it is.
+IDLE_WRITES = {
+    "delete an unknown node": lambda r: r.delete_node(make_node(9).uuid),
+    "set a password twice": lambda r: r.set_password(make_node(0).uuid, "other"),
+    "set an unknown node's password": lambda r: r.set_password(make_node(9).uuid, "pw"),
+    "clear no password": lambda r: r.clear_password(make_node(1).uuid),
+    "clear an unknown node's password": lambda r: r.clear_password(make_node(9).uuid),
+}
+
+
+def _with_two_nodes(repository: Any) -> int:
+    repository.upsert_nodes([make_node(0), make_node(1)])
+    repository.set_password(make_node(0).uuid, "secret")
+    return repository.node_generation()
+
+
+@pytest.mark.parametrize("write", GENERATION_WRITES.values(), ids=GENERATION_WRITES.keys())
+def test_every_node_write_bumps_the_generation(repository: Any, write: Any) -> None:
+    """A write that changes a lookup's answer changes the node generation (what the
+    node caches of every conductor revalidate with)."""
+    before = _with_two_nodes(repository)
+    write(repository)
+    after = repository.node_generation()
+    assert after > before
+    assert repository.node_generation() == after  # a read changes nothing
+
+
+@pytest.mark.parametrize("write", IDLE_WRITES.values(), ids=IDLE_WRITES.keys())
+def test_writes_that_change_nothing_keep_the_generation(repository: Any, write: Any) -> None:
+    """Refused or empty writes leave the generation (no cache anywhere reloads)."""
+    before = _with_two_nodes(repository)
+    write(repository)
+    assert repository.node_generation() == before
+
+
+def test_a_refused_import_keeps_the_generation(repository: Any) -> None:
+    """An import refused for a taken port writes nothing, the generation included."""
+    before = _with_two_nodes(repository)
+    with pytest.raises(ConflictError):
+        repository.upsert_nodes([make_node(5, ports=[{"mac": make_node(0).ports[0].mac}])])
+    assert repository.node_generation() == before
+
+
+def test_generation_without_its_row(repository: Any) -> None:
+    """A database whose generation row is gone (emptied tables) reads 0 and the next
+    write brings the row back."""
+    if isinstance(repository, NodeRepository):
+        with repository.engine.begin() as connection:
+            connection.execute(delete(schema.node_generation))
+        assert repository.node_generation() == 0
+        repository.upsert_nodes([make_node()])
+        assert repository.node_generation() == 1
+    else:
+        assert repository.node_generation() == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_schema_check(backend: str, tmp_path: Any, scratch_databases: Any) -> None:
     """A migrated database passes the check; an empty one names the fix."""
@@ -240,6 +311,7 @@ def test_store_runs_on_its_threadpool(tmp_path: Any) -> Any:
         assert (yield store.set_password(node.uuid, "pw")) is True
         assert (yield store.get_password(node.uuid)) == "pw"
         assert (yield store.delete_node(node.uuid)) is True
+        assert (yield store.node_generation()) == 3  # import, password, delete
         yield store.ping()
     finally:
         store.stopService()

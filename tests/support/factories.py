@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from metadatad.db.cache import NodeCache
@@ -23,4 +23,4 @@ def cache_with_pending_queries() -> tuple[NodeCache, list[Deferred[Any]]]:
         pending.append(d)
         return d
 
-    return NodeCache(slow, slow, Clock(), 10), pending
+    return NodeCache(slow, slow, Clock(), 10, generation=lambda: succeed(0)), pending

@@ -286,7 +286,9 @@ def test_metadata_site_survives_anything(database_url: str) -> None:
     clock.advance(NOW)
     sites = {}
     for require in (False, True):
-        cache = NodeCache(store.node_by_ip, store.get_node, clock, 15)
+        cache = NodeCache(
+            store.node_by_ip, store.get_node, clock, 15, generation=store.node_generation
+        )
         store.add_change_listener(cache.invalidate)
         guard = Guard(
             clock,

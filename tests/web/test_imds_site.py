@@ -41,7 +41,13 @@ class Setup:
         self.clock.advance(NOW)
         self.store = MemoryStore()
         self.store.repository.upsert_nodes([HERE, OTHER])
-        cache = NodeCache(self.store.node_by_ip, self.store.get_node, self.clock, 15)
+        cache = NodeCache(
+            self.store.node_by_ip,
+            self.store.get_node,
+            self.clock,
+            15,
+            generation=self.store.node_generation,
+        )
         self.store.add_change_listener(cache.invalidate)
         proxies = [ipaddress.ip_network(trusted)] if trusted else []
         self.signer = TokenSigner(SECRET)

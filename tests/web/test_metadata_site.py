@@ -40,7 +40,9 @@ def make_site(
     store = MemoryStore()
     if nodes:
         store.repository.upsert_nodes(list(nodes))
-    cache = NodeCache(store.node_by_ip, store.get_node, Clock(), 15)
+    cache = NodeCache(
+        store.node_by_ip, store.get_node, Clock(), 15, generation=store.node_generation
+    )
     store.add_change_listener(cache.invalidate)
     proxies = [ipaddress.ip_network(trusted)] if trusted else []
     kwargs.setdefault("random_bytes", lambda n: b"\x01" * n)
@@ -159,12 +161,13 @@ def test_random_seed_is_fresh_per_request() -> None:
 
 
 def test_hot_path_does_not_query() -> None:
-    """Repeated reads are answered from memory: one lookup for many requests."""
+    """Repeated reads are answered from memory: one lookup (and the cache's first read
+    of the node generation) for many requests."""
     client, store, _ = make_site()
     for _ in range(20):
         assert client.get("/latest/meta-data/instance-id").status == 200
         assert client.get("/openstack/latest/meta_data.json").status == 200
-    assert store.calls == {"node_by_ip": 1}
+    assert store.calls == {"node_generation": 1, "node_by_ip": 1}
 
 
 def test_admin_change_is_seen_at_once() -> None:
@@ -413,7 +416,14 @@ def test_answers_past_the_memo_bound_are_rendered_each_time() -> None:
         store = MemoryStore()
         store.repository.upsert_nodes([node])
         kwargs = {} if bound is None else {"max_entry_memo_bytes": bound}
-        cache = NodeCache(store.node_by_ip, store.get_node, Clock(), 15, **kwargs)
+        cache = NodeCache(
+            store.node_by_ip,
+            store.get_node,
+            Clock(),
+            15,
+            generation=store.node_generation,
+            **kwargs,
+        )
         site = MetadataSite(cache, store, Identifier([], ""), random_bytes=lambda n: next(seeds))
         client = Client(site.resource())
         answers.append([client.get(path).body for path in paths + paths])

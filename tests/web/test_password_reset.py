@@ -29,7 +29,9 @@ def test_admin_route_clears_what_the_machine_reads() -> None:
     """The machine posts, the operator clears, the machine reads "" and posts again."""
     store = MemoryStore()
     store.repository.upsert_nodes([NODE])
-    cache = NodeCache(store.node_by_ip, store.get_node, Clock(), 15)
+    cache = NodeCache(
+        store.node_by_ip, store.get_node, Clock(), 15, generation=store.node_generation
+    )
     store.add_change_listener(cache.invalidate)
     machine = Client(MetadataSite(cache, store, Identifier([], "")).resource())  # type: ignore[arg-type]
     admin = Client(AdminSite(store, TOKEN).resource(), base="http://127.0.0.1:8776")  # type: ignore[arg-type]

@@ -40,7 +40,13 @@ class Site:
         self.store.repository.upsert_nodes([A0, A1, A2, A3, B4])
         self.clock = Clock()
         self.hub = WatchHub(self.clock)
-        cache = NodeCache(self.store.node_by_ip, self.store.get_node, Clock(), 15)
+        cache = NodeCache(
+            self.store.node_by_ip,
+            self.store.get_node,
+            Clock(),
+            15,
+            generation=self.store.node_generation,
+        )
         self.store.add_change_listener(cache.invalidate)
         self.peer_store = PeerStore(self.peers, self.store.run)
         routes = PeerRoutes(self.peer_store, self.hub, limits, jitter=lambda: jitter)

@@ -204,7 +204,13 @@ def test_collector_reads_the_daemon_parts(tmp_path: Path) -> None:
     registry.register(collector)
     assert samples(registry) == {}
 
-    cache = NodeCache(lambda ip: succeed(None), lambda uuid: succeed(None), clock, ttl=10)
+    cache = NodeCache(
+        lambda ip: succeed(None),
+        lambda uuid: succeed(None),
+        clock,
+        ttl=10,
+        generation=lambda: succeed(0),
+    )
     member = membership(clock)
     tftp = Harness(tmp_path)
     collector.sources = Sources({"metadata": cache}, member, tftp.server, clock)
@@ -241,7 +247,13 @@ def test_collector_reads_the_daemon_parts(tmp_path: Path) -> None:
 def test_metrics_service_attaches_while_running() -> None:
     """The ``metrics`` service shows its parts only while it runs."""
     clock = Clock()
-    cache = NodeCache(lambda ip: succeed(None), lambda uuid: succeed(None), clock, ttl=10)
+    cache = NodeCache(
+        lambda ip: succeed(None),
+        lambda uuid: succeed(None),
+        clock,
+        ttl=10,
+        generation=lambda: succeed(0),
+    )
     service = MetricsService(Sources({"probe": cache}), collector=COLLECTOR)
     assert ("metadatad_node_cache_hits_total", (("cache", "probe"),)) not in samples()
     service.startService()

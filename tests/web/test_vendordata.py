@@ -389,7 +389,9 @@ def test_site_serves_dynamic_vendor_data2_and_admin_shows_the_failure() -> None:
     harness = Harness({"testing": target}, failure_fatal=True)
     store = MemoryStore()
     store.repository.upsert_nodes([NODE])
-    cache = NodeCache(store.node_by_ip, store.get_node, Clock(), 15)
+    cache = NodeCache(
+        store.node_by_ip, store.get_node, Clock(), 15, generation=store.node_generation
+    )
     site = MetadataSite(
         cache,
         store,  # type: ignore[arg-type]

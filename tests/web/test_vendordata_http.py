@@ -285,7 +285,9 @@ async def metadata_site(
     if store is None:
         store = MemoryStore()
         store.repository.upsert_nodes([NODE])
-    cache = NodeCache(store.node_by_ip, store.get_node, reactor, 15)
+    cache = NodeCache(
+        store.node_by_ip, store.get_node, reactor, 15, generation=store.node_generation
+    )
     site = MetadataSite(
         cache, store, Identifier([], ""), static_vendordata=STATIC, vendordata=service
     )
