@@ -22,6 +22,7 @@ pinned servers.  Printed per server: total time, requests/s, p50/p99/max latency
 every error by kind.
 
     .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare] [--cache-ttl S]
+                                        [--py-spy DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -214,12 +216,35 @@ def run_client(port: int, machines: int, sequence_file: Path, pin: str | None) -
 
 
 def measured_client(
-    server_pid: int, port: int, machines: int, sequence_file: Path, pin: str | None
+    server_pid: int,
+    port: int,
+    machines: int,
+    sequence_file: Path,
+    pin: str | None,
+    *,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """The client's result plus the server's CPU time per request (all its processes)."""
+    """The client's result plus the server's CPU time per request (all its processes);
+    with ``profile``, py-spy's samples of the server during the storm (collapsed
+    stacks) are written there."""
     pids = tree(server_pid)
+    spy = None
+    if profile is not None:
+        # Sampled without stopping the server (--nonblocking): its CPU figure stays
+        # close to an unprofiled run's, and the shares of the samples are what to read.
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250",
+             "--nonblocking", "-f", "raw", "-o", str(profile), "-p", str(server_pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # attached before the storm starts
     before = sum(map(cpu_seconds, pids))
-    result = run_client(port, machines, sequence_file, pin)
+    try:
+        result = run_client(port, machines, sequence_file, pin)
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(60)
     used = sum(map(cpu_seconds, pids)) - before
     result["cpu_us_per_req"] = round(used / result["requests"] * 1e6)
     return result
@@ -241,6 +266,14 @@ def bench(args: argparse.Namespace) -> int:
         return _bench(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _profile(args: argparse.Namespace, server: str) -> Path | None:
+    if args.py_spy is None:
+        return None
+    directory = Path(args.py_spy)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{server}-{args.machines}.txt"
 
 
 def _bench(args: argparse.Namespace, tmp: Path) -> int:
@@ -271,7 +304,10 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
             try:
                 assert proc.stdout is not None
                 proc.stdout.readline()  # "ready ..."
-                result = measured_client(proc.pid, port, args.machines, sequence_file, "1")
+                result = measured_client(
+                    proc.pid, port, args.machines, sequence_file, "1",
+                    profile=_profile(args, server),
+                )
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -298,7 +334,7 @@ def _bench(args: argparse.Namespace, tmp: Path) -> int:
                 assert daemon.process is not None
                 result = measured_client(
                     daemon.process.pid, daemon.metadata_port, args.machines, sequence_file,
-                    "1" if workers == 1 else None,
+                    "1" if workers == 1 else None, profile=_profile(args, server),
                 )
         result["server"] = server
         result["loadavg"] = os.getloadavg()[0]
@@ -327,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default="w1,w2,bare")
     parser.add_argument(
         "--cache-ttl", type=float, help="[metadata] cache_ttl of the daemon (its default: 15)"
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="record each server with py-spy during its storm, into DIR/<server>-<N>.txt "
+        "(collapsed stacks; pip install py-spy into the venv)",
     )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
