@@ -77,11 +77,12 @@ class Deadlines:
     """The ``client_timeout`` deadlines of the requests being received on one site's
     channels, watched by one timer.
 
-    Every request has the same time-out and the clock only moves forward, so the
-    order in which requests started is the order of their deadlines: the timer is set
-    for the oldest, and when it fires it refuses every request whose deadline has
-    passed and is set again for the next one.  A request finished before its deadline
-    is simply taken out; the timer, if it was set for it, finds a later one or none."""
+    Every request has the same time-out, so the order in which requests started is
+    the order of their deadlines (while the clock moves forward: a clock stepped back
+    delays the ones behind the oldest, as it delays any timer): the timer is set for
+    the oldest, and when it fires it refuses every request whose deadline has passed
+    and is set again for the next one.  A request finished before its deadline is
+    simply taken out; the timer, if it was set for it, finds a later one or none."""
 
     def __init__(self, clock: IReactorTime, timeout: float) -> None:
         self.clock = clock
@@ -115,7 +116,11 @@ class Deadlines:
                 self._timer = self.clock.callLater(left, self._expire)
                 return
             del receiving[channel]
-            channel.refuse(408, "slow client")
+            try:
+                channel.refuse(408, "slow client")
+            except Exception:
+                # One connection's failure must not leave the others unwatched.
+                _log.failure("refusing a slow client failed")
 
 
 class HardenedRequest(Request):
