@@ -22,7 +22,7 @@ pinned servers.  Printed per server: total time, requests/s, p50/p99/max latency
 every error by kind.
 
     .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare] [--cache-ttl S]
-        [--quota Q]
+        [--quota Q] [--py-spy DIR]
 
 ``--quota Q`` is bench/workers.py's fair method on 2 cores: no pinning, every server
 process (the bare server; the daemon's main process and each worker) capped at Q of a
@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -220,12 +221,35 @@ def run_client(port: int, machines: int, sequence_file: Path, pin: str | None) -
 
 
 def measured_client(
-    server_pid: int, port: int, machines: int, sequence_file: Path, pin: str | None
+    server_pid: int,
+    port: int,
+    machines: int,
+    sequence_file: Path,
+    pin: str | None,
+    *,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """The client's result plus the server's CPU time per request (all its processes)."""
+    """The client's result plus the server's CPU time per request (all its processes);
+    with ``profile``, py-spy's samples of the server during the storm (collapsed
+    stacks) are written there."""
     pids = tree(server_pid)
+    spy = None
+    if profile is not None:
+        # Sampled without stopping the server (--nonblocking): its CPU figure stays
+        # close to an unprofiled run's, and the shares of the samples are what to read.
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250",
+             "--nonblocking", "-f", "raw", "-o", str(profile), "-p", str(server_pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # attached before the storm starts
     before = sum(map(cpu_seconds, pids))
-    result = run_client(port, machines, sequence_file, pin)
+    try:
+        result = run_client(port, machines, sequence_file, pin)
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(60)
     used = sum(map(cpu_seconds, pids)) - before
     result["cpu_us_per_req"] = round(used / result["requests"] * 1e6)
     return result
@@ -260,6 +284,14 @@ def place(pid: int, expected: int, pin: set[int] | None, quota: CpuQuota | None)
             os.sched_setaffinity(each, pin)
 
 
+def _profile(args: argparse.Namespace, server: str) -> Path | None:
+    if args.py_spy is None:
+        return None
+    directory = Path(args.py_spy)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{server}-{args.machines}.txt"
+
+
 def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
 
     from metadatad.testing.daemon import Daemon, free_port
@@ -290,7 +322,8 @@ def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
                 proc.stdout.readline()  # "ready ..."
                 place(proc.pid, 1, {0}, quota)
                 result = measured_client(
-                    proc.pid, port, args.machines, sequence_file, None if quota else "1"
+                    proc.pid, port, args.machines, sequence_file, None if quota else "1",
+                    profile=_profile(args, server),
                 )
             finally:
                 proc.terminate()
@@ -322,6 +355,7 @@ def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
                 result = measured_client(
                     daemon.process.pid, daemon.metadata_port, args.machines, sequence_file,
                     "1" if workers == 1 and quota is None else None,
+                    profile=_profile(args, server),
                 )
         result["server"] = server
         result["loadavg"] = os.getloadavg()[0]
@@ -360,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quota", type=float, default=0.0,
         help="cap each server process at this share of a core in a cgroup of its own, "
         "nothing pinned (as bench/workers.py; 0: pin one-process servers to core 0)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="record each server with py-spy during its storm, into DIR/<server>-<N>.txt "
+        "(collapsed stacks; pip install py-spy into the venv)",
     )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -8,8 +8,10 @@
   before reading it, or while reading a chunked body), without buffering it;
 - answer ``408`` and close when a request is not complete ``client_timeout`` seconds
   after its first byte (slow clients: Twisted's idle timeout restarts on every byte);
-  one timer per connection, re-armed only when it fires: a request on a keep-alive
-  connection costs a clock read, not a timer scheduled and cancelled;
+  one timer per site watches the requests being received, in the order their first
+  bytes came (:class:`Deadlines`): a request costs a dictionary insertion and removal,
+  not a timer scheduled and cancelled (in a boot storm every request is a new
+  connection);
 - close connections idle for ``idle_timeout`` seconds;
 - abort a connection whose client has taken none of its pending response for
   ``write_timeout`` seconds (Twisted's idle timeout is off while a response is
@@ -27,12 +29,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from prometheus_client import Counter
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,6 +71,56 @@ class Limits:
     idle_timeout: float = 60.0
     max_connections_per_source: int = 64
     write_timeout: float = 30.0
+
+
+class Deadlines:
+    """The ``client_timeout`` deadlines of the requests being received on one site's
+    channels, watched by one timer.
+
+    Every request has the same time-out, so the order in which requests started is
+    the order of their deadlines (while the clock moves forward: a clock stepped back
+    delays the ones behind the oldest, as it delays any timer): the timer is set for
+    the oldest, and when it fires it refuses every request whose deadline has passed
+    and is set again for the next one.  A request finished before its deadline is
+    simply taken out; the timer, if it was set for it, finds a later one or none."""
+
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+        self.clock = clock
+        self._timeout = timeout
+        # Channel -> when its request's first byte came; the oldest first.
+        self._receiving: OrderedDict[HardenedChannel, float] = OrderedDict()
+        self._timer: IDelayedCall | None = None
+
+    def start(self, channel: HardenedChannel) -> None:
+        """``channel`` received the first byte of a request."""
+        self._receiving[channel] = self.clock.seconds()
+        if self._timer is None:
+            self._timer = self.clock.callLater(self._timeout, self._expire)
+
+    def stop(self, channel: HardenedChannel) -> None:
+        """``channel``'s request is complete, refused, or its connection lost."""
+        self._receiving.pop(channel, None)
+
+    def receiving(self) -> int:
+        """How many requests are being received."""
+        return len(self._receiving)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        receiving = self._receiving
+        while receiving:
+            channel, since = next(iter(receiving.items()))
+            left = since + self._timeout - now
+            if left > 0:
+                self._timer = self.clock.callLater(left, self._expire)
+                return
+            del receiving[channel]
+            try:
+                channel.refuse(408, "slow client")
+            except Exception:
+                # One connection's failure must not leave the others unwatched.
+                _log.failure("refusing a slow client failed")
 
 
 class HardenedRequest(Request):
@@ -115,25 +168,31 @@ class HardenedChannel(HTTPChannel):
     """An HTTP/1.1 channel enforcing :class:`Limits` (see the module docstring)."""
 
     refused = False
-    # The timer of the client_timeout deadline, and when the request being received
-    # (None: none is) sent its first byte.
-    _deadline: Any = None
-    _receiving_since: float | None = None
+    # Whether a request is being received (its deadline is in ``_deadlines``).
+    _receiving = False
     _stall: Any = None
     _unsent_then: int | None = None
     _saved_hops: tuple[int, int, int] | None = None
     _source: str | None = None
 
-    def __init__(self, limits: Limits, name: str = "", clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        name: str = "",
+        clock: IReactorTime | None = None,
+        deadlines: Deadlines | None = None,
+    ) -> None:
         super().__init__()
         self.limits = limits
         self.name = name
-        if clock is None:
-            from twisted.internet import reactor
+        if deadlines is None:
+            # A channel of its own (not built by a HardenedSite): its own deadlines.
+            if clock is None:
+                from twisted.internet import reactor
 
-            clock = reactor
-        # The deadline's clock: the one ``callLater`` is on (the site's reactor).
-        self._seconds = clock.seconds
+                clock = reactor
+            deadlines = Deadlines(clock, limits.client_timeout)
+        self._deadlines = deadlines
         # LineReceiver drops a longer line silently; lineLengthExceeded answers 431.
         self.MAX_LENGTH = limits.max_header_bytes
         self.totalHeadersSize = limits.max_header_bytes
@@ -141,10 +200,9 @@ class HardenedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return
-        if self._receiving_since is None and not self._handlingRequest:
-            self._receiving_since = self._seconds()
-            if self._deadline is None:
-                self._deadline = self.callLater(self.limits.client_timeout, self._check_deadline)
+        if not self._receiving and not self._handlingRequest:
+            self._receiving = True
+            self._deadlines.start(self)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -171,13 +229,13 @@ class HardenedChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         if self.refused:
             return
-        # The timer stays: it finds no request being received, or a later one.
-        self._receiving_since = None
+        self._receiving = False
+        self._deadlines.stop(self)
         self._restore_hops()
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_deadline()
+        self._deadlines.stop(self)
         self._cancel_stall()
         factory = getattr(self, "factory", None)
         if isinstance(factory, HardenedSite) and self._source is not None:
@@ -223,30 +281,12 @@ class HardenedChannel(HTTPChannel):
                 self._stall.cancel()
             self._stall = None
 
-    def _check_deadline(self) -> None:
-        self._deadline = None
-        since = self._receiving_since
-        if since is None:
-            return  # between requests: the idle timeout rules
-        left = since + self.limits.client_timeout - self._seconds()
-        if left > 0:
-            # A later request than the one the timer was set for: its own deadline.
-            self._deadline = self.callLater(left, self._check_deadline)
-            return
-        self.refuse(408, "slow client")
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
     def refuse(self, status: int, reason: str) -> None:
         """Answer ``status`` with a short text body and close the connection."""
         if self.refused:
             return
         self.refused = True
-        self._cancel_deadline()
+        self._deadlines.stop(self)
         REFUSED_CONNECTIONS.labels(self.name, reason).inc()
         transport: Any = self.transport
         _log.info(
@@ -372,13 +412,14 @@ class HardenedSite(Site):
         self.access_log = access_log
         self.displayTracebacks = False
         self._exempt = tuple(exempt)
+        self._deadlines = Deadlines(self.reactor, limits.client_timeout)
         self._open: dict[str, int] = {}
         # Sources being refused: logged once when refusing starts, not per connection.
         self._refusing: set[str] = set()
 
     def protocol(self) -> HardenedChannel:  # type: ignore[override]
         """A new channel (HTTP/1.1 only: no HTTP/2 upgrade for metadata clients)."""
-        return HardenedChannel(self.limits, self.name, self.reactor)
+        return HardenedChannel(self.limits, self.name, deadlines=self._deadlines)
 
     def buildProtocol(self, addr: Any) -> Any:
         """A channel for ``addr``, or None (the connection is closed) past the cap."""

@@ -131,13 +131,18 @@ class NodeCache:
         body = reply.body
         record = entry.record
         shared = record is not None and body is record.node.user_data
-        cost = MEMO_OVERHEAD_BYTES + (0 if shared else len(body))
+        self.keep(entry, key, reply if stored is None else stored, 0 if shared else len(body))
+
+    def keep(self, entry: CacheEntry, key: tuple[str, ...], value: Any, size: int) -> None:
+        """Memoise ``value``, which holds about ``size`` bytes, under ``key`` in ``entry``
+        if the bounds allow (a derived form of the node, not only rendered answers)."""
+        cost = MEMO_OVERHEAD_BYTES + size
         if entry.memo_bytes + cost > self._max_entry_memo:
             return
         if self.memo_bytes + cost > self._max_memo:
             self._forget_memos()
         # Interned: the same few path names in every entry's keys are stored once.
-        entry.memo[tuple(map(sys.intern, key))] = reply if stored is None else stored
+        entry.memo[tuple(map(sys.intern, key))] = value
         entry.memo_bytes += cost
         self.memo_bytes += cost
 

@@ -9,6 +9,7 @@ listing names can be fetched.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Union
@@ -138,8 +139,12 @@ def render(
     *,
     region: str = "",
     pending_time: datetime,
+    tree: Tree | None = None,
 ) -> Reply:
-    """Answer ``/<version>/<parts...>`` for ``node`` (the version already checked)."""
+    """Answer ``/<version>/<parts...>`` for ``node`` (the version already checked).
+
+    ``tree``: the node's :func:`meta_data_tree` for ``version``, when the caller
+    keeps it (built here otherwise)."""
     with_dynamic = _since(version, "2009-04-04")
     if not parts:
         listing = ["meta-data/"]
@@ -154,7 +159,7 @@ def render(
             return NOT_FOUND
         return Reply(200, node.user_data, BINARY)
     if head == "meta-data":
-        return _walk(meta_data_tree(node, version), rest)
+        return _walk(tree if tree is not None else meta_data_tree(node, version), rest)
     if head == "dynamic" and with_dynamic:
         if not rest:
             return text("instance-identity/")
@@ -167,6 +172,16 @@ def render(
         document = identity_document(node, region_of(node.availability_zone, region), pending_time)
         return Reply(200, json.dumps(document, indent=2).encode("utf-8"), JSON)
     return NOT_FOUND
+
+
+def tree_bytes(tree: Tree) -> int:
+    """About the memory ``tree`` holds: its dictionaries and strings (those it shares
+    with the node counted too)."""
+    size = sys.getsizeof(tree)
+    for key, value in tree.items():
+        size += sys.getsizeof(key)
+        size += tree_bytes(value) if isinstance(value, dict) else sys.getsizeof(value)
+    return size
 
 
 def _walk(tree: Tree, parts: Sequence[str]) -> Reply:

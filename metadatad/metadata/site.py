@@ -205,16 +205,31 @@ class MetadataSite:
         key = ("ec2", *parts)
         reply = entry.memo.get(key)
         if reply is None:
+            tree = None
+            if len(parts) > 1 and parts[1] == "meta-data":
+                tree = self._meta_data_tree(entry, record, parts[0])
             reply = ec2.render(
                 record.node,
                 parts[0],
                 parts[1:],
                 region=self._region,
                 pending_time=record.created_at,
+                tree=tree,
             )
             if reply.status == 200:
                 self._cache.remember(entry, key, reply)
         return reply
+
+    def _meta_data_tree(self, entry: CacheEntry, record: NodeRecord, version: str) -> ec2.Tree:
+        """The node's ``meta-data/`` tree, built once per cache entry and version: a
+        crawl reads some 40 paths of it, each one a first read (and, in a boot storm,
+        the request of a new connection), which the reply memo does not spare."""
+        key = ("ec2-tree", version)
+        tree: ec2.Tree | None = entry.memo.get(key)
+        if tree is None:
+            tree = ec2.meta_data_tree(record.node, version)
+            self._cache.keep(entry, key, tree, ec2.tree_bytes(tree))
+        return tree
 
     def _openstack(
         self, entry: CacheEntry, record: NodeRecord, request: Request, parts: list[str]

@@ -186,6 +186,21 @@ def test_one_entrys_memo_is_bounded() -> None:
     assert entry.memo_bytes == cache.memo_bytes == 4 * MEMO_OVERHEAD_BYTES
 
 
+def test_a_kept_value_counts_the_size_it_is_given() -> None:
+    """A derived value (the site keeps a node's meta-data tree) counts the size its
+    keeper states, within the same bounds as rendered answers."""
+    store = MemoryStore()
+    store.repository.upsert_nodes([make_node()])
+    cache = over(store, Clock(), max_entry_memo_bytes=3 * MEMO_OVERHEAD_BYTES)
+    entry = resolve(cache.by_ip("10.0.0.2"))
+    tree = {"instance-id": "x"}
+    cache.keep(entry, ("ec2-tree", "latest"), tree, 2 * MEMO_OVERHEAD_BYTES + 1)
+    assert entry.memo == {} and cache.memo_bytes == 0
+    cache.keep(entry, ("ec2-tree", "latest"), tree, MEMO_OVERHEAD_BYTES)
+    assert entry.memo == {("ec2-tree", "latest"): tree}
+    assert entry.memo_bytes == cache.memo_bytes == 2 * MEMO_OVERHEAD_BYTES
+
+
 def test_a_nodes_own_user_data_costs_no_copy() -> None:
     """An answer whose body is the node's user data (shared, not copied) counts only its
     overhead."""

@@ -196,6 +196,52 @@ def test_a_later_request_gets_its_own_deadline_from_the_same_timer() -> None:
     assert resource.seen == [b"/%d" % i for i in range(5)]
 
 
+def test_the_deadlines_of_many_connections_share_one_timer() -> None:
+    """Requests on separate connections (a boot storm: one connection per request) are
+    watched by one timer of the site, and each still gets its full client_timeout from
+    its own first byte; a request completed in time, or a connection lost, is left
+    alone."""
+    site, resource, clock = make()
+    hosts = [f"10.0.1.{i}" for i in range(6)]
+    connections = [connect(site, host) for host in hosts]
+    timers = len(clock.getDelayedCalls())  # the idle timeouts
+    started = []
+    for i, connection in enumerate(connections):
+        channel, transport = connection  # type: ignore[misc]
+        channel.dataReceived(b"GET /%d HTTP/1.1\r\n" % i)
+        started.append(clock.seconds())
+        assert len(clock.getDelayedCalls()) <= timers + 1
+        clock.advance(1)
+    done, _ = connections[1]  # type: ignore[misc]
+    done.dataReceived(b"Host: a\r\n\r\n")
+    lost, _ = connections[2]  # type: ignore[misc]
+    lost.connectionLost(Failure(ConnectionDone()))
+    for i, connection in enumerate(connections):
+        channel, transport = connection  # type: ignore[misc]
+        if i in (1, 2):
+            continue
+        clock.advance(started[i] + LIMITS.client_timeout - clock.seconds() - 0.1)
+        assert b"408" not in transport.value(), i
+        clock.advance(0.1)
+        assert status_of(transport) == 408, i
+        assert transport.disconnecting
+    assert b"HTTP/1.1 200" in connections[1][1].value()  # type: ignore[index]
+    assert resource.seen == [b"/1"]
+    assert site._deadlines.receiving() == 0
+
+
+def test_a_channel_without_a_site_keeps_its_own_deadline() -> None:
+    """A HardenedChannel made on its own still answers a slow client 408."""
+    clock = Clock()
+    channel = HardenedChannel(LIMITS, "test", clock)
+    channel.callLater = clock.callLater  # type: ignore[method-assign]
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")
+    clock.advance(LIMITS.client_timeout)
+    assert status_of(transport) == 408
+
+
 class Held(Resource):
     """Answers later: each request waits in ``pending`` until the test finishes it."""
 

@@ -22,6 +22,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from metadatad.core.identity import Identifier, sign_instance_id
 from metadatad.core.records import NodeRecord
 from metadatad.db.cache import CacheEntry, NodeCache
+from metadatad.metadata import ec2
 from metadatad.metadata.site import MetadataSite
 from metadatad.testing import MemoryStore
 from tests.support.factories import USER_DATA, cache_with_pending_queries, make_node
@@ -442,3 +443,28 @@ def test_answers_past_the_memo_bound_are_rendered_each_time() -> None:
         else:
             assert plain == capped
     assert json.loads(bounded[0])["random_seed"] != json.loads(bounded[5])["random_seed"]
+
+
+def test_a_versions_meta_data_tree_is_built_once_per_entry() -> None:
+    """The first read of each meta-data path is answered from one memoised tree per
+    version (a crawl's paths are each read once), with the answers of a fresh render."""
+    client, _, site = make_site()
+    paths = [
+        "/latest/meta-data/",
+        "/latest/meta-data/instance-id",
+        "/latest/meta-data/network/interfaces/macs/",
+        "/latest/meta-data/placement/availability-zone",
+        "/latest/meta-data/no-such-key",
+        "/2009-04-04/meta-data/",
+    ]
+    answers = [client.get(path) for path in paths]
+    entry = site._cache.by_ip("127.0.0.1")
+    assert isinstance(entry, CacheEntry)
+    tree = entry.memo[("ec2-tree", "latest")]
+    assert ("ec2-tree", "2009-04-04") in entry.memo
+    for path, answer in zip(paths, answers, strict=True):
+        parts = path.strip("/").split("/")
+        fresh = ec2.render(HERE, parts[0], parts[1:], pending_time=NEW_YEAR)
+        assert (answer.status, answer.body) == (fresh.status, fresh.body), path
+    client.get("/latest/meta-data/hostname")
+    assert entry.memo[("ec2-tree", "latest")] is tree
