@@ -64,7 +64,7 @@ def start_daemon(tmp: Path, root: Path, procs: Processes) -> int:
     conf = tmp / "metadatad.conf"
     conf.write_text(
         f"[database]\nurl = sqlite:///{tmp / 'metadatad.sqlite'}\n"
-        f"[metadata]\nlisten = tcp:{port}:interface={HOST}\nrate_limit = 0\n"
+        f"[metadata]\nlisten = tcp:{port}:interface={HOST}\nrate_limit = 0\nworkers = 1\n"
         # 50 downloads and the metadata client all come from 127.0.0.1.
         "max_connections_per_source = 1000\n"
         f"[admin]\nlisten = tcp:{admin}:interface={HOST}\ntoken_file = {token}\n"

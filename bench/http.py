@@ -197,7 +197,7 @@ def wait_until_up(procs: Processes, port: int, path: str, timeout: float = 60.0)
         time.sleep(0.1)
 
 
-def write_config(tmp: Path, port: int, admin_port: int) -> Path:
+def write_config(tmp: Path, port: int, admin_port: int, workers: int = 1) -> Path:
     token = tmp / "admin-token"
     token.write_text("bench-" + os.urandom(16).hex() + "\n")
     token.chmod(0o600)
@@ -209,6 +209,8 @@ def write_config(tmp: Path, port: int, admin_port: int) -> Path:
         f"listen = tcp:{port}:interface={HOST}\n"
         "rate_limit = 1000000\n"
         "rate_burst = 1000000\n"
+        # One process pinned to one core unless asked (the default, auto, is one per CPU).
+        f"workers = {workers}\n"
         "[admin]\n"
         f"listen = tcp:{admin_port}:interface={HOST}\n"
         f"token_file = {token}\n"

@@ -154,7 +154,7 @@ def write_config(tmp: Path, root: Path, tftp_port: int) -> Path:
     conf = tmp / "metadatad.conf"
     conf.write_text(
         f"[database]\nurl = sqlite:///{tmp / 'metadatad.sqlite'}\n"
-        f"[metadata]\nlisten = tcp:{http}:interface={HOST}\n"
+        f"[metadata]\nlisten = tcp:{http}:interface={HOST}\nworkers = 1\n"
         f"[admin]\nlisten = tcp:{admin}:interface={HOST}\ntoken_file = {token}\n"
         f"[tftp]\nlisten = {HOST}:{tftp_port}\nroot = {root}\ntemplates = {tmp / 'templates'}\n"
         # Every bench client comes from 127.0.0.1: the per-source cap (16) would drop

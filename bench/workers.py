@@ -203,12 +203,11 @@ def _bench(
         directory.mkdir()
 
         def argv(port: int, directory: Path = directory, count: int = count) -> list[str]:
-            conf = web.write_config(directory, port, web.free_port(taken=(port,)))
+            conf = web.write_config(directory, port, web.free_port(taken=(port,)), count)
             # wrk's connections are all one node: the per-source cap out of its reach too
             # (with 2 workers each enforces half of it).
             text = conf.read_text().replace(
-                "[metadata]\n",
-                f"[metadata]\nworkers = {count}\nmax_connections_per_source = 1000\n",
+                "[metadata]\n", "[metadata]\nmax_connections_per_source = 1000\n"
             )
             conf.write_text(text)
             web.manage(conf, "db", "upgrade")
