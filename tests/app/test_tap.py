@@ -291,16 +291,21 @@ def test_auto_is_a_worker_per_usable_cpu(
         assert root.getServiceNamed("metadata-workers").count == count
 
 
+def on_unix_socket(conf: Path, directory: Path) -> None:
+    """Move ``conf``'s metadata site from its TCP port to a unix socket in ``directory``."""
+    conf.write_text(
+        conf.read_text().replace(
+            "listen = tcp:18775:interface=127.0.0.1", f"listen = unix:{directory}/m.sock"
+        )
+    )
+
+
 def test_auto_serves_a_unix_listener_in_this_process(
     tmp_path: Path, migrated_url: str, services: list[MultiService]
 ) -> None:
     """workers = auto with a listener workers cannot share: no pool, no error."""
     conf = write_conf(tmp_path, migrated_url, metadata="workers = auto\n")
-    conf.write_text(
-        conf.read_text().replace(
-            "listen = tcp:18775:interface=127.0.0.1", f"listen = unix:{tmp_path}/m.sock"
-        )
-    )
+    on_unix_socket(conf, tmp_path)
     assert "metadata-workers" not in [service.name for service in build(conf, services)]
 
 
@@ -309,11 +314,7 @@ def test_workers_need_a_tcp_or_systemd_listener(
 ) -> None:
     """A unix: metadata listener cannot be shared with workers: one line at start-up."""
     conf = write_conf(tmp_path, migrated_url, metadata="workers = 2\n")
-    conf.write_text(
-        conf.read_text().replace(
-            "listen = tcp:18775:interface=127.0.0.1", f"listen = unix:{tmp_path}/m.sock"
-        )
-    )
+    on_unix_socket(conf, tmp_path)
     with pytest.raises(SystemExit) as excinfo:
         build(conf, services)
     assert "[metadata] workers = 2 needs a tcp, tcp6 or systemd listen" in str(excinfo.value)

@@ -194,6 +194,17 @@ def membership(clock: Clock) -> MembershipService:
     return service
 
 
+def empty_cache(clock: Clock) -> NodeCache:
+    """A node cache whose store knows no node (and whose generation never moves)."""
+    return NodeCache(
+        lambda ip: succeed(None),
+        lambda uuid: succeed(None),
+        clock,
+        ttl=10,
+        generation=lambda: succeed(0),
+    )
+
+
 def test_collector_reads_the_daemon_parts(tmp_path: Path) -> None:
     """Cache hits and misses, heartbeat age, membership state, ring and TFTP counters
     come from the parts themselves, at scrape time."""
@@ -204,13 +215,7 @@ def test_collector_reads_the_daemon_parts(tmp_path: Path) -> None:
     registry.register(collector)
     assert samples(registry) == {}
 
-    cache = NodeCache(
-        lambda ip: succeed(None),
-        lambda uuid: succeed(None),
-        clock,
-        ttl=10,
-        generation=lambda: succeed(0),
-    )
+    cache = empty_cache(clock)
     member = membership(clock)
     tftp = Harness(tmp_path)
     collector.sources = Sources({"metadata": cache}, member, tftp.server, clock)
@@ -247,13 +252,7 @@ def test_collector_reads_the_daemon_parts(tmp_path: Path) -> None:
 def test_metrics_service_attaches_while_running() -> None:
     """The ``metrics`` service shows its parts only while it runs."""
     clock = Clock()
-    cache = NodeCache(
-        lambda ip: succeed(None),
-        lambda uuid: succeed(None),
-        clock,
-        ttl=10,
-        generation=lambda: succeed(0),
-    )
+    cache = empty_cache(clock)
     service = MetricsService(Sources({"probe": cache}), collector=COLLECTOR)
     assert ("metadatad_node_cache_hits_total", (("cache", "probe"),)) not in samples()
     service.startService()
