@@ -238,13 +238,32 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     shots = Shots(browser, tmp_path)
     by_css = browser.find_element
 
-    def follow(element: Any) -> None:
-        """Click a link or button and wait until the browser has left the page."""
+    def follow(target: Any) -> None:
+        """Click a link or button and wait until the browser has left the page.
+
+        ``target`` is an element, or a ``(By, value)`` locator found afresh for each
+        try: chromedriver can fail a click with "Node with given id does not belong to
+        the document" when it resolved the element against a document being replaced
+        (seen once in CI on the nodes page's Find button); found again, the click
+        goes to the page the test is on."""
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
         from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.wait import WebDriverWait
 
-        page = browser.find_element(By.TAG_NAME, "html")
-        element.click()
+        give_up = time.monotonic() + WAIT
+        while True:
+            page = browser.find_element(By.TAG_NAME, "html")
+            element = by_css(*target) if isinstance(target, tuple) else target
+            try:
+                element.click()
+                break
+            except (StaleElementReferenceException, WebDriverException) as e:
+                stale = isinstance(e, StaleElementReferenceException) or (
+                    "does not belong to the document" in str(e.msg)
+                )
+                if not (stale and isinstance(target, tuple) and time.monotonic() < give_up):
+                    raise
+                time.sleep(0.05)  # poll-with-deadline: a real browser
         WebDriverWait(browser, WAIT).until(expected_conditions.staleness_of(page))
 
     def rows() -> dict[str, str]:
@@ -258,12 +277,12 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- a bad token is refused, the right one logs in --------------------------------
     browser.get(c1.admin_url + "/")
     by_css(By.ID, "token").send_keys("not-the-token")
-    follow(by_css(By.ID, "login"))
+    follow((By.ID, "login"))
     assert "refused" in by_css(By.ID, "login-error").text
     assert browser.find_elements(By.ID, "conductors") == []
     shots.take("console-login")
     by_css(By.ID, "token").send_keys(c1.admin_token)
-    follow(by_css(By.ID, "login"))
+    follow((By.ID, "login"))
     assert "token" not in browser.current_url
 
     # --- both conductors live, both in the ring ---------------------------------------
@@ -276,7 +295,7 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- what-if: the nodes c2 holds would move to c1 ---------------------------------
     browser.get(c1.admin_url + "/console/whatif")
     by_css(By.CSS_SELECTOR, "#conductor option[value='c2']").click()
-    follow(by_css(By.ID, "show"))
+    follow((By.ID, "show"))
     moves = browser.find_elements(By.CSS_SELECTOR, "#moves tbody tr")
     assert moves, "c2 holds some of the 40 nodes"
     assert all(row.find_elements(By.TAG_NAME, "td")[4].text == "c1" for row in moves)
@@ -315,7 +334,7 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- find it by MAC, open it, see the timeline ------------------------------------
     browser.get(c1.admin_url + "/console/nodes")
     by_css(By.ID, "search").send_keys(MAC.upper())
-    follow(by_css(By.ID, "find"))
+    follow((By.ID, "find"))
     links = browser.find_elements(By.CSS_SELECTOR, "#nodes a.node")
     assert [link.text for link in links] == [NODE["name"]]
 
@@ -351,9 +370,9 @@ def test_console(browser: Any, conductors: Conductors, tmp_path: Path) -> None:
     # --- re-push, confirmed ------------------------------------------------------------
     before = conductors.pushed(NODE["uuid"])
     assert before >= 1
-    follow(by_css(By.ID, "repush"))
+    follow((By.ID, "repush"))
     shots.take("console-confirm")
-    follow(by_css(By.ID, "confirm"))
+    follow((By.ID, "confirm"))
     assert "pushes it" in by_css(By.ID, "notice").text
     wait_for(lambda: conductors.pushed(NODE["uuid"]) > before, WAIT, "the script ran again")
 
