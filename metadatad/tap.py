@@ -296,14 +296,7 @@ def build_metadata(
     )
     if vendordata is not None:
         vendordata.setServiceParent(root)
-    cache = NodeCache(
-        store.node_by_ip,
-        store.get_node,
-        reactor,
-        config.metadata.cache_ttl,
-        generation=store.node_generation,
-    )
-    store.add_change_listener(cache.invalidate)
+    cache = NodeCache.over(store, store.node_by_ip, reactor, config.metadata.cache_ttl)
     peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
     seen = make_seen_recorder(root, engine, store, reactor)
     metadata_site = MetadataSite(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -47,6 +47,17 @@ MAX_MEMO_BYTES = 256 * 1024 * 1024
 # What a memoised answer holds besides its body: key tuple, Reply, body header, dict
 # slot (tracemalloc, bench/memory.py entry; key strings are interned).
 MEMO_OVERHEAD_BYTES = 256
+
+
+class WatchedStore(Protocol):
+    """A node store a cache can be built over: uuid lookups, the node generation, and
+    a listener called on every write through it (a ``Store`` or its fake)."""
+
+    def get_node(self, uuid: str) -> Deferred[NodeRecord | None]: ...
+
+    def node_generation(self) -> Deferred[int]: ...
+
+    def add_change_listener(self, listener: Callable[[], None]) -> None: ...
 
 
 class CacheEntry:
@@ -110,6 +121,23 @@ class NodeCache:
         self._check_failing = False
         self.hits = 0
         self.misses = 0
+
+    @classmethod
+    def over(
+        cls,
+        store: WatchedStore,
+        by_address: Callable[[str], Deferred[NodeRecord | None]],
+        clock: IReactorTime,
+        ttl: float,
+        **bounds: int,
+    ) -> NodeCache:
+        """A cache of ``store``'s nodes found by ``by_address`` (a port's IP or MAC) and
+        by uuid, revalidated with the store's generation and cleared by its writes."""
+        cache = cls(
+            by_address, store.get_node, clock, ttl, generation=store.node_generation, **bounds
+        )
+        store.add_change_listener(cache.invalidate)
+        return cache
 
     def by_ip(self, ip: str) -> CacheEntry | Deferred[CacheEntry]:
         """The entry for the node with port address ``ip``."""

@@ -58,14 +58,7 @@ def make_tftp_service(
                 key=key,
                 path=path,
             )
-    mac_cache = NodeCache(
-        store.node_by_mac,
-        store.get_node,
-        reactor,
-        config.metadata.cache_ttl,
-        generation=store.node_generation,
-    )
-    store.add_change_listener(mac_cache.invalidate)
+    mac_cache = NodeCache.over(store, store.node_by_mac, reactor, config.metadata.cache_ttl)
     files = BootFiles(
         tftp.root,
         templates,

@@ -28,11 +28,7 @@ def make_cache(ttl: float = 15.0) -> tuple[NodeCache, MemoryStore, Clock]:
 
 def over(store: MemoryStore, clock: Clock, ttl: float = 15.0, **kwargs: Any) -> NodeCache:
     """A cache over ``store`` as the daemon builds it (cleared by the store's writes)."""
-    cache = NodeCache(
-        store.node_by_ip, store.get_node, clock, ttl, generation=store.node_generation, **kwargs
-    )
-    store.add_change_listener(cache.invalidate)
-    return cache
+    return NodeCache.over(store, store.node_by_ip, clock, ttl, **kwargs)
 
 
 def resolve(found: CacheEntry | Deferred[CacheEntry]) -> CacheEntry:

@@ -41,10 +41,7 @@ def make_site(
     store = MemoryStore()
     if nodes:
         store.repository.upsert_nodes(list(nodes))
-    cache = NodeCache(
-        store.node_by_ip, store.get_node, Clock(), 15, generation=store.node_generation
-    )
-    store.add_change_listener(cache.invalidate)
+    cache = NodeCache.over(store, store.node_by_ip, Clock(), 15)
     proxies = [ipaddress.ip_network(trusted)] if trusted else []
     kwargs.setdefault("random_bytes", lambda n: b"\x01" * n)
     site = MetadataSite(cache, store, Identifier(proxies, secret), **kwargs)
