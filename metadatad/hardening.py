@@ -91,11 +91,12 @@ class Deadlines:
         self._receiving: OrderedDict[HardenedChannel, float] = OrderedDict()
         self._timer: IDelayedCall | None = None
 
-    def start(self, channel: HardenedChannel) -> None:
-        """``channel`` received the first byte of a request."""
-        self._receiving[channel] = self.clock.seconds()
+    def start(self, channel: HardenedChannel) -> float:
+        """``channel`` received the first byte of a request now (returned)."""
+        now = self._receiving[channel] = self.clock.seconds()
         if self._timer is None:
             self._timer = self.clock.callLater(self._timeout, self._expire)
+        return now
 
     def stop(self, channel: HardenedChannel) -> None:
         """``channel``'s request is complete, refused, or its connection lost."""
@@ -124,32 +125,18 @@ class Deadlines:
 
 
 class HardenedRequest(Request):
-    """A request whose body stops being read past the channel's body limit, and which
-    can tell one listener that it is done without a Deferred (:meth:`when_done`)."""
+    """A request whose body stops being read past the channel's body limit (it counts
+    what it read in :attr:`body_bytes`), and which its site measures when it is done
+    (:class:`HardenedSite`'s ``measure``)."""
 
-    _body_bytes = 0
-    _done: tuple[Callable[..., object], tuple[Any, ...]] | None = None
-
-    def when_done(self, listener: Callable[..., object], *args: Any) -> None:
-        """Call ``listener(code, *args)`` once: when the response is finished (``code``
-        its status) or when the connection is lost first (``code`` None).
-
-        ``notifyFinish`` without its Deferred, for what runs on every request (request
-        metrics); one listener per request."""
-        if self._done is not None:
-            raise RuntimeError("a request tells one when_done listener")
-        self._done = (listener, args)
-
-    def tell_done(self, code: int | None) -> None:
-        """The response is finished (``code``) or its connection lost (None)."""
-        done = self._done
-        if done is not None:
-            self._done = None
-            listener, args = done
-            listener(code, *args)
+    body_bytes = 0
 
     def connectionLost(self, reason: Failure) -> None:
-        self.tell_done(None)
+        if not self.finished:
+            channel = self.channel
+            site = getattr(channel, "factory", None)
+            if isinstance(site, HardenedSite) and isinstance(channel, HardenedChannel):
+                site.measured(self, channel, None)
         super().connectionLost(reason)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -157,8 +144,8 @@ class HardenedRequest(Request):
         if isinstance(channel, HardenedChannel):
             if channel.refused:
                 return
-            self._body_bytes += len(data)
-            if self._body_bytes > channel.limits.max_body_bytes:
+            self.body_bytes += len(data)
+            if self.body_bytes > channel.limits.max_body_bytes:
                 channel.refuse(413, "request body")
                 return
         super().handleContentChunk(data)
@@ -168,6 +155,8 @@ class HardenedChannel(HTTPChannel):
     """An HTTP/1.1 channel enforcing :class:`Limits` (see the module docstring)."""
 
     refused = False
+    # When the first byte of the request being received (or the last one) came.
+    started = 0.0
     # Whether a request is being received (its deadline is in ``_deadlines``).
     _receiving = False
     _stall: Any = None
@@ -202,7 +191,7 @@ class HardenedChannel(HTTPChannel):
             return
         if not self._receiving and not self._handlingRequest:
             self._receiving = True
-            self._deadlines.start(self)
+            self.started = self._deadlines.start(self)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -401,6 +390,7 @@ class HardenedSite(Site):
         *,
         exempt: Sequence[IPNetwork] = (),
         forms: bool = False,
+        measure: Callable[[bytes, int | None, float], object] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("timeout", limits.idle_timeout)
@@ -411,6 +401,11 @@ class HardenedSite(Site):
         self.name = name
         self.access_log = access_log
         self.displayTracebacks = False
+        # ``measure(method, status or None if the caller hung up first, seconds from
+        # the request's first byte)`` for every request (telemetry.RequestTally.observe):
+        # counted here, where every response ends, rather than by a resource around the
+        # site's (one layer and one clock read less per request).
+        self._measure = measure
         self._exempt = tuple(exempt)
         self._deadlines = Deadlines(self.reactor, limits.client_timeout)
         self._open: dict[str, int] = {}
@@ -456,10 +451,15 @@ class HardenedSite(Site):
         return self._open.get(host, 0)
 
     def log(self, request: Any) -> None:
-        """Called by twisted.web as each response is finished: tells the request's
-        :meth:`~HardenedRequest.when_done` listener; an access-log line only when asked
-        for (metrics count requests)."""
-        if isinstance(request, HardenedRequest):
-            request.tell_done(request.code)
+        """Called by twisted.web as each response is finished: measures it; an
+        access-log line only when asked for (metrics count requests)."""
+        channel = request.channel
+        if self._measure is not None and isinstance(channel, HardenedChannel):
+            self.measured(request, channel, request.code)
         if self.access_log:
             super().log(request)
+
+    def measured(self, request: Any, channel: HardenedChannel, code: int | None) -> None:
+        """``request`` on ``channel`` ended with ``code`` (None: its caller hung up)."""
+        if self._measure is not None:
+            self._measure(request.method, code, self._deadlines.clock.seconds() - channel.started)

@@ -51,7 +51,7 @@ from metadatad.metadata.site import MetadataSite
 from metadatad.metadata.vendordata import make_vendordata
 from metadatad.metadata.wiring import make_peer_services, make_seen_recorder
 from metadatad.reload import ReloadService
-from metadatad.telemetry import MeasuredResource, MetricsService, Sources
+from metadatad.telemetry import REQUESTS, MetricsService, Sources
 from metadatad.tftp.http import BootFilesResource, BootRouter
 from metadatad.tftp.service import make_tftp_service
 from metadatad.workerpool import WorkerPool
@@ -196,28 +196,25 @@ def _compose(config: Config, reactor: Any) -> MultiService:
             reactor,
             config.admin.listen,
             HardenedSite(
-                MeasuredResource(
-                    with_console(
-                        admin_site.resource(),
-                        config,
-                        reactor,
-                        engine=engine,
-                        token=admin_token,
-                        store=store,
-                        membership=membership,
-                        boot_events=boot_events,
-                        activity=activity,
-                        vendordata_errors=vendordata_errors,
-                        peers=peer_store,
-                        dhcp=dhcp,
-                    ),
-                    "admin",
+                with_console(
+                    admin_site.resource(),
+                    config,
                     reactor,
+                    engine=engine,
+                    token=admin_token,
+                    store=store,
+                    membership=membership,
+                    boot_events=boot_events,
+                    activity=activity,
+                    vendordata_errors=vendordata_errors,
+                    peers=peer_store,
+                    dhcp=dhcp,
                 ),
                 _limits(config.admin),
                 "admin",
                 config.metadata.access_log,
                 forms=True,  # the console's login and action forms
+                measure=REQUESTS.tally("admin").observe,
                 reactor=reactor,
             ),
             ADMIN_BACKLOG,
@@ -257,7 +254,7 @@ def freeze_heap() -> None:
 class MetadataParts:
     """The metadata site and what it is built on (see :func:`build_metadata`)."""
 
-    resource: Any  # the site's resource, measured for /metrics
+    resource: Any  # the site's resource
     site: Site  # the hardened Site of ``resource`` (what a metadata worker serves)
     metadata_site: MetadataSite
     cache: NodeCache
@@ -311,7 +308,7 @@ def build_metadata(
         observe=request_observer(activity),
         seen=seen.note,
     )
-    resource = MeasuredResource(metadata_site.resource(), "metadata", reactor)
+    resource = metadata_site.resource()
     return MetadataParts(
         resource,
         _hardened_site(resource, config, reactor),
@@ -367,7 +364,13 @@ def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
     """The metadata site's Site: size limits, slow-client timeouts, connection caps."""
     m = config.metadata
     return HardenedSite(
-        resource, _limits(m), "metadata", m.access_log, exempt=m.trusted_proxies, reactor=reactor
+        resource,
+        _limits(m),
+        "metadata",
+        m.access_log,
+        exempt=m.trusted_proxies,
+        measure=REQUESTS.tally("metadata").observe,
+        reactor=reactor,
     )
 
 

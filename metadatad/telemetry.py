@@ -2,8 +2,9 @@
 """What ``GET /metrics`` shows: HTTP requests and latency, node caches, heartbeat,
 ring and TFTP, on :data:`metadatad.metrics.REGISTRY`.
 
-HTTP requests are counted as they finish (:class:`MeasuredResource` wraps each site's
-resource), in plain integers (:class:`RequestTally`) that become Prometheus families only
+HTTP requests are counted as they finish (each of the daemon's
+:class:`~metadatad.hardening.HardenedSite` s measures its own; :class:`MeasuredResource`
+wraps a resource served by a plain ``Site``), in plain integers (:class:`RequestTally`) that become Prometheus families only
 when scraped: counting costs a request a few dictionary and list operations.
 Everything else already has a counter or a state somewhere in the daemon;
 :class:`DaemonCollector` reads those at scrape time instead of keeping copies, so a
@@ -141,8 +142,10 @@ REGISTRY.register(REQUESTS)
 
 
 class MeasuredResource(Resource):
-    """A leaf resource that serves ``inner`` (a Klein site's resource) and counts each
-    request and its duration under ``site`` once the response is finished."""
+    """A leaf resource that serves ``inner`` and counts each request and its duration
+    under ``site`` once the response is finished.  For a plain ``Site``: the daemon's
+    own sites are :class:`~metadatad.hardening.HardenedSite` s, which measure every
+    request themselves (their ``measure``)."""
 
     isLeaf = True
 
@@ -154,20 +157,13 @@ class MeasuredResource(Resource):
 
     def render(self, request: Request) -> Any:
         started = self._clock.seconds()
-        when_done = getattr(request, "when_done", None)
-        if when_done is not None:
-            # A HardenedRequest (the daemon's sites): told without a Deferred.
-            when_done(self._finished, request, started)
-        else:
-            request.notifyFinish().addBoth(self._notified, request, started)
+        request.notifyFinish().addBoth(self._notified, request, started)
         return self._inner.render(request)
-
-    def _finished(self, code: int | None, request: Request, started: float) -> None:
-        self._tally.observe(request.method, code, self._clock.seconds() - started)
 
     def _notified(self, result: object, request: Request, started: float) -> None:
         # An errback here is the caller hanging up: count it, swallow it.
-        self._finished(None if isinstance(result, Failure) else request.code, request, started)
+        code = None if isinstance(result, Failure) else request.code
+        self._tally.observe(request.method, code, self._clock.seconds() - started)
 
 
 @attrs.define

@@ -39,6 +39,13 @@ class Caller:
     ip: str | None = None
     instance_id: str | None = None
     tenant_id: str | None = None
+    # The rate limiter's bucket: the instance id when a proxy vouched for one, else the
+    # address (made once: a remembered caller asks dozens of times).
+    rate_key: str = attrs.field(init=False, eq=False, repr=False)
+
+    @rate_key.default
+    def _rate_key(self) -> str:
+        return f"id:{self.instance_id}" if self.instance_id is not None else f"ip:{self.ip}"
 
 
 def sign_instance_id(secret: str, instance_id: str) -> str:
@@ -60,6 +67,11 @@ class Identifier:
         # Callers known by their address alone, by peer: a Caller is immutable, and a
         # node asks dozens of paths in a crawl.  Cleared when full.
         self._by_peer: dict[str, Caller] = {}
+
+    def remembered(self, peer: str) -> Caller | None:
+        """The caller ``peer`` was identified as before, when its headers cannot change
+        that (no signing proxy's secret is configured); else None: ask :meth:`identify`."""
+        return None if self._secret else self._by_peer.get(peer)
 
     def identify(self, peer: str, header: Callable[[str], list[str] | None]) -> Caller:
         """Identify a request from ``peer``; ``header(name)`` returns a header's values.

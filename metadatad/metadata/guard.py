@@ -192,8 +192,7 @@ class Guard:
     def admit(self, caller: Caller, screened: Screened) -> Denied | None:
         """Spend one request of ``caller``'s bucket, or refuse with 429; then the
         refusal :meth:`screen` kept for a known caller, if any."""
-        key = f"id:{caller.instance_id}" if caller.instance_id is not None else f"ip:{caller.ip}"
-        return self._charge(key, screened.refusal)
+        return self._charge(caller.rate_key, screened.refusal)
 
     def _charge(self, key: str, refusal: Denied | None) -> Denied | None:
         wait = self._limiter.take(key, self._clock.seconds())
@@ -294,6 +293,10 @@ def _header(request: Request, name: str) -> list[str] | None:
 
 
 def _body_size(request: Request) -> int:
+    counted: int | None = getattr(request, "body_bytes", None)
+    if counted is not None:
+        # A HardenedRequest (the daemon's sites) counts its body as it reads it.
+        return counted
     content = request.content
     if content is None:
         return 0

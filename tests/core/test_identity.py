@@ -152,3 +152,19 @@ def test_signed_headers_ignored_without_secret() -> None:
     """Without a configured secret the headers prove nothing: the address decides."""
     caller = Identifier().identify("10.0.0.5", signed())
     assert caller == Caller(ip="10.0.0.5")
+
+
+def test_a_caller_is_remembered_by_its_peer_unless_headers_can_change_it() -> None:
+    """Without a signing proxy's secret a peer's caller is remembered once identified
+    (headers cannot change it); with one, never (signed headers may name anyone). The
+    rate limiter's bucket: the instance id when one was vouched for, else the address."""
+    plain = Identifier(PROXIES)
+    assert plain.remembered("10.0.0.5") is None
+    caller = plain.identify("10.0.0.5", headers())
+    assert plain.remembered("10.0.0.5") is caller
+    assert caller.rate_key == "ip:10.0.0.5"
+    assert caller == Caller(ip="10.0.0.5")
+    signing = Identifier(PROXIES, "secret")
+    signing.identify("10.0.0.5", headers())
+    assert signing.remembered("10.0.0.5") is None
+    assert Caller(instance_id="i-1", tenant_id="p").rate_key == "id:i-1"

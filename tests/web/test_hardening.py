@@ -256,27 +256,33 @@ class Held(Resource):
         return NOT_DONE_YET
 
 
-def test_when_done_tells_the_status_or_a_lost_connection_once() -> None:
-    """A request's one when_done listener hears its status as the response finishes,
-    or None when the caller hangs up first; a second listener is refused."""
+def test_the_site_measures_each_request_from_its_first_byte_once() -> None:
+    """``measure`` hears each request once: its method, its status as the response
+    finishes and the time since its first byte came, or None when the caller hangs up
+    first; requests refused by the channel are not requests of the site."""
     clock = Clock()
     held = Held()
-    site = HardenedSite(held, LIMITS, "test", reactor=clock)
-    told: list[tuple[int | None, str]] = []
+    measured: list[tuple[bytes, int | None, float]] = []
+    site = HardenedSite(
+        held, LIMITS, "test", reactor=clock, measure=lambda *args: measured.append(args)
+    )
     channel, _ = connect(site)  # type: ignore[misc]
-    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n")
+    clock.advance(0.25)
+    channel.dataReceived(b"Host: a\r\n\r\n")
     first = held.pending[0]
-    first.when_done(lambda code, name: told.append((code, name)), "first")
-    with pytest.raises(RuntimeError):
-        first.when_done(lambda code: None)
+    clock.advance(0.5)
     first.setResponseCode(404)
     first.finish()
-    assert told == [(404, "first")]
-    channel.dataReceived(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
-    second = held.pending[1]
-    second.when_done(lambda code, name: told.append((code, name)), "second")
+    assert measured == [(b"GET", 404, 0.75)]
+    clock.advance(3)
+    channel.dataReceived(b"PUT /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    clock.advance(2)
     channel.connectionLost(Failure(ConnectionDone()))
-    assert told == [(404, "first"), (None, "second")]
+    assert measured == [(b"GET", 404, 0.75), (b"PUT", None, 2)]
+    refused, _ = connect(site)  # type: ignore[misc]
+    refused.dataReceived(b"GET /" + b"a" * LIMITS.max_header_bytes + b" HTTP/1.1\r\n\r\n")
+    assert len(measured) == 2
 
 
 def test_connections_per_source_are_capped() -> None:

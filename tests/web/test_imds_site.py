@@ -12,13 +12,16 @@ import json
 from typing import Any
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
 from metadatad.core.identity import Identifier, sign_instance_id
 from metadatad.core.ratelimit import RateLimiter
 from metadatad.core.tokens import TokenSigner
 from metadatad.db.cache import NodeCache
+from metadatad.hardening import HardenedSite, Limits
 from metadatad.metadata.guard import Guard
 from metadatad.metadata.site import MetadataSite
 from metadatad.testing import MemoryStore
@@ -59,7 +62,8 @@ class Setup:
             random_bytes=lambda n: b"\x01" * n,
             guard=self.guard,
         )
-        self.client = Client(site.resource())
+        self.resource = site.resource()
+        self.client = Client(self.resource)
 
     def put_token(
         self, headers: dict[str, str] | None = None, path: str = "/latest/api/token"
@@ -313,6 +317,24 @@ def test_matrix_oversize_body_is_413_and_nothing_is_stored() -> None:
         setup.client.request("PUT", "/latest/api/token", headers=TTL, data=b"x" * 2000).status
         == 413
     )
+
+
+def test_oversize_body_is_413_behind_the_daemons_channel_too() -> None:
+    """Behind a HardenedSite whose own limit is higher, the gate reads the size the
+    request counted as it read its body: over the gate's limit, 413 and nothing stored."""
+    setup = Setup(max_body_bytes=16)
+    site = HardenedSite(setup.resource, Limits(max_body_bytes=2048), reactor=setup.clock)
+    address = IPv4Address("TCP", "127.0.0.1", 40000)
+    channel = site.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    channel.makeConnection(transport)
+    body = b"x" * 17
+    channel.dataReceived(
+        b"POST /openstack/latest/password HTTP/1.1\r\nHost: a\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert setup.store.repository.get_password(HERE.uuid) is None
 
 
 def test_matrix_flood_past_the_rate_limit_is_429_with_retry_after() -> None:

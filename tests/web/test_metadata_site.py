@@ -23,7 +23,7 @@ from metadatad.core.identity import Identifier, sign_instance_id
 from metadatad.core.records import NodeRecord
 from metadatad.db.cache import CacheEntry, NodeCache
 from metadatad.metadata import ec2
-from metadatad.metadata.site import MetadataSite
+from metadatad.metadata.site import MetadataSite, RandomBytes
 from metadatad.testing import MemoryStore
 from tests.support.factories import USER_DATA, cache_with_pending_queries, make_node
 from tests.support.sites import Client
@@ -465,3 +465,21 @@ def test_a_versions_meta_data_tree_is_built_once_per_entry() -> None:
         assert (answer.status, answer.body) == (fresh.status, fresh.body), path
     client.get("/latest/meta-data/hostname")
     assert entry.memo[("ec2-tree", "latest")] is tree
+
+
+def test_random_bytes_hands_each_drawn_byte_out_once() -> None:
+    """Seeds come from draws of the source, each byte handed out once, in order; a
+    share larger than a draw is read from the source alone."""
+    draws: list[int] = []
+    counter = iter(range(1, 1000))
+
+    def source(count: int) -> bytes:
+        draws.append(count)
+        return bytes([next(counter)]) * count
+
+    pool = RandomBytes(source, draw=10)
+    assert [pool(4), pool(4)] == [b"\x01" * 4, b"\x01" * 4]
+    assert pool(4) == b"\x02" * 4  # two bytes left in the first draw: not enough
+    assert pool(11) == b"\x03" * 11
+    assert pool(6) == b"\x02" * 6
+    assert draws == [10, 10, 11]

@@ -30,6 +30,7 @@ from metadatad.metrics import REGISTRY
 from metadatad.telemetry import (
     _MAX_KEYS,
     COLLECTOR,
+    REQUESTS,
     DaemonCollector,
     MeasuredResource,
     MetricsService,
@@ -114,16 +115,17 @@ def test_requests_are_counted_with_their_duration() -> None:
 
 
 def test_requests_on_a_hardened_site_are_counted_without_a_deferred() -> None:
-    """Behind the daemon's HardenedSite the count comes from the request's when_done
-    (no notifyFinish Deferred): a finished request by its code after its duration, a
-    caller that hangs up as "aborted"."""
+    """The daemon's HardenedSite counts every request itself (no resource around the
+    site's, no notifyFinish Deferred): a finished request by its code after its
+    duration, a caller that hangs up as "aborted"."""
     clock = Clock()
     slow = Slow()
     site = HardenedSite(
-        MeasuredResource(slow.app.resource(), "hardened", clock),
+        slow.app.resource(),
         Limits(),
         "hardened",
         reactor=clock,
+        measure=REQUESTS.tally("hardened").observe,
     )
     before = samples()
     address = IPv4Address("TCP", "10.0.0.9", 40000)
