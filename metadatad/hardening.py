@@ -154,15 +154,24 @@ class HardenedRequest(Request):
 class HardenedChannel(HTTPChannel):
     """An HTTP/1.1 channel enforcing :class:`Limits` (see the module docstring)."""
 
-    refused = False
-    # When the first byte of the request being received (or the last one) came.
-    started = 0.0
-    # Whether a request is being received (its deadline is in ``_deadlines``).
-    _receiving = False
-    _stall: Any = None
-    _unsent_then: int | None = None
-    _saved_hops: tuple[int, int, int] | None = None
-    _source: str | None = None
+    # Slots, not the instance dict: twisted.web's channel already keeps 23 attributes
+    # in its dict, and past 30 CPython 3.11 gives up sharing the dict's keys between
+    # instances, which makes every attribute read of every channel method a plain dict
+    # lookup (ours in the dict made 31: 3-4 % more instructions per request).
+    __slots__ = (
+        "MAX_LENGTH",
+        "_deadlines",
+        "_receiving",
+        "_saved_hops",
+        "_source",
+        "_stall",
+        "_unsent_then",
+        "limits",
+        "name",
+        "refused",
+        "started",
+        "totalHeadersSize",
+    )
 
     def __init__(
         self,
@@ -174,6 +183,15 @@ class HardenedChannel(HTTPChannel):
         super().__init__()
         self.limits = limits
         self.name = name
+        self.refused = False
+        # When the first byte of the request being received (or the last one) came.
+        self.started = 0.0
+        # Whether a request is being received (its deadline is in ``_deadlines``).
+        self._receiving = False
+        self._stall: Any = None
+        self._unsent_then: int | None = None
+        self._saved_hops: tuple[int, int, int] | None = None
+        self._source: str | None = None
         if deadlines is None:
             # A channel of its own (not built by a HardenedSite): its own deadlines.
             if clock is None:
