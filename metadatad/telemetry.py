@@ -4,8 +4,9 @@ ring and TFTP, on :data:`metadatad.metrics.REGISTRY`.
 
 HTTP requests are counted as they finish (each of the daemon's
 :class:`~metadatad.hardening.HardenedSite` s measures its own; :class:`MeasuredResource`
-wraps a resource served by a plain ``Site``), in plain integers (:class:`RequestTally`) that become Prometheus families only
-when scraped: counting costs a request a few dictionary and list operations.
+wraps a resource served by a plain ``Site``), in plain integers (:class:`RequestTally`)
+that become Prometheus families only when scraped: counting costs a request a few
+dictionary and list operations.
 Everything else already has a counter or a state somewhere in the daemon;
 :class:`DaemonCollector` reads those at scrape time instead of keeping copies, so a
 metric can never drift from what the daemon does.  The ``metrics`` service attaches

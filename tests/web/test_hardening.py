@@ -455,3 +455,44 @@ def test_a_drained_buffer_cancels_the_stall_timer() -> None:
     channel.resumeProducing()
     clock.advance(10 * LIMITS.write_timeout)
     assert not transport.aborted
+
+
+def test_requests_on_a_keep_alive_connection_schedule_no_idle_timer_each() -> None:
+    """The idle timeout keeps one timer per connection across requests (twisted.web turns
+    it off and on for each); it still closes the connection idle_timeout seconds after
+    the last request was answered."""
+    site, _, clock = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+
+    def channel_timers() -> list[Any]:
+        return [c for c in clock.getDelayedCalls() if getattr(c.func, "__self__", None) is channel]
+
+    timers = channel_timers()
+    assert len(timers) == 1
+    for i in range(5):
+        channel.dataReceived(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+        clock.advance(5)
+        assert channel_timers() == timers
+    assert transport.value().count(b"HTTP/1.1 200") == 5
+    clock.advance(LIMITS.idle_timeout - 5 - 0.5)
+    assert not transport.disconnecting
+    clock.advance(0.5)
+    assert transport.disconnecting
+
+
+def test_the_idle_timer_goes_with_the_connection_and_follows_a_shorter_period() -> None:
+    """A lost connection leaves no idle timer behind; a shorter period set while the
+    timer is pending takes effect at once."""
+    site, _, clock = make()
+    before = set(clock.getDelayedCalls())
+    channel, _ = connect(site)  # type: ignore[misc]
+    assert len(set(clock.getDelayedCalls()) - before) == 1
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert set(clock.getDelayedCalls()) == before
+    other, other_transport = connect(site)  # type: ignore[misc]
+    clock.advance(10)
+    other.setTimeout(5)
+    clock.advance(4.9)
+    assert not other_transport.disconnecting
+    clock.advance(0.1)
+    assert other_transport.disconnecting
