@@ -33,10 +33,16 @@ nginx (floor's total, about the client's CPU per request times the requests: its
 per request varies a little with the server's pace).  With ``bare`` in the run too,
 that total as a ratio to bare's (the issue's goal: at most 0.6x bare), and the server
 CPU per request the goal leaves: the goal's time per request on a core of the server's
-own, or twice that less the client's cost when the server shares both cores with it.
+own, or twice that less the client's cost when the server shares both cores with it
+(with ``--quota Q``: Q times the goal's time per request, per capped process).
 
     .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare,floor]
-        [--cache-ttl S] [--quota Q] [--py-spy DIR]
+        [--cache-ttl S] [--quota Q] [--bare-backlog N] [--py-spy DIR]
+
+``--bare-backlog N``: the bare server listens with a queue of N instead of Twisted's 50
+(the daemon listens with 4096, metadatad.core.backlog): with 50, a storm's dropped SYNs
+stall bare's machines for 1 s, 3 s and 7 s (time-outs at 10 s) while its core idles,
+and its total is no longer what its CPU allows.
 
 ``--quota Q`` is bench/workers.py's fair method on 2 cores: no pinning, every server
 process (the bare server; nginx's master and its worker; the daemon's main process and
@@ -345,19 +351,19 @@ def start_floor(prefix: Path, port: int, body: str) -> subprocess.Popen[bytes]:
             time.sleep(0.1)  # poll-with-deadline: nginx is a real subprocess
 
 
-def start_bare(port: int, body: str) -> subprocess.Popen[bytes]:
+def start_bare(port: int, body: str, backlog: int | None) -> subprocess.Popen[bytes]:
     """bench/peers.py's bare twisted.web constant; returned once it listens."""
-    proc = subprocess.Popen(
-        [sys.executable, "-P", str(ROOT / "bench" / "peers.py"),
-         "bare", "--port", str(port), "--body", body],
-        stdout=subprocess.PIPE,
-    )
+    argv = [sys.executable, "-P", str(ROOT / "bench" / "peers.py"),
+            "bare", "--port", str(port), "--body", body]
+    if backlog is not None:
+        argv += ["--backlog", str(backlog)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     proc.stdout.readline()  # "ready ..."
     return proc
 
 
-def floor_bound(rows: list[dict[str, Any]], machines: int) -> list[str]:
+def floor_bound(rows: list[dict[str, Any]], machines: int, quota: float) -> list[str]:
     """The bound the client sets, from the floor row (and bare's, for the goal)."""
     by = {r["server"]: r for r in rows}
     floor = by.get("floor")
@@ -381,11 +387,20 @@ def floor_bound(rows: list[dict[str, Any]], machines: int) -> list[str]:
         # client's share.
         alone = goal / requests * 1e6
         shared = 2 * goal / requests * 1e6 - client_us
+        if quota:
+            budget = (
+                f"{quota * alone:.0f} us per request in one process capped at {quota:g} "
+                f"core, {2 * quota * alone:.0f} in two"
+            )
+        else:
+            budget = (
+                f"{alone:.0f} us per request on a core of its own; {shared:.0f} us sharing "
+                f"both cores with the client ({client_us} us)"
+            )
         lines += [
             f"  = {ratio:.2f}x bare's {bare['total_s']} s: the goal (at most {GOAL}x bare, "
             f"{goal:.2f} s) is {reach} this client.",
-            f"  server CPU budget for the goal: {alone:.0f} us per request on a core of its "
-            f"own; {shared:.0f} us sharing both cores with the client ({client_us} us).",
+            f"  server CPU budget for the goal: {budget}.",
         ]
     return lines
 
@@ -424,7 +439,7 @@ def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
                     record_sequence(daemon)
             port = free_port()
             if server == "bare":
-                proc = start_bare(port, CALLER_NODE["uuid"])
+                proc = start_bare(port, CALLER_NODE["uuid"], args.bare_backlog)
             else:
                 proc = start_floor(tmp / server, port, CALLER_NODE["uuid"])
             try:
@@ -477,6 +492,8 @@ def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
         names = {"w1": f"metadatad, 1 process ({cap})",
                  "w2": f"metadatad, 2 workers ({cap} each)", "bare": f"bare twisted.web ({cap})",
                  "floor": f"client floor: nginx constant ({cap} each process)"}
+    if args.bare_backlog is not None:
+        names["bare"] = names["bare"][:-1] + f", backlog {args.bare_backlog})"
     for r in rows:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         print(f"| {names.get(r['server'], r['server'])} | {r['requests']} | {r['total_s']} s "
@@ -485,7 +502,7 @@ def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
               f"| {r['client_cpu_us_per_req']} ({r['client_core_share']:.0%}) "
               f"| {r['loadavg']:.1f} |")
     print(f"client event loop: {rows[0]['client_loop'] if rows else '-'}")
-    for line in floor_bound(rows, args.machines):
+    for line in floor_bound(rows, args.machines, args.quota):
         print(line)
     return 0
 
@@ -501,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quota", type=float, default=0.0,
         help="cap each server process at this share of a core in a cgroup of its own, "
         "nothing pinned (as bench/workers.py; 0: pin one-process servers to core 0)",
+    )
+    parser.add_argument(
+        "--bare-backlog", type=int, metavar="N",
+        help="the bare server's listen queue (default: Twisted's, 50, which a storm of "
+        "1,000 overflows: dropped SYNs, retried after 1, 3, 7 s; the daemon's is 4096)",
     )
     parser.add_argument(
         "--py-spy",
