@@ -370,12 +370,18 @@ def floor_bound(rows: list[dict[str, Any]], machines: int, quota: float) -> list
     if floor is None:
         return []
     requests, client_us = floor["requests"], floor["client_cpu_us_per_req"]
+    share = floor["client_core_share"]
     lines = [
         f"client floor: against nginx ({floor['cpu_us_per_req']} us of server CPU per "
-        f"request) the client is the limit ({floor['client_core_share']:.0%} of its core, "
+        f"request) the client is the limit ({share:.0%} of its core, "
         f"{client_us} us of CPU per request): {machines:,} machines in {floor['total_s']} s."
         " The client is one process, so no server makes it finish much sooner."
     ]
+    if share < 0.9:  # the client waited for its core, not for nginx
+        lines.append(
+            f"  WARNING: the client had only {share:.0%} of its core against nginx: other "
+            "work on the machine? This floor is higher than the client's own."
+        )
     bare = by.get("bare")
     if bare is not None:
         goal = GOAL * bare["total_s"]
