@@ -35,7 +35,7 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from bench.harness import ROOT, BenchError, Processes, run_bench  # noqa: E402
+from bench.harness import ROOT, BenchError, Processes, nginx_argv, run_bench  # noqa: E402
 
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -90,18 +90,13 @@ def start_nginx(tmp: Path, root: Path, procs: Processes) -> int:
     port = free_port()
     prefix = tmp / "nginx"
     prefix.mkdir()
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        "worker_processes 1;\npid nginx.pid;\nerror_log error.log;\n"
-        "events { worker_connections 1024; }\n"
-        "http {\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n"
-        f"  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
-        f"  fastcgi_temp_path {prefix}/fastcgi;\n  uwsgi_temp_path {prefix}/uwsgi;\n"
-        f"  scgi_temp_path {prefix}/scgi;\n"
+    argv = nginx_argv(
+        prefix,
+        "  sendfile on;\n  tcp_nopush on;\n"
         f"  server {{\n    listen {HOST}:{port};\n    location /boot/ {{ alias {root}/; }}\n"
-        "  }\n}\n"
+        "  }\n",
     )
-    procs.start("nginx", ["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"])
+    procs.start("nginx", argv)
     return port
 
 

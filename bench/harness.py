@@ -37,6 +37,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def nginx_argv(prefix: Path, http: str, *, connections: int = 1024) -> list[str]:
+    """Write ``prefix/nginx.conf`` (one worker process, no access log, every temporary
+    file under ``prefix``, ``http`` inside its ``http`` block) and return the command
+    that runs it in the foreground (Debian's nginx-light)."""
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        "worker_processes 1;\npid nginx.pid;\nerror_log error.log;\n"
+        # Root's workers would otherwise inherit a soft limit below the connections.
+        f"worker_rlimit_nofile {connections * 2};\n"
+        f"events {{ worker_connections {connections}; }}\n"
+        "http {\n  access_log off;\n"
+        f"  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
+        f"  fastcgi_temp_path {prefix}/fastcgi;\n  uwsgi_temp_path {prefix}/uwsgi;\n"
+        f"  scgi_temp_path {prefix}/scgi;\n{http}}}\n"
+    )
+    return ["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
+
+
 class BenchError(Exception):
     """A run that cannot be trusted: a server died, a check failed."""
 

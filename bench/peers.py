@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--body", default="constant", help="the constant answered")
+    parser.add_argument(
+        "--backlog", type=int, help="listen queue (default: Twisted's, 50; the daemon's: 4096)"
+    )
     args = parser.parse_args(argv)
     body = args.body.encode()
 
@@ -108,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
 
     resource = RESOURCES[args.kind](body)
     site = make_site(resource, access_log=False)
-    endpoint = serverFromString(reactor, f"tcp:{args.port}:interface={args.interface}")
+    description = f"tcp:{args.port}:interface={args.interface}"
+    if args.backlog is not None:
+        description += f":backlog={args.backlog}"
+    endpoint = serverFromString(reactor, description)
 
     def listening(port: Any) -> None:
         name = f"{type(reactor).__module__}.{type(reactor).__qualname__}"
