@@ -146,6 +146,12 @@ def _fail(field: str, message: str) -> NodeValidationError:
     return NodeValidationError(field, message)
 
 
+def _shown_key(key: str) -> str:
+    """An unknown key as an error names it: quoted and escaped when it is not plain
+    printable text (a line break in it would split the one-line error)."""
+    return key if key.isprintable() else repr(key)
+
+
 def _text(max_length: int = 255, allow_empty: bool = True) -> Callable[[str, Any], str]:
     def check(field: str, value: Any) -> str:
         if not isinstance(value, str):
@@ -344,7 +350,7 @@ def _network_data(field: str, value: Any) -> dict[str, Any] | None:
         raise _fail(field, f"must be an object, not {_type_name(value)}")
     for key in value:
         if key not in ("links", "networks", "services"):
-            raise _fail(f"{field}.{key}", "unknown field (links, networks, services)")
+            raise _fail(f"{field}.{_shown_key(key)}", "unknown field (links, networks, services)")
     for key in ("links", "networks", "services"):
         if key not in value:
             raise _fail(f"{field}.{key}", "is required")
@@ -431,7 +437,7 @@ def _object(
     prefix = f"{field}." if field else ""
     for key in value:
         if key not in checkers:
-            raise _fail(f"{prefix}{key}", "unknown field")
+            raise _fail(f"{prefix}{_shown_key(key)}", "unknown field")
     for key in required:
         if key not in value:
             raise _fail(f"{prefix}{key}", "is required")

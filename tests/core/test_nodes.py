@@ -202,3 +202,15 @@ def test_a_mapped_twin_of_another_port_is_a_duplicate() -> None:
     with pytest.raises(NodeValidationError) as raised:
         parse_nodes(nodes)
     assert raised.value.field == "[1].ports[0].ip"
+
+
+def test_an_unknown_field_with_a_line_break_is_named_escaped() -> None:
+    """A key that is not printable text is named quoted and escaped: the error stays one
+    line (found by the node import fuzz test: ``{"\\r": ""}``)."""
+    with pytest.raises(NodeValidationError) as raised:
+        parse_node({**node_document(), "\r": ""})
+    assert raised.value.field == "'\\r'"
+    with pytest.raises(NodeValidationError) as raised:
+        parse_node(node_document(network_data={"bad\nkey": []}))
+    assert raised.value.field == "network_data.'bad\\nkey'"
+    assert "\n" not in str(raised.value) and "\r" not in str(raised.value)
