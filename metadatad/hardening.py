@@ -526,11 +526,13 @@ class HardenedSite(Site):
         access-log line only when asked for (metrics count requests)."""
         channel = request.channel
         if self._measure is not None and isinstance(channel, HardenedChannel):
-            self.measured(request, channel, request.code)
+            seconds = self._deadlines.clock.seconds() - channel.started
+            self._measure(request.method, request.code, seconds)
         if self.access_log:
             super().log(request)
 
     def measured(self, request: Any, channel: HardenedChannel, code: int | None) -> None:
         """``request`` on ``channel`` ended with ``code`` (None: its caller hung up)."""
         if self._measure is not None:
-            self._measure(request.method, code, self._deadlines.clock.seconds() - channel.started)
+            seconds = self._deadlines.clock.seconds() - channel.started
+            self._measure(request.method, code, seconds)

@@ -93,7 +93,9 @@ def is_public_listing(parts: list[str]) -> bool:
 
 def is_token_path(parts: list[str]) -> bool:
     """``/<version>/api/token``, for ``latest`` and every dated EC2 version."""
-    return len(parts) == 3 and parts[1:] == ["api", "token"] and ec2.is_version(parts[0])
+    return (
+        len(parts) == 3 and parts[2] == "token" and parts[1] == "api" and ec2.is_version(parts[0])
+    )
 
 
 class Guard:
@@ -197,7 +199,8 @@ class Guard:
     def _charge(self, key: str, refusal: Denied | None) -> Denied | None:
         wait = self._limiter.take(key, self._clock.seconds())
         if wait <= 0:
-            self._limited.discard(key)
+            if self._limited:
+                self._limited.discard(key)
             return refusal
         first = key not in self._limited
         if first and len(self._limited) < 100_000:

@@ -141,13 +141,14 @@ class MetadataSite:
         if refused is not None:
             return self._guard.deny(request, refused, peer)
         found = self._lookup(caller)
-        if isinstance(found, Deferred):
-            return found.addCallbacks(
-                self._checked,
-                self._store_failed,
-                callbackArgs=(request, caller, parts, screened),
-            )
-        return self._checked(found, request, caller, parts, screened)
+        # The entry first: a plain class check, where Deferred's goes through its ABC.
+        if isinstance(found, CacheEntry):
+            return self._checked(found, request, caller, parts, screened)
+        return found.addCallbacks(
+            self._checked,
+            self._store_failed,
+            callbackArgs=(request, caller, parts, screened),
+        )
 
     def _checked(
         self,
@@ -387,7 +388,7 @@ class MetadataResource(Resource):
             result = self._site.handle(request)
         except Exception:
             return self._site.failed(request, Failure())
-        if not isinstance(result, Deferred):
+        if isinstance(result, bytes):  # not Deferred: its isinstance goes through an ABC
             return result
         hung_up: list[bool] = []
 
