@@ -55,6 +55,7 @@ REFUSED_CONNECTIONS = Counter(
 )
 
 _PHRASES = {
+    400: "Bad Request",
     408: "Request Timeout",
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
@@ -130,6 +131,19 @@ class HardenedRequest(Request):
     (:class:`HardenedSite`'s ``measure``)."""
 
     body_bytes = 0
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        try:
+            super().requestReceived(command, path, version)
+        except ValueError:
+            # Where a site parses POST forms (the admin console), twisted.web parses the
+            # Content-Type with the email package before any resource sees the request,
+            # which raises on some bytes (U+0085 reads as a line break): a bad request,
+            # not a traceback.  (Anything raised while rendering is caught inside.)
+            channel = self.channel
+            if not isinstance(channel, HardenedChannel):
+                raise
+            channel.refuse(400, "content type")
 
     def connectionLost(self, reason: Failure) -> None:
         if not self.finished:

@@ -50,8 +50,14 @@ class Client:
         resource: Any,
         base: str = "http://169.254.169.254",
         settle: Callable[[], object] | None = None,
+        *,
+        forms: bool = True,
     ) -> None:
         self._treq = StubTreq(resource)
+        if not forms:
+            # As the daemon's metadata site (HardenedSite(forms=False)): twisted.web
+            # leaves POST bodies alone.  StubTreq has no setting for it.
+            self._treq._agent._serverFactory._parsePOSTFormSubmission = False
         self._base = base
         # Called once the request is in, before the answer is read: lets a test run
         # the clock of what holds requests (watches) so every request finishes.

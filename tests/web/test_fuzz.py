@@ -330,7 +330,9 @@ def test_metadata_site_survives_anything(database_url: str) -> None:
             peer_routes=routes,
         )
         sites[require] = Client(
-            site.resource(), settle=lambda c=watch_clock: c.advance(2 * PeerLimits().max_wait)
+            site.resource(),
+            settle=lambda c=watch_clock: c.advance(2 * PeerLimits().max_wait),
+            forms=False,
         )
 
     @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], database=None)

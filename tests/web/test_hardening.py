@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -496,3 +497,23 @@ def test_the_idle_timer_goes_with_the_connection_and_follows_a_shorter_period() 
     assert not other_transport.disconnecting
     clock.advance(0.1)
     assert other_transport.disconnecting
+
+
+def test_a_content_type_twisted_cannot_parse_is_a_bad_request_on_a_form_site() -> None:
+    """On a site that parses POST forms (the admin console), a Content-Type that
+    twisted.web's parser raises on (U+0085 reads as a line break to the email package;
+    found by fuzzing) is answered 400 and the connection closed; nothing is rendered and
+    no failure is logged."""
+    clock = Clock()
+    resource = Recorder()
+    site = HardenedSite(resource, LIMITS, "test", forms=True, reactor=clock)
+    channel, transport = connect(site)  # type: ignore[misc]
+    with capturedLogs() as events:
+        channel.dataReceived(
+            b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Type: \x85\x01\r\n"
+            b"Content-Length: 1\r\n\r\nx"
+        )
+    assert status_of(transport) == 400
+    assert transport.disconnecting
+    assert resource.seen == []
+    assert not [e for e in events if "log_failure" in e]
