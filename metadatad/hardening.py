@@ -134,7 +134,7 @@ class HardenedRequest(Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         try:
-            super().requestReceived(command, path, version)
+            Request.requestReceived(self, command, path, version)  # no super object
         except ValueError:
             # Where a site parses POST forms (the admin console), twisted.web parses the
             # Content-Type with the email package before any resource sees the request,
