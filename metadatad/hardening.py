@@ -35,6 +35,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import Counter
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -312,9 +313,8 @@ class HardenedChannel(HTTPChannel):
         self._deadlines.stop(self)
         self._cancel_stall()
         factory = getattr(self, "factory", None)
-        if isinstance(factory, HardenedSite) and self._source is not None:
-            factory.released(self._source)
-            self._source = None
+        if isinstance(factory, HardenedSite):
+            factory.closed(self)
         super().connectionLost(reason)
 
     # --- clients that stop reading ----------------------------------------------------
@@ -493,6 +493,8 @@ class HardenedSite(Site):
         self._measure = measure
         self._exempt = tuple(exempt)
         self._deadlines = Deadlines(self.reactor, limits.client_timeout)
+        # Every open channel (for drained()), and the open connections per source.
+        self._channels: set[HardenedChannel] = set()
         self._open: dict[str, int] = {}
         # Sources being refused: logged once when refusing starts, not per connection.
         self._refusing: set[str] = set()
@@ -517,10 +519,39 @@ class HardenedSite(Site):
                 )
             return None
         channel = super().buildProtocol(addr)
+        self._channels.add(channel)
         if host:
             self._open[host] = self._open.get(host, 0) + 1
             channel._source = host
         return channel
+
+    def closed(self, channel: HardenedChannel) -> None:
+        """``channel``'s connection closed."""
+        self._channels.discard(channel)
+        source, channel._source = channel._source, None
+        if source is not None:
+            self.released(source)
+
+    def busy(self) -> int:
+        """How many connections have a request being received or answered."""
+        return sum(1 for channel in self._channels if channel.requests)
+
+    def drained(self, timeout: float) -> Deferred[None]:
+        """Fires once no connection has a request being received or answered (checked
+        every 50 ms), or after ``timeout`` seconds: a process that stops answers what
+        it accepted first.  Idle keep-alive connections do not count."""
+        clock = self._deadlines.clock
+        until = clock.seconds() + timeout
+        done: Deferred[None] = Deferred()
+
+        def check() -> None:
+            if not self.busy() or clock.seconds() >= until:
+                done.callback(None)
+            else:
+                clock.callLater(0.05, check)
+
+        check()
+        return done
 
     def released(self, host: str) -> None:
         """A connection from ``host`` closed."""

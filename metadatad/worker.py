@@ -21,12 +21,14 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import stdio
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
@@ -120,8 +122,15 @@ def worker_config(config: Config, setup: dict[str, Any]) -> Config:
     )
 
 
-def compose(config: Config, reactor: Any) -> tuple[MultiService, Control]:
-    """The worker's services (not started) and its control protocol."""
+# How long a stopping worker waits for the requests it accepted to be answered.
+DRAIN_SECONDS = 5.0
+
+
+def compose(
+    config: Config, reactor: Any
+) -> tuple[MultiService, Control, Callable[[], Deferred[None]]]:
+    """The worker's services (not started), its control protocol, and how it stops
+    (:func:`stopping`)."""
     engine = _database(config)
     root = MultiService()
     store = Store(NodeRepository(engine), reactor)
@@ -155,7 +164,19 @@ def compose(config: Config, reactor: Any) -> tuple[MultiService, Control]:
     os.close(LISTENING_FD)  # the port listens on its own duplicate
     _wake_one_worker(reactor, port.fileno())
     _accept_one_per_wake(port)
-    return root, control
+    return root, control, lambda: stopping(port, parts.site, root)
+
+
+def stopping(port: Any, site: Any, root: MultiService) -> Deferred[None]:
+    """Stop a worker without losing what it accepted: stop accepting (the listening
+    socket stays open elsewhere: later connections wait in the kernel's queue for the
+    other workers or the next process), answer the requests in progress (at most
+    :data:`DRAIN_SECONDS`), then stop the services, the store last.  Stopping the
+    services while a request still waited on the store dropped that request."""
+    port.stopReading()
+    drained: Deferred[None] = site.drained(DRAIN_SECONDS)
+    drained.addCallback(lambda _: root.stopService())
+    return drained
 
 
 def _accept_one_per_wake(port: Any) -> None:
@@ -211,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = worker_config(load_config(args.config), setup)
-        root, control = compose(config, reactor)
+        root, control, stop = compose(config, reactor)
     except (ConfigError, SetupError) as e:
         log.critical("metadata worker {index} cannot start: {error}", index=args.index, error=e)
         return 1
     stdio.StandardIO(control, reactor=reactor)
     root.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.callWhenRunning(freeze_heap)
     # After the reactor's own handlers are in place, which these replace.
     reactor.callWhenRunning(_on_stop_signals, reactor)

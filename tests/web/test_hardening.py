@@ -517,3 +517,33 @@ def test_a_content_type_twisted_cannot_parse_is_a_bad_request_on_a_form_site() -
     assert transport.disconnecting
     assert resource.seen == []
     assert not [e for e in events if "log_failure" in e]
+
+
+def test_drained_waits_for_requests_in_progress_not_for_idle_connections() -> None:
+    """A stopping process first answers what it accepted: drained() fires once no
+    connection has a request being received or answered (idle keep-alive connections do
+    not count), or after its time-out."""
+    clock = Clock()
+    held = Held()
+    site = HardenedSite(held, LIMITS, "test", reactor=clock)
+    idle, _ = connect(site)  # type: ignore[misc]
+    answering, transport = connect(site, "10.0.0.2")  # type: ignore[misc]
+    receiving, _ = connect(site, "10.0.0.3")  # type: ignore[misc]
+    answering.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    receiving.dataReceived(b"GET /b HTTP/1.1\r\n")
+    assert site.busy() == 2
+    drained = site.drained(5)
+    clock.advance(1)
+    assert not drained.called
+    held.pending[0].finish()
+    receiving.connectionLost(Failure(ConnectionDone()))
+    assert site.busy() == 0
+    clock.advance(0.05)
+    assert drained.called
+    assert b"HTTP/1.1 200" in transport.value()
+    answering.dataReceived(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n")
+    bounded = site.drained(5)
+    clock.advance(4.99)
+    assert not bounded.called
+    clock.advance(0.05)
+    assert bounded.called
