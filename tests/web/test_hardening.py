@@ -526,7 +526,7 @@ def test_drained_waits_for_requests_in_progress_not_for_idle_connections() -> No
     clock = Clock()
     held = Held()
     site = HardenedSite(held, LIMITS, "test", reactor=clock)
-    idle, _ = connect(site)  # type: ignore[misc]
+    _idle, _ = connect(site)  # type: ignore[misc]
     answering, transport = connect(site, "10.0.0.2")  # type: ignore[misc]
     receiving, _ = connect(site, "10.0.0.3")  # type: ignore[misc]
     answering.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
