@@ -20,8 +20,9 @@ loopback port:
   without one: what checking a token costs;
 * with --branch-peer, also that constant behind a catch-all branch route like the
   metadata site's (what the site's routing costs before any of its own work);
-* with --measured-peer, also that constant counted for /metrics the way the daemon
-  counts each request (metadatad.telemetry.MeasuredResource).
+* with --measured-peer, also that constant counted for /metrics by a resource around it
+  (metadatad.telemetry.MeasuredResource, for a plain Site; the daemon's own sites count
+  in HardenedSite since 2026-12-06, without that layer).
 
 Then, for each round, it runs wrk (pinned to the other core, ``taskset -c 1``) against
 each target in turn, a warm-up run first, and prints requests/s and latency p50/p99

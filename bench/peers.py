@@ -79,7 +79,8 @@ def klein_branch_resource(body: bytes) -> Any:
 
 
 def klein_measured_resource(body: bytes) -> Any:
-    """The Klein constant counted for /metrics, as the daemon counts each site."""
+    """The Klein constant counted for /metrics by a resource around it (the daemon's
+    own sites count in HardenedSite instead)."""
     from twisted.internet import reactor
 
     from metadatad.telemetry import MeasuredResource

@@ -530,7 +530,12 @@ class HardenedSite(Site):
         self._channels.discard(channel)
         source, channel._source = channel._source, None
         if source is not None:
-            self.released(source)
+            self._refusing.discard(source)
+            count = self._open.get(source, 0) - 1
+            if count > 0:
+                self._open[source] = count
+            else:
+                self._open.pop(source, None)
 
     def busy(self) -> int:
         """How many connections have a request being received or answered."""
@@ -552,15 +557,6 @@ class HardenedSite(Site):
 
         check()
         return done
-
-    def released(self, host: str) -> None:
-        """A connection from ``host`` closed."""
-        self._refusing.discard(host)
-        count = self._open.get(host, 0) - 1
-        if count > 0:
-            self._open[host] = count
-        else:
-            self._open.pop(host, None)
 
     def open_connections(self, host: str) -> int:
         """How many connections from ``host`` are open."""
