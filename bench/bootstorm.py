@@ -322,9 +322,10 @@ def _profile(args: argparse.Namespace, server: str) -> Path | None:
     return directory / f"{server}-{args.machines}.txt"
 
 
-def start_floor(prefix: Path, port: int, body: str) -> subprocess.Popen[bytes]:
+def start_floor(prefix: Path, port: int, body: str, machines: int) -> subprocess.Popen[bytes]:
     """nginx answering ``body`` to every path and method, one connection per request;
-    returned once it accepts connections."""
+    returned once it accepts connections.  Room for a connection per machine: past its
+    ``worker_connections`` nginx closes new connections unanswered."""
     prefix.mkdir()
     argv = nginx_argv(
         prefix,
@@ -333,7 +334,7 @@ def start_floor(prefix: Path, port: int, body: str) -> subprocess.Popen[bytes]:
         '  keepalive_timeout 0;\n  default_type "text/plain; charset=utf-8";\n'
         f"  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n"
         f'    location / {{ return 200 "{body}"; }}\n  }}\n',
-        connections=4096,
+        connections=max(4096, machines + 1024),
     )
     with open(prefix / "stderr.log", "wb") as log:  # nginx keeps its own copy
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -449,7 +450,7 @@ def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
             if server == "bare":
                 proc = start_bare(port, CALLER_NODE["uuid"], args.bare_backlog)
             else:
-                proc = start_floor(tmp / server, port, CALLER_NODE["uuid"])
+                proc = start_floor(tmp / server, port, CALLER_NODE["uuid"], args.machines)
             try:
                 place(proc.pid, 1 if server == "bare" else 2, {0}, quota)
                 result = measured_client(
