@@ -36,7 +36,7 @@ from metadatad.core.conductors import ConductorInfo
 from metadatad.core.identity import Identifier
 from metadatad.db.activity import ActivityRecorder, ActivityRepository, fan_out
 from metadatad.db.bootevents import BootEventRepository, BootEventStore
-from metadatad.db.cache import NodeCache
+from metadatad.db.cache import BatchedLookups, NodeCache
 from metadatad.db.cluster import ClusterRepository, bound_waits
 from metadatad.db.migrate import check_schema
 from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
@@ -293,7 +293,9 @@ def build_metadata(
     )
     if vendordata is not None:
         vendordata.setServiceParent(root)
-    cache = NodeCache.over(store, store.node_by_ip, reactor, config.metadata.cache_ttl)
+    # A storm's new callers are looked up together (BatchedLookups), not one query each.
+    lookups = BatchedLookups(store.nodes_by_ip)
+    cache = NodeCache.over(store, lookups, reactor, config.metadata.cache_ttl)
     peer_store, peer_routes = make_peer_services(root, config, engine, store, reactor)
     seen = make_seen_recorder(root, engine, store, reactor)
     metadata_site = MetadataSite(

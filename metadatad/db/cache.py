@@ -26,8 +26,9 @@ plus ``MEMO_OVERHEAD_BYTES`` for its key, reply and slot.
 
 from __future__ import annotations
 
+import itertools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -58,6 +59,66 @@ class WatchedStore(Protocol):
     def node_generation(self) -> Deferred[int]: ...
 
     def add_change_listener(self, listener: Callable[[], None]) -> None: ...
+
+
+class BatchedLookups:
+    """Single-address lookups (a :class:`NodeCache` loader) answered by many-address
+    queries (``load``, the store's ``nodes_by_ip``).  A lookup while no query runs is
+    sent at once, alone; those asked for while one runs wait and go together in the
+    next, at most ``max_batch`` addresses each.  So a burst of new callers costs a few
+    queries instead of one each, and nothing waits for a timer.  Measured in a boot
+    storm (1,000 machines, SQLite, one process): one query per caller queued on the
+    store's threads, and a machine's first request waited 240 ms (median) to 410 ms
+    for its lookup.  A query never starts before the lookups it answers were asked
+    for, as the cache's revalidation requires."""
+
+    def __init__(
+        self,
+        load: Callable[[list[str]], Deferred[dict[str, NodeRecord]]],
+        max_batch: int = 500,
+    ) -> None:
+        self._load = load
+        self._max_batch = max_batch
+        # Lookups not yet sent, by address (dicts keep order: first asked, first sent).
+        self._pending: dict[str, list[Deferred[NodeRecord | None]]] = {}
+        self._running = False
+        self.queries = 0
+
+    def __call__(self, ip: str) -> Deferred[NodeRecord | None]:
+        """The node with a port at ``ip``, or None."""
+        result: Deferred[NodeRecord | None] = Deferred()
+        waiting = self._pending.get(ip)
+        if waiting is None:
+            self._pending[ip] = [result]
+        else:
+            waiting.append(result)
+        if not self._running:
+            self._send()
+        return result
+
+    def _send(self) -> None:
+        batch = {}
+        for ip in list(itertools.islice(self._pending, self._max_batch)):
+            batch[ip] = self._pending.pop(ip)
+        self._running = True
+        self.queries += 1
+        # maybeDeferred: a loader that raises must not leave the lookups waiting forever.
+        maybeDeferred(self._load, list(batch)).addBoth(self._answered, batch)
+
+    def _answered(
+        self,
+        found: Mapping[str, NodeRecord] | Failure,
+        batch: dict[str, list[Deferred[NodeRecord | None]]],
+    ) -> None:
+        self._running = False
+        if self._pending:
+            self._send()
+        for ip, waiting in batch.items():
+            for d in waiting:
+                if isinstance(found, Failure):
+                    d.errback(found)
+                else:
+                    d.callback(found.get(ip))
 
 
 class CacheEntry:

@@ -88,6 +88,16 @@ class MemoryNodeRepository:
                 return _record(stored)
         return None
 
+    def nodes_by_ip(self, ips: Sequence[str]) -> dict[str, NodeRecord]:
+        self._check()
+        wanted = set(ips)
+        return {
+            ip: _record(stored)
+            for stored in self._nodes.values()
+            for ip in stored.node.ips
+            if ip in wanted
+        }
+
     def node_by_mac(self, mac: str) -> NodeRecord | None:
         self._check()
         for stored in self._nodes.values():

@@ -11,7 +11,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from metadatad.db.cache import MEMO_OVERHEAD_BYTES, NEGATIVE_TTL, CacheEntry, NodeCache
+from metadatad.db.cache import (
+    MEMO_OVERHEAD_BYTES,
+    NEGATIVE_TTL,
+    BatchedLookups,
+    CacheEntry,
+    NodeCache,
+)
 from metadatad.db.store import NodeRepository, make_engine
 from metadatad.metadata.reply import Reply
 from metadatad.testing import MemoryStore
@@ -462,3 +468,112 @@ def test_zero_ttl_reads_no_generation() -> None:
     resolve(cache.by_ip("10.0.0.2"))
     resolve(cache.by_uuid(make_node().uuid))
     assert "node_generation" not in store.calls
+
+
+class HeldQueries:
+    """A many-address loader whose queries wait until the test answers them."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+        self._answers: list[Deferred[Any]] = []
+
+    def __call__(self, ips: list[str]) -> Deferred[Any]:
+        self.asked.append(ips)
+        d: Deferred[Any] = Deferred()
+        self._answers.append(d)
+        return d
+
+    @property
+    def running(self) -> bool:
+        return bool(self._answers)
+
+    def answer(self, found: Any) -> None:
+        self._answers.pop(0).callback(found)
+
+    def fail(self, error: Exception) -> None:
+        self._answers.pop(0).errback(error)
+
+
+def test_batched_lookups_send_the_first_alone_and_the_rest_together() -> None:
+    """A lookup while no query runs is sent at once; those asked for meanwhile wait for
+    it and go in one query (an address asked twice, once), never in one already sent;
+    each lookup gets its address's node, or None."""
+    queries = HeldQueries()
+    lookups = BatchedLookups(queries)
+    first = lookups("10.0.0.1")
+    assert queries.asked == [["10.0.0.1"]]
+    later = [lookups(ip) for ip in ("10.0.0.2", "10.0.0.3", "10.0.0.2")]
+    assert queries.asked == [["10.0.0.1"]]
+    a, b = make_node(0), make_node(1)
+    queries.answer({"10.0.0.1": a})
+    assert queries.asked == [["10.0.0.1"], ["10.0.0.2", "10.0.0.3"]]
+    assert resolve_value(first) is a
+    assert not later[0].called
+    queries.answer({"10.0.0.2": b})
+    assert [resolve_value(d) for d in later] == [b, None, b]
+    assert lookups.queries == 2
+    lookups("10.0.0.4")
+    assert queries.asked[-1] == ["10.0.0.4"]
+
+
+def test_batched_lookups_send_at_most_max_batch_addresses_a_query() -> None:
+    queries = HeldQueries()
+    lookups = BatchedLookups(queries, max_batch=2)
+    waiting = [lookups(f"10.0.0.{i}") for i in range(6)]
+    for _ in range(4):
+        queries.answer({})
+    assert queries.asked == [
+        ["10.0.0.0"],
+        ["10.0.0.1", "10.0.0.2"],
+        ["10.0.0.3", "10.0.0.4"],
+        ["10.0.0.5"],
+    ]
+    assert [resolve_value(d) for d in waiting] == [None] * 6
+
+
+def test_batched_lookups_fail_every_lookup_of_a_failed_query_only() -> None:
+    """A failed query fails each lookup it carried; the next query still goes; a
+    loader that raises fails its lookups instead of leaving them waiting."""
+    queries = HeldQueries()
+    lookups = BatchedLookups(queries)
+    first = lookups("10.0.0.1")
+    second, third = lookups("10.0.0.2"), lookups("10.0.0.2")
+    queries.fail(ConnectionError("database unreachable"))
+    failures: list[Any] = []
+    first.addErrback(failures.append)
+    assert failures and failures[0].check(ConnectionError)
+    node = make_node(0)
+    queries.answer({"10.0.0.2": node})
+    assert resolve_value(second) is resolve_value(third) is node
+
+    def broken(ips: list[str]) -> Deferred[Any]:
+        raise RuntimeError("bug")
+
+    failed = BatchedLookups(broken)("10.0.0.1")
+    failed.addErrback(failures.append)
+    assert failures[-1].check(RuntimeError)
+
+
+def test_a_cache_over_batched_lookups_loads_a_burst_in_two_queries() -> None:
+    """As the daemon builds it: 100 new callers at once cost two queries (the first
+    caller's, then the other 99 together), each caller its own node."""
+    store = MemoryStore()
+    nodes = [
+        make_node(i, ports=[{"mac": f"52:54:00:00:01:{i:02x}", "ip": f"10.2.0.{i}"}])
+        for i in range(100)
+    ]
+    store.repository.upsert_nodes(nodes)
+    queries = HeldQueries()
+    cache = NodeCache.over(store, BatchedLookups(queries), Clock(), 15)
+    found = [cache.by_ip(f"10.2.0.{i}") for i in range(100)]
+    while queries.running:
+        queries.answer(store.repository.nodes_by_ip(queries.asked[-1]))
+    assert [len(ips) for ips in queries.asked] == [1, 99]
+    assert [resolve(entry).record.node.uuid for entry in found] == [n.uuid for n in nodes]
+
+
+def resolve_value(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "lookup did not fire"
+    return results[0]

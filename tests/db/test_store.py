@@ -87,6 +87,30 @@ def test_update_replaces_ports_and_bumps_revision(repository: Any, clock: Clock)
     assert repository.node_by_ip("10.9.9.9").node.uuid == node.uuid
 
 
+def test_nodes_by_ip(repository: Any) -> None:
+    """Many addresses in one query: each address a port has, to its node (a node with
+    two addresses under both); unknown addresses left out; none asked, none found."""
+    a = make_node(
+        0,
+        ports=[
+            {"mac": "52:54:00:00:00:0a", "ip": "10.0.0.10"},
+            {"mac": "52:54:00:00:00:0b", "ip": "fd00::10"},
+        ],
+    )
+    b = make_node(1, ports=[{"mac": "52:54:00:00:00:0c", "ip": "10.0.0.11"}])
+    repository.upsert_nodes([a, b])
+    found = repository.nodes_by_ip(["10.0.0.10", "fd00::10", "10.0.0.11", "10.9.9.9"])
+    assert {ip: record.node.uuid for ip, record in found.items()} == {
+        "10.0.0.10": a.uuid,
+        "fd00::10": a.uuid,
+        "10.0.0.11": b.uuid,
+    }
+    assert found["10.0.0.11"] == repository.node_by_ip("10.0.0.11")
+    assert repository.nodes_by_ip([]) == {}
+    many = [f"10.1.{i // 250}.{i % 250}" for i in range(500)] + ["10.0.0.11"]
+    assert list(repository.nodes_by_ip(many)) == ["10.0.0.11"]
+
+
 def test_node_by_mac(repository: Any) -> None:
     """A node is found by any of its port MACs; a re-import moves the MAC with it."""
     node = make_node(0, ports=[{"mac": "52:54:00:aa:00:01"}, {"mac": "52:54:00:aa:00:02"}])
