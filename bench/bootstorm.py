@@ -269,19 +269,22 @@ def measured_client(
         # close to an unprofiled run's, and the shares of the samples are what to read.
         spy = subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250",
-             "--nonblocking", "-f", "raw", "-o", str(profile), "-p", str(server_pid)],
+             "--nonblocking", "--subprocesses", "-f", "raw", "-o", str(profile),
+             "-p", str(server_pid)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)  # attached before the storm starts
-    before = sum(map(cpu_seconds, pids))
+    before = [cpu_seconds(pid) for pid in pids]
     try:
         result = run_client(port, machines, sequence_file, pin)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(60)
-    used = sum(map(cpu_seconds, pids)) - before
-    result["cpu_us_per_req"] = round(used / result["requests"] * 1e6)
+    used = [cpu_seconds(pid) - then for pid, then in zip(pids, before, strict=True)]
+    result["cpu_us_per_req"] = round(sum(used) / result["requests"] * 1e6)
+    # Main process first, then each worker.
+    result["cpu_us_per_req_each"] = [round(u / result["requests"] * 1e6) for u in used]
     return result
 
 
