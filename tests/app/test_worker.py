@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
 
 from metadatad.config import Config, MetadataConfig
-from metadatad.worker import _accept_one_per_wake, stop_once, worker_config
+from metadatad.worker import _accept_few_per_wake, stop_once, worker_config
 
 
 def config(**metadata: object) -> Config:
@@ -55,9 +55,10 @@ def test_with_auto_the_pools_count_divides_the_limits() -> None:
     )
 
 
-def test_a_worker_accepts_one_waiting_connection_per_wake_up() -> None:
-    """Three connections wait; each read of the listening port accepts one of them, so
-    a connection arriving meanwhile wakes another worker (Twisted would take them all)."""
+def test_a_worker_accepts_a_few_waiting_connections_per_wake_up() -> None:
+    """Five connections wait; each read of the listening port accepts at most two of
+    them, however many it took before, so connections arriving meanwhile wake another
+    worker (Twisted would take them all, and take more per read after a full one)."""
     reactor = MemoryReactor()
     accepted: list[object] = []
 
@@ -68,10 +69,10 @@ def test_a_worker_accepts_one_waiting_connection_per_wake_up() -> None:
 
     port = tcp.Port(0, Counting(), interface="127.0.0.1", reactor=reactor)
     port.startListening()
-    clients = [socket.create_connection(port.socket.getsockname()) for _ in range(3)]
+    clients = [socket.create_connection(port.socket.getsockname()) for _ in range(5)]
     try:
-        _accept_one_per_wake(port)
-        for expected in (1, 2, 3):
+        _accept_few_per_wake(port, 2)
+        for expected in (2, 4, 5):
             port.doRead()
             assert len(accepted) == expected
     finally:
