@@ -161,7 +161,7 @@ class BootEventStore(BatchedWriter[BootEventQueries]):
 
         return self.run(self.repository.recent, node_uuid, limit).addCallback(merged)
 
-    def _take_batch(self) -> Batch | None:
+    def _take_batch(self, everything: bool) -> Batch | None:
         if not self._buffer:
             return None
         batch, self._buffer = self._buffer, []

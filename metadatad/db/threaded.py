@@ -239,8 +239,9 @@ class BatchedWriter(Threaded[W]):
         self._loop.clock = reactor
         self._last_prune = float("-inf")
 
-    def _take_batch(self) -> Batch | None:
-        """Take what is buffered (None when nothing is)."""
+    def _take_batch(self, everything: bool) -> Batch | None:
+        """Take what is buffered (None when nothing is): all of it when ``everything``,
+        else what the subclass is ready to write (the periodic flush)."""
         raise NotImplementedError
 
     def startService(self) -> None:
@@ -257,15 +258,16 @@ class BatchedWriter(Threaded[W]):
 
         return self.flush().addBoth(stop_pool)
 
-    def flush(self) -> Deferred[None]:
-        """Write what is buffered; fires when done (a failure is logged and the batch
-        is kept for the next try: callers never see it)."""
+    def flush(self, everything: bool = True) -> Deferred[None]:
+        """Write what is buffered (``everything``, or what is ready: the periodic
+        flush); fires when done (a failure is logged and the batch is kept for the next
+        try: callers never see it)."""
         if self._writing is not None:
             # One batch at a time: chain behind the running one.
             d: Deferred[None] = Deferred()
-            self._writing.addBoth(lambda _: self.flush().chainDeferred(d))
+            self._writing.addBoth(lambda _: self.flush(everything).chainDeferred(d))
             return d
-        batch = self._take_batch()
+        batch = self._take_batch(everything)
         if batch is None:
             return succeed(None)
         writing = self.run(batch.write, *batch.args)
@@ -289,7 +291,7 @@ class BatchedWriter(Threaded[W]):
 
     def _tick(self) -> Deferred[None]:
         # Never raises: a LoopingCall that fails stops for good.
-        d = self.flush()
+        d = self.flush(everything=False)
         now = self._reactor.seconds()
         if self._retention > 0 and now - self._last_prune >= PRUNE_INTERVAL:
             self._last_prune = now

@@ -53,7 +53,7 @@ def _recorder(clock: Clock, repository: MemoryRepository, **kwargs: Any) -> Acti
     return ActivityRecorder(repository, clock, "c1", run=_now, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_crawl_is_one_row_per_flush_interval() -> None:
+def test_a_crawl_is_one_row() -> None:
     clock = Clock()
     clock.advance(T0)
     repository = MemoryRepository()
@@ -73,6 +73,45 @@ def test_a_crawl_is_one_row_per_flush_interval() -> None:
     assert metadata[0].first_at == utc_moment(T0)
     assert repository.statuses["n1"].outcome == "metadata"
     recorder.stopService()
+
+
+def test_rows_wait_for_their_node_to_go_quiet() -> None:
+    """The periodic flush leaves a node's rows (and its boot status) in the buffer while
+    it keeps asking, writes them once it has been quiet a second, and writes a row
+    open for ten seconds anyway; other nodes' rows and statuses go meanwhile; stopping
+    writes everything."""
+    clock = Clock()
+    clock.advance(T0)
+    repository = MemoryRepository()
+    recorder = _recorder(clock, repository)
+    recorder.startService()
+    recorder.note("quiet", "peer-post", "password: HTTP 200")
+    recorder.tftp(
+        BootEvent(
+            "booting", "c1", "10.0.0.5", "10.0.0.1", "a.ipxe", "ipxe", "complete", utc_moment(T0)
+        )
+    )
+    for _ in range(10):
+        recorder.metadata_request("busy", "GET", imdsv2=False)
+        clock.advance(0.5)
+    # Five ticks: "quiet" went at the second (quiet for a second), "busy" asked each time.
+    assert [r.node_uuid for r in repository.rows] == ["quiet"]
+    assert set(repository.statuses) == {"booting"}
+    assert _fired(recorder.status("busy")).outcome == "metadata"  # from the buffer
+    for _ in range(12):
+        recorder.metadata_request("busy", "GET", imdsv2=False)
+        clock.advance(0.5)
+    # Open for ten seconds: written though still busy, with its status.
+    busy = [r for r in repository.rows if r.node_uuid == "busy"]
+    assert len(busy) == 1 and busy[0].requests == 20
+    assert "busy" in repository.statuses
+    assert busy[0].first_at == utc_moment(T0)
+    recorder.metadata_request("busy", "GET", imdsv2=False)
+    recorder.note("later", "token", "PUT /latest/api/token")
+    recorder.stopService()
+    assert [r.requests for r in repository.rows if r.node_uuid == "busy"] == [20, 3]
+    assert {"busy", "booting"} <= set(repository.statuses)
+    assert [r.node_uuid for r in repository.rows][-1] == "later"
 
 
 def _fired(d: Deferred[Any]) -> Any:
