@@ -461,6 +461,11 @@ def limit_response_hops(request: Any, hops: int) -> bool:
     return False
 
 
+# How long a stopping process waits for the requests it accepted to be answered
+# (HardenedSite.drained): the single process's metadata site and each worker's.
+DRAIN_SECONDS = 5.0
+
+
 class HardenedSite(Site):
     """A ``Site`` of :class:`HardenedChannel` connections, capped per source address."""
 

@@ -4,17 +4,20 @@
 twistd asks the application for an ``ILogObserver`` component before it builds its
 own observer (the ``.tac`` file idiom); :class:`RootService` sets that component on the
 application it is attached to when the format is ``json``.  ``twistd --logger``, when
-given, still wins.
+given, still wins.  The root also orders the daemon's stop: a listener given to
+:meth:`RootService.drain_first` stops, and its site drains, before the other services.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import FileLogObserver, ILogObserver, formatEvent
 
 FORMATS = ("text", "json")
@@ -63,7 +66,8 @@ def json_observer(out: IO[str] | None = None) -> FileLogObserver:
 
 class RootService(MultiService):
     """The daemon's top service; sets the log observer of ``format`` on twistd's
-    application when it is attached to it."""
+    application when it is attached to it, and stops the listeners given to
+    :meth:`drain_first` (and waits for their sites) before its other services."""
 
     def __init__(self, format: str = "text", out: IO[str] | None = None) -> None:
         super().__init__()
@@ -71,6 +75,33 @@ class RootService(MultiService):
             raise ValueError(f"unknown log format {format!r}")
         self.log_format = format
         self._out = out
+        self._drain_first: list[tuple[IService, Callable[[], Deferred[None]]]] = []
+
+    def drain_first(self, listener: IService, drained: Callable[[], Deferred[None]]) -> None:
+        """When the root stops, stop ``listener`` (a child: its site accepts no more
+        connections) first, then wait for ``drained()`` (the site has answered what it
+        accepted, or gave up: ``HardenedSite.drained``), and only then stop the other
+        services.  Stopped all at once, a request waiting on the store lost its answer
+        as the store's threadpool stopped under it."""
+        self._drain_first.append((listener, drained))
+
+    def stopService(self) -> Deferred[Any]:
+        listeners = [listener for listener, _ in self._drain_first]
+        stopped = [maybeDeferred(listener.stopService) for listener in listeners]
+        # A DeferredList never fails: the services stop whatever a drain did.
+        drains = DeferredList([drained() for _, drained in self._drain_first])
+        drains.addCallback(lambda _: self._stop_the_others(listeners, stopped))
+        return drains
+
+    def _stop_the_others(
+        self, listeners: list[IService], stopped: list[Deferred[Any]]
+    ) -> Deferred[Any]:
+        """``MultiService.stopService`` for the services not stopped already: all at
+        once, in reverse order of their start; fires once they and the listeners have
+        stopped."""
+        Service.stopService(self)
+        others = [service for service in reversed(list(self)) if service not in listeners]
+        return DeferredList([*stopped, *(maybeDeferred(s.stopService) for s in others)])
 
     def setServiceParent(self, parent: Any) -> Any:
         if self.log_format == "json" and hasattr(parent, "setComponent"):

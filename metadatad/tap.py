@@ -7,6 +7,7 @@ import gc
 import os
 import secrets
 import threading
+from functools import partial
 from typing import Any
 
 import attrs
@@ -43,7 +44,7 @@ from metadatad.db.store import NodeRepository, Store, forbid_thread, make_engine
 from metadatad.db.vendordata import VendordataErrorRepository, VendordataErrorStore
 from metadatad.dhcp.service import make_dhcp_service
 from metadatad.errors import SetupError
-from metadatad.hardening import HardenedSite, Limits
+from metadatad.hardening import DRAIN_SECONDS, HardenedSite, Limits
 from metadatad.logs import RootService
 from metadatad.metadata.guard import make_guard
 from metadatad.metadata.observe import RecordingVendordataErrors, request_observer
@@ -91,7 +92,8 @@ def make_site(resource: Any, access_log: bool) -> Site:
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Compose the daemon: the store first (its threadpool stops last), membership
-    (stopped after the sites, it marks this conductor offline), then the sites.
+    (stopped after the sites, it marks this conductor offline), then the sites.  On
+    stopping, the metadata site drains before any of them stops.
 
     A :class:`~metadatad.errors.SetupError` from any part stops twistd with its one line.
     """
@@ -173,7 +175,10 @@ def _compose(config: Config, reactor: Any) -> MultiService:
         site = parts.site
         if site_resource is not parts.resource:
             site = _hardened_site(site_resource, config, reactor)
-        _listen(root, "metadata-http", reactor, listen, site)
+        listener = _listen(root, "metadata-http", reactor, listen, site)
+        # As a worker does when it stops (worker.stopping): the site stops accepting and
+        # answers what it accepted before the services (the store last) stop under it.
+        root.drain_first(listener, partial(site.drained, DRAIN_SECONDS))
     else:
         workers = _worker_pool(
             root, config, reactor, listen, count=count, store=store, caches=caches
@@ -255,7 +260,7 @@ class MetadataParts:
     """The metadata site and what it is built on (see :func:`build_metadata`)."""
 
     resource: Any  # the site's resource
-    site: Site  # the hardened Site of ``resource`` (what a metadata worker serves)
+    site: HardenedSite  # the Site of ``resource`` (what a metadata worker serves)
     metadata_site: MetadataSite
     cache: NodeCache
     vendordata: Any
@@ -362,7 +367,7 @@ def _worker_pool(
     return pool
 
 
-def _hardened_site(resource: Any, config: Config, reactor: Any) -> Site:
+def _hardened_site(resource: Any, config: Config, reactor: Any) -> HardenedSite:
     """The metadata site's Site: size limits, slow-client timeouts, connection caps."""
     m = config.metadata
     return HardenedSite(

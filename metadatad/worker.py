@@ -37,6 +37,7 @@ from metadatad.clients.keystone import make_keystone_client
 from metadatad.config import Config, ConfigError, load_config
 from metadatad.db.store import NodeRepository, Store
 from metadatad.errors import SetupError
+from metadatad.hardening import DRAIN_SECONDS
 from metadatad.reload import ReloadService
 from metadatad.tap import _database, build_metadata, freeze_heap
 from metadatad.telemetry import MetricsService, Sources, snapshot
@@ -122,10 +123,6 @@ def worker_config(config: Config, setup: dict[str, Any]) -> Config:
     )
 
 
-# How long a stopping worker waits for the requests it accepted to be answered.
-DRAIN_SECONDS = 5.0
-
-
 def compose(
     config: Config, reactor: Any
 ) -> tuple[MultiService, Control, Callable[[], Deferred[None]]]:
@@ -171,8 +168,9 @@ def stopping(port: Any, site: Any, root: MultiService) -> Deferred[None]:
     """Stop a worker without losing what it accepted: stop accepting (the listening
     socket stays open elsewhere: later connections wait in the kernel's queue for the
     other workers or the next process), answer the requests in progress (at most
-    :data:`DRAIN_SECONDS`), then stop the services, the store last.  Stopping the
-    services while a request still waited on the store dropped that request."""
+    :data:`~metadatad.hardening.DRAIN_SECONDS`), then stop the services, the store
+    last.  Stopping the services while a request still waited on the store dropped that
+    request.  (The single process does the same: ``RootService.drain_first``.)"""
     port.stopReading()
     drained: Deferred[None] = site.drained(DRAIN_SECONDS)
     drained.addCallback(lambda _: root.stopService())

@@ -1,16 +1,21 @@
-"""[logging] format = json: the JSON line of an event, and the observer twistd gets."""
+"""[logging] format = json: the JSON line of an event, and the observer twistd gets; the
+root service's stop, a site drained first."""
 
 from __future__ import annotations
 
 import io
 import json
+from functools import partial
 
 import pytest
-from twisted.application.service import Application
+from twisted.application.service import Application, Service
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
+from metadatad.hardening import DRAIN_SECONDS, HardenedSite
 from metadatad.logs import RootService, event_as_json
+from tests.web.test_hardening import LIMITS, Held, connect
 
 
 def test_event_as_json_keeps_fields() -> None:
@@ -74,3 +79,73 @@ def test_root_service_sets_the_application_observer(log_format: str) -> None:
 def test_root_service_refuses_unknown_formats() -> None:
     with pytest.raises(ValueError, match="xml"):
         RootService("xml")
+
+
+class Recording(Service):
+    """A service that notes its name in ``stopped`` when it is stopped."""
+
+    def __init__(self, name: str, stopped: list[str]) -> None:
+        self.setName(name)
+        self._stopped = stopped
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stopped.append(self.name)
+
+
+def draining_root() -> tuple[RootService, HardenedSite, Held, Clock, list[str]]:
+    """A root of store, metadata-http (drained first) and admin-http, started; the
+    metadata site answers only when the test finishes a request."""
+    clock = Clock()
+    held = Held()
+    site = HardenedSite(held, LIMITS, "metadata", reactor=clock)
+    stopped: list[str] = []
+    root = RootService()
+    for name in ("store", "metadata-http", "admin-http"):
+        Recording(name, stopped).setServiceParent(root)
+    root.drain_first(root.getServiceNamed("metadata-http"), partial(site.drained, DRAIN_SECONDS))
+    root.startService()
+    return root, site, held, clock, stopped
+
+
+def test_the_root_stops_the_rest_once_the_drained_site_answered() -> None:
+    """Stopping loses no accepted request: the listener stops at once (no new
+    connections), the other services (the store last) once the request in progress
+    has been answered."""
+    root, site, held, clock, stopped = draining_root()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    done = root.stopService()
+    assert stopped == ["metadata-http"]
+    clock.advance(1)
+    assert stopped == ["metadata-http"]
+    assert not done.called
+    assert root.running
+    held.pending[0].finish()
+    clock.advance(0.05)
+    assert stopped == ["metadata-http", "admin-http", "store"]
+    assert done.called
+    assert not root.running
+    assert transport.value().startswith(b"HTTP/1.1 200")
+
+
+def test_the_root_stops_the_rest_after_5_s_whatever_the_site_has_left() -> None:
+    """The drain is bounded: a request that is never answered holds the other services
+    up for DRAIN_SECONDS (5 s), no longer."""
+    root, site, _held, clock, stopped = draining_root()
+    channel, _ = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    done = root.stopService()
+    clock.advance(4.99)
+    assert stopped == ["metadata-http"]
+    clock.advance(0.05)
+    assert stopped == ["metadata-http", "admin-http", "store"]
+    assert done.called
+
+
+def test_an_idle_root_stops_everything_at_once_in_reverse_order() -> None:
+    """Nothing in progress: the stop is what MultiService's is, the listener first."""
+    root, _site, _held, _clock, stopped = draining_root()
+    done = root.stopService()
+    assert stopped == ["metadata-http", "admin-http", "store"]
+    assert done.called

@@ -5,14 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -222,15 +224,7 @@ def test_start_listens_on_configured_addresses_and_stops(
     """Starting listens on both configured endpoints; stopping ends with the store."""
     reactor = MemoryReactorClock()
     root = build(write_conf(tmp_path, migrated_url), services, reactor)
-    stopped: list[str] = []
-    for service in root:
-        original = service.stopService
-
-        def record(original: Any = original, name: str = service.name) -> Any:
-            stopped.append(name)
-            return original()
-
-        service.stopService = record  # type: ignore[method-assign]
+    stopped = record_stops(root)
     root.startService()
     assert root.running
     listening = sorted((port, interface) for port, _f, _b, interface in reactor.tcpServers)
@@ -243,10 +237,10 @@ def test_start_listens_on_configured_addresses_and_stops(
     assert len(results) == 1
     assert not isinstance(results[0], Failure), results[0]
     assert stopped == [
+        "metadata-http",  # first: it drains (nothing in progress here) before the rest
         "reload",
         "metrics",
         "admin-http",
-        "metadata-http",
         "seen",
         "peer-watch",
         "vendordata-errors",
@@ -256,6 +250,47 @@ def test_start_listens_on_configured_addresses_and_stops(
         "store",
     ]
     assert not root.running
+
+
+def record_stops(root: MultiService) -> list[str]:
+    """The names of ``root``'s services, in the order they are told to stop."""
+    stopped: list[str] = []
+    for service in root:
+        original = service.stopService
+
+        def record(original: Any = original, name: str = service.name) -> Any:
+            stopped.append(name)
+            return original()
+
+        service.stopService = record  # type: ignore[method-assign]
+    return stopped
+
+
+def test_stopping_waits_for_the_metadata_site_to_drain_at_most_5_s(
+    tmp_path: Path, migrated_url: str, services: list[MultiService]
+) -> None:
+    """workers = 1: stopping the daemon stops the metadata listener at once, and the
+    other services (the store last) only once the site has no request in progress, or
+    after 5 s.  A request waiting on the store used to be dropped as its threadpool
+    stopped with everything else.  (The services are not started, their stops only
+    noted: started, their timers and threads would need a real reactor.)"""
+    reactor = MemoryReactorClock()
+    root = build(write_conf(tmp_path, migrated_url), services, reactor)
+    stopped: list[str] = []
+    for service in root:
+        service.stopService = partial(stopped.append, service.name)  # type: ignore[method-assign]
+    site = root.getServiceNamed("metadata-http").factory
+    channel = site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 40000))
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET /latest/meta-data/ HTTP/1.1\r\n")  # still being received
+    done = root.stopService()
+    assert stopped == ["metadata-http"]
+    reactor.advance(4.99)
+    assert stopped == ["metadata-http"]
+    assert not done.called
+    reactor.advance(0.05)
+    assert stopped == ["metadata-http", *(n for n in reversed(SERVICES) if n != "metadata-http")]
+    assert done.called
 
 
 def test_workers_move_the_metadata_site_to_a_pool(

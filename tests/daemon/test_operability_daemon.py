@@ -1,6 +1,7 @@
 """Operability of the real daemon (``twistd -n metadatad``): ``/metrics`` follows the
 traffic, ``/healthz`` follows a PostgreSQL server that is stopped and started again,
-SIGHUP reloads vendordata without dropping a connection, and JSON log lines."""
+SIGHUP reloads vendordata without dropping a connection, SIGTERM answers the request in
+progress, and JSON log lines."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -139,6 +141,51 @@ def test_sighup_reloads_vendordata_and_keeps_connections(daemon_factory: DaemonF
         connection.close()
     assert daemon.running
     assert daemon.errors() == []
+
+
+def test_sigterm_answers_the_request_in_progress(daemon_factory: DaemonFactory) -> None:
+    """SIGTERM (one process): the metadata port refuses new connections at once, and a
+    request begun before the signal and completed after it is still answered before
+    the services stop (the site drains, at most 5 s).  It used to be dropped."""
+    daemon = daemon_factory(nodes=[NODE])
+    assert daemon.process is not None
+    connection = http.client.HTTPConnection("127.0.0.1", daemon.metadata_port, timeout=10)
+    try:
+        connection.request("GET", "/latest/meta-data/instance-id")  # accepted, cached
+        assert connection.getresponse().read() == NODE["uuid"].encode()
+        sock = connection.sock
+        sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\n")
+        client_port = sock.getsockname()[1]
+        poll(lambda: _read_by_the_daemon(daemon.metadata_port, client_port), "the first line read")
+        daemon.process.send_signal(signal.SIGTERM)
+        poll(lambda: _refused(daemon.metadata_port), "the port closed")
+        sock.sendall(b"Host: a\r\nConnection: close\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert (response.status, response.read()) == (200, NODE["uuid"].encode())
+    finally:
+        connection.close()
+    assert daemon.process.wait(timeout=DEADLINE) == -signal.SIGTERM
+    assert daemon.errors() == []
+
+
+def _read_by_the_daemon(port: int, client_port: int) -> bool:
+    """The daemon's end of the loopback connection from ``client_port`` to ``port`` has
+    nothing left unread (``/proc/net/tcp``'s rx_queue): twisted.web has seen the bytes."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) == client_port:
+            return int(queues.split(":")[1], 16) == 0
+    return False
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 def test_json_log_lines(daemon_factory: DaemonFactory) -> None:
