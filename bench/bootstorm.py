@@ -39,7 +39,7 @@ own, or twice that less the client's cost when the server shares both cores with
 (with ``--quota Q``: Q times the goal's time per request, per capped process).
 
     .venv/bin/python bench/bootstorm.py [--machines 1000] [--servers w1,w2,bare,floor]
-        [--cache-ttl S] [--quota Q] [--bare-backlog N] [--py-spy DIR]
+        [--cache-ttl S] [--quota Q] [--bare-backlog N] [--py-spy DIR] [--save-sequence FILE]
 
 ``--bare-backlog N``: the bare server listens with a queue of N instead of Twisted's 50
 (the daemon listens with 4096, metadatad.core.backlog): with 50, a storm's dropped SYNs
@@ -436,6 +436,8 @@ def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
     def record_sequence(daemon: Any) -> None:
         sequence = capture_sequence(daemon)
         sequence_file.write_text(json.dumps(sequence))
+        if args.save_sequence:
+            Path(args.save_sequence).write_text(json.dumps(sequence))
         print(f"cloud-init's sequence: {len(sequence)} requests per machine", flush=True)
         for method, path in sequence:
             print(f"  {method} {path}")
@@ -541,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="record each server with py-spy during its storm, into DIR/<server>-<N>.txt "
         "(collapsed stacks; pip install py-spy into the venv)",
+    )
+    parser.add_argument(
+        "--save-sequence",
+        metavar="FILE",
+        help="also write cloud-init's recorded sequence to FILE (JSON [[method, path], ...]; "
+        "bench/request_cost.py --storm reads it)",
     )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

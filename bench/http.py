@@ -198,11 +198,15 @@ def wait_until_up(procs: Processes, port: int, path: str, timeout: float = 60.0)
         time.sleep(0.1)
 
 
-def write_config(tmp: Path, port: int, admin_port: int, workers: int = 1) -> Path:
+def write_config(
+    tmp: Path, port: int, admin_port: int, workers: int = 1, cache_ttl: float | None = None
+) -> Path:
     token = tmp / "admin-token"
     token.write_text("bench-" + os.urandom(16).hex() + "\n")
     token.chmod(0o600)
     conf = tmp / "metadatad.conf"
+    # The node cache revalidates once per cache_ttl (the default unless given).
+    ttl = "" if cache_ttl is None else f"cache_ttl = {cache_ttl}\n"
     conf.write_text(
         "[database]\n"
         f"url = sqlite:///{tmp / 'metadatad.sqlite'}\n"
@@ -212,6 +216,7 @@ def write_config(tmp: Path, port: int, admin_port: int, workers: int = 1) -> Pat
         "rate_burst = 1000000\n"
         # One process pinned to one core unless asked (the default, auto, is one per CPU).
         f"workers = {workers}\n"
+        f"{ttl}"
         "[admin]\n"
         f"listen = tcp:{admin_port}:interface={HOST}\n"
         f"token_file = {token}\n"

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/request_cost.py [--requests 20000] [--rounds 5]
     .venv/bin/python bench/request_cost.py --callgrind [--requests 2000]
+    .venv/bin/python bench/request_cost.py --storm SEQUENCE [--machines 200] [--callgrind]
 
 No sockets and no client: one process builds the real daemon (``tap.makeService`` on
 the configuration bench/http.py uses: SQLite, the demo node, ``workers = 1``) and the
@@ -23,6 +24,15 @@ Targets: the bare constant, ``GET /latest/meta-data/instance-id`` and
   valgrind process per target, ``PYTHONHASHSEED=0``.  Counts repeat within about 0.1 %
   and do not move with the machine's load: the instrument for small changes.
 
+``--storm FILE`` measures a boot storm's request instead: ``--machines M`` nodes (200)
+registered at bench/bootstorm.py's addresses, each of them sending cloud-init's
+sequence (FILE: a JSON list of ``[method, path]``, as ``bootstorm.py --save-sequence
+FILE`` writes it) with one new connection per request (``Connection: close``, then the
+connection lost), machine after machine: every request is the first of its path for
+its node, and every connection is built, used and closed.  Each node is looked up once
+before (the store's thread pool is not measured).  Targets: the bare constant and the
+daemon.
+
 ``--what-if NAME`` (repeatable) switches one part of the daemon off first, to price it:
 ``no-notes`` (activity and last-seen notes), ``no-gate`` (the gate's screen and
 admission), ``constant-site`` (the site answers a constant: what is left is the
@@ -34,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import random
 import statistics
@@ -62,8 +73,12 @@ WARM_UP = 300
 WHAT_IFS = ("no-notes", "no-gate", "constant-site")
 
 
-def _daemon_site(tmp: Path, what_ifs: list[str]) -> Any:
-    """The real daemon's metadata Site, its services started (no reactor running)."""
+def _daemon_site(tmp: Path, what_ifs: list[str], nodes: Path | None = None) -> Any:
+    """The real daemon's metadata Site, its services started (no reactor running), with
+    the demo node or the nodes of the file ``nodes``.  Its node cache never revalidates
+    during a run (``cache_ttl`` an hour): the reactor does not run while requests are
+    measured, so a lookup waiting on the store would never be answered (under valgrind a
+    run outlasts the default 15 s)."""
     from twisted.internet import reactor
 
     from bench.http import DEMO_NODES, manage, write_config
@@ -71,9 +86,9 @@ def _daemon_site(tmp: Path, what_ifs: list[str]) -> Any:
 
     # Listening is part of starting the services; nothing connects there.
     port = random.randint(20000, 60000)
-    conf = write_config(tmp, port, port + 1)
+    conf = write_config(tmp, port, port + 1, cache_ttl=3600)
     manage(conf, "db", "upgrade")
-    manage(conf, "node", "import", str(DEMO_NODES))
+    manage(conf, "node", "import", str(nodes or DEMO_NODES))
     options = Options()
     options.parseOptions(["--config", str(conf)])
     root = makeService(options, reactor)
@@ -170,6 +185,10 @@ def _timed(args: argparse.Namespace, tmp: Path) -> None:
             seconds[name].append((time.process_time() - started) / args.requests)
             _, path, body = sites[name]
             _check(transport, path, args.requests, body)
+    _print_times(seconds)
+
+
+def _print_times(seconds: dict[str, list[float]]) -> None:
     bare = min(seconds["bare"]) if "bare" in seconds else None
     print(f"{'target':16} {'best us':>8} {'median us':>10} {'bare/this':>10}")
     for name, values in seconds.items():
@@ -186,9 +205,11 @@ def _counted(args: argparse.Namespace, tmp: Path) -> None:
     _check(transport, path, args.requests, body)
 
 
-def _callgrind(args: argparse.Namespace, tmp: Path) -> None:
+def _callgrind(
+    args: argparse.Namespace, tmp: Path, targets: tuple[str, ...], requests: int
+) -> None:
     counts = {}
-    for name in TARGETS:
+    for name in targets:
         out = tmp / f"callgrind.{len(counts)}.out"
         argv = [
             "valgrind", "--tool=callgrind", "--toggle-collect=functools_reduce",
@@ -196,24 +217,125 @@ def _callgrind(args: argparse.Namespace, tmp: Path) -> None:
             sys.executable, __file__, "--counted", "--target", name,
             "--requests", str(args.requests),
             *[arg for what in args.what_if for arg in ("--what-if", what)],
+            *(["--storm", args.storm, "--machines", str(args.machines)] if args.storm else []),
         ]  # fmt: skip
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise BenchError(f"{name} under valgrind failed: {done.stderr[-2000:]}")
         totals = [line for line in out.read_text().splitlines() if line.startswith("totals:")]
-        counts[name] = int(totals[0].split()[1]) / args.requests
+        counts[name] = int(totals[0].split()[1]) / requests
         print(f"  {name}: {counts[name]:,.0f} instructions per request", flush=True)
     print(f"{'target':16} {'instructions':>13} {'bare/this':>10}")
     for name, count in counts.items():
         print(f"{name:16} {count:13,.0f} {counts['bare'] / count:10.2f}")
 
 
-def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+# --- a boot storm's requests (--storm) ------------------------------------------------
+
+
+def _storm_requests(args: argparse.Namespace) -> list[tuple[str, bytes]]:
+    """(machine address, request) for every machine's crawl, machine after machine."""
+    from bench.bootstorm import machine_ip, request_bytes
+
+    sequence = json.loads(Path(args.storm).read_text())
+    return [
+        (machine_ip(i), request_bytes(method, path))
+        for i in range(args.machines)
+        for method, path in sequence
+    ]
+
+
+def _storm_site(args: argparse.Namespace, tmp: Path, target: str) -> Any:
+    """``target``'s Site; the daemon's with the storm's nodes, each looked up once."""
+    if target == "bare":
+        return _bare_site()
+    from twisted.internet import reactor
+
+    from bench.bootstorm import machine_ip
+    from metadatad.testing.factories import node_document
+
+    nodes = tmp / "storm-nodes.json"
+    nodes.write_text(json.dumps([
+        node_document(i, ports=[{
+            "mac": f"52:54:01:{i // 65536:02x}:{i // 256 % 256:02x}:{i % 256:02x}",
+            "ip": machine_ip(i),
+        }])
+        for i in range(args.machines)
+    ]))  # fmt: skip
+    site = _daemon_site(tmp, args.what_if, nodes)
+    warm = b"GET /2009-04-04/meta-data/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    deadline = time.monotonic() + 30
+    while True:
+        answers = [_one_connection(site, machine_ip(i), warm) for i in range(args.machines)]
+        if all(a.startswith(b"HTTP/1.1 200") for a in answers):
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(f"the storm's nodes were not found: {answers[0][:200]!r}")
+        reactor.iterate(0.05)  # the lookups run on the store's pool: let them answer
+    return site
+
+
+def _one_connection(site: Any, address: str, request: bytes) -> bytes:
+    """``request`` on a connection of its own from ``address``: built, used, closed."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    peer = IPv4Address("TCP", address, 40000)
+    channel = site.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 80))
+    channel.makeConnection(transport)
+    channel.dataReceived(request)
+    channel.connectionLost(Failure(ConnectionDone()))
+    return bytes(transport.value())
+
+
+def _storm_loop(site: Any, requests: list[tuple[str, bytes]]) -> list[bytes]:
+    """Every request of the storm (inside ``functools.reduce``, for callgrind)."""
+    answers: list[bytes] = []
+
+    def send(_: object, item: tuple[str, bytes]) -> None:
+        answers.append(_one_connection(site, *item))
+
+    functools.reduce(send, requests, None)
+    bad = [a[:120] for a in answers if not a.startswith((b"HTTP/1.1 200", b"HTTP/1.1 404"))]
+    if bad:
+        raise BenchError(f"{len(bad)} answers were neither 200 nor 404: {bad[0]!r}")
+    return answers
+
+
+def _storm(args: argparse.Namespace, tmp: Path) -> None:
+    requests = _storm_requests(args)
     if args.counted:
+        site = _storm_site(args, tmp, args.target)
+        gc.collect()
+        gc.freeze()
+        _storm_loop(site, requests)
+        return
+    if args.callgrind:
+        _callgrind(args, tmp, ("bare", "daemon"), len(requests))
+        return
+    sites = {target: _storm_site(args, tmp, target) for target in ("bare", "daemon")}
+    gc.collect()
+    gc.freeze()
+    seconds: dict[str, list[float]] = {name: [] for name in sites}
+    for _ in range(args.rounds):
+        for name, site in sites.items():
+            started = time.process_time()
+            _storm_loop(site, requests)
+            seconds[name].append((time.process_time() - started) / len(requests))
+    _print_times(seconds)
+
+
+def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+    if args.storm:
+        _storm(args, tmp)
+    elif args.counted:
         _counted(args, tmp)
     elif args.callgrind:
-        _callgrind(args, tmp)
+        _callgrind(args, tmp, tuple(TARGETS), args.requests)
     else:
         _timed(args, tmp)
     return 0
@@ -225,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--what-if", action="append", default=[], choices=WHAT_IFS)
+    parser.add_argument(
+        "--storm", metavar="SEQUENCE", help="a boot storm's requests (see above) instead"
+    )
+    parser.add_argument("--machines", type=int, default=200, help="with --storm")
     parser.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--target", choices=sorted(TARGETS), help=argparse.SUPPRESS)
+    parser.add_argument("--target", choices=[*sorted(TARGETS), "daemon"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.requests is None:
         args.requests = 2000 if args.callgrind or args.counted else 20000
