@@ -42,9 +42,10 @@ own, or twice that less the client's cost when the server shares both cores with
         [--cache-ttl S] [--quota Q] [--bare-backlog N] [--py-spy DIR] [--save-sequence FILE]
 
 ``--bare-backlog N``: the bare server listens with a queue of N instead of Twisted's 50
-(the daemon listens with 4096, metadatad.core.backlog): with 50, a storm's dropped SYNs
-stall bare's machines for 1 s, 3 s and 7 s (time-outs at 10 s) while its core idles,
-and its total is no longer what its CPU allows.
+(the daemon asks for 65535, metadatad.core.backlog, which the kernel caps at
+``net.core.somaxconn``, 4096 here): with 50, a storm's dropped SYNs stall bare's
+machines for 1 s, 3 s and 7 s (time-outs at 10 s) while its core idles, and its total is
+no longer what its CPU allows.
 
 ``--quota Q`` is bench/workers.py's fair method on 2 cores: no pinning, every server
 process (the bare server; nginx's master and its worker; the daemon's main process and
@@ -335,7 +336,7 @@ def start_floor(prefix: Path, port: int, body: str, machines: int) -> subprocess
         # Connection: close as the daemon answers (the client asks for it anyway);
         # the daemon's backlog (metadatad.core.backlog), so no SYN is dropped.
         '  keepalive_timeout 0;\n  default_type "text/plain; charset=utf-8";\n'
-        f"  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n"
+        f"  server {{\n    listen 127.0.0.1:{port} backlog=65535;\n"
         f'    location / {{ return 200 "{body}"; }}\n  }}\n',
         connections=max(4096, machines + 1024),
     )
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bare-backlog", type=int, metavar="N",
         help="the bare server's listen queue (default: Twisted's, 50, which a storm of "
-        "1,000 overflows: dropped SYNs, retried after 1, 3, 7 s; the daemon's is 4096)",
+        "1,000 overflows: dropped SYNs, retried after 1, 3, 7 s; the daemon's is the kernel's cap)",
     )
     parser.add_argument(
         "--py-spy",

@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--body", default="constant", help="the constant answered")
     parser.add_argument(
-        "--backlog", type=int, help="listen queue (default: Twisted's, 50; the daemon's: 4096)"
+        "--backlog",
+        type=int,
+        help="listen queue (default: Twisted's, 50; the daemon's: 65535, capped by the kernel)",
     )
     args = parser.parse_args(argv)
     body = args.body.encode()
