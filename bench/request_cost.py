@@ -46,7 +46,6 @@ import functools
 import gc
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -81,12 +80,12 @@ def _daemon_site(tmp: Path, what_ifs: list[str], nodes: Path | None = None) -> A
     run outlasts the default 15 s)."""
     from twisted.internet import reactor
 
-    from bench.http import DEMO_NODES, manage, write_config
+    from bench.http import DEMO_NODES, free_port, manage, write_config
     from metadatad.tap import Options, makeService
 
     # Listening is part of starting the services; nothing connects there.
-    port = random.randint(20000, 60000)
-    conf = write_config(tmp, port, port + 1, cache_ttl=3600)
+    port = free_port()
+    conf = write_config(tmp, port, free_port(taken=(port,)), cache_ttl=3600)
     manage(conf, "db", "upgrade")
     manage(conf, "node", "import", str(nodes or DEMO_NODES))
     options = Options()
