@@ -57,10 +57,13 @@ class NodeStore(Protocol):
 
 
 class NodeLookup(Protocol):
-    """Where the metadata site's cache loads nodes from: by caller address and uuid,
-    and the node generation it revalidates them with (one read per interval)."""
+    """Where the metadata site's cache loads nodes from: by caller addresses (many per
+    query, through ``db.cache.BatchedLookups``) and uuid, and the node generation it
+    revalidates them with (one read per interval)."""
 
     def node_by_ip(self, ip: str) -> Deferred[NodeRecord | None]: ...
+
+    def nodes_by_ip(self, ips: Sequence[str]) -> Deferred[dict[str, NodeRecord]]: ...
 
     def get_node(self, uuid: str) -> Deferred[NodeRecord | None]: ...
 

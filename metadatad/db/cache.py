@@ -63,25 +63,29 @@ class WatchedStore(Protocol):
 
 class BatchedLookups:
     """Single-address lookups (a :class:`NodeCache` loader) answered by many-address
-    queries (``load``, the store's ``nodes_by_ip``).  A lookup while no query runs is
-    sent at once, alone; those asked for while one runs wait and go together in the
-    next, at most ``max_batch`` addresses each.  So a burst of new callers costs a few
-    queries instead of one each, and nothing waits for a timer.  Measured in a boot
-    storm (1,000 machines, SQLite, one process): one query per caller queued on the
-    store's threads, and a machine's first request waited 240 ms (median) to 410 ms
-    for its lookup.  A query never starts before the lookups it answers were asked
-    for, as the cache's revalidation requires."""
+    queries (``load``, the store's ``nodes_by_ip``).  A lookup is sent at once while
+    fewer than ``concurrency`` queries run; otherwise it waits with every lookup asked
+    for meanwhile, and they go together in the next query (at most ``max_batch``
+    addresses), never in one already sent: a query never starts before the lookups it
+    answers were asked for, as the cache's revalidation requires.  So a burst of new
+    callers costs a few queries instead of one each, nothing waits for a timer, and one
+    slow query does not hold every new caller up.  Measured in a boot storm (1,000
+    machines, SQLite, one process): with a query per caller, queued on the store's
+    threads, a machine's first request waited 240 ms (median) to 410 ms for its lookup."""
 
     def __init__(
         self,
         load: Callable[[list[str]], Deferred[dict[str, NodeRecord]]],
+        *,
         max_batch: int = 500,
+        concurrency: int = 2,
     ) -> None:
         self._load = load
         self._max_batch = max_batch
+        self._concurrency = concurrency
         # Lookups not yet sent, by address (dicts keep order: first asked, first sent).
         self._pending: dict[str, list[Deferred[NodeRecord | None]]] = {}
-        self._running = False
+        self._running = 0
         self.queries = 0
 
     def __call__(self, ip: str) -> Deferred[NodeRecord | None]:
@@ -92,7 +96,7 @@ class BatchedLookups:
             self._pending[ip] = [result]
         else:
             waiting.append(result)
-        if not self._running:
+        if self._running < self._concurrency:
             self._send()
         return result
 
@@ -100,7 +104,7 @@ class BatchedLookups:
         batch = {}
         for ip in list(itertools.islice(self._pending, self._max_batch)):
             batch[ip] = self._pending.pop(ip)
-        self._running = True
+        self._running += 1
         self.queries += 1
         # maybeDeferred: a loader that raises must not leave the lookups waiting forever.
         maybeDeferred(self._load, list(batch)).addBoth(self._answered, batch)
@@ -110,15 +114,16 @@ class BatchedLookups:
         found: Mapping[str, NodeRecord] | Failure,
         batch: dict[str, list[Deferred[NodeRecord | None]]],
     ) -> None:
-        self._running = False
-        if self._pending:
-            self._send()
+        self._running -= 1
+        # Answered first: a lookup asked for by an answer's callbacks joins the next query.
         for ip, waiting in batch.items():
             for d in waiting:
                 if isinstance(found, Failure):
                     d.errback(found)
                 else:
                     d.callback(found.get(ip))
+        if self._pending and self._running < self._concurrency:
+            self._send()
 
 
 class CacheEntry:

@@ -490,35 +490,55 @@ class HeldQueries:
     def answer(self, found: Any) -> None:
         self._answers.pop(0).callback(found)
 
+    def answer_last(self, found: Any) -> None:
+        self._answers.pop().callback(found)
+
     def fail(self, error: Exception) -> None:
         self._answers.pop(0).errback(error)
 
 
 def test_batched_lookups_send_the_first_alone_and_the_rest_together() -> None:
     """A lookup while no query runs is sent at once; those asked for meanwhile wait for
-    it and go in one query (an address asked twice, once), never in one already sent;
-    each lookup gets its address's node, or None."""
+    it and go in one query (an address asked twice, once), never in one already sent:
+    an address asked again while its query runs goes in the next, with that query's
+    answer; each lookup gets its address's node, or None."""
     queries = HeldQueries()
-    lookups = BatchedLookups(queries)
+    lookups = BatchedLookups(queries, concurrency=1)
     first = lookups("10.0.0.1")
     assert queries.asked == [["10.0.0.1"]]
-    later = [lookups(ip) for ip in ("10.0.0.2", "10.0.0.3", "10.0.0.2")]
+    later = [lookups(ip) for ip in ("10.0.0.2", "10.0.0.3", "10.0.0.2", "10.0.0.1")]
     assert queries.asked == [["10.0.0.1"]]
-    a, b = make_node(0), make_node(1)
+    a, b, moved = make_node(0), make_node(1), make_node(2)
     queries.answer({"10.0.0.1": a})
-    assert queries.asked == [["10.0.0.1"], ["10.0.0.2", "10.0.0.3"]]
+    assert queries.asked == [["10.0.0.1"], ["10.0.0.2", "10.0.0.3", "10.0.0.1"]]
     assert resolve_value(first) is a
     assert not later[0].called
-    queries.answer({"10.0.0.2": b})
-    assert [resolve_value(d) for d in later] == [b, None, b]
+    queries.answer({"10.0.0.2": b, "10.0.0.1": moved})
+    assert [resolve_value(d) for d in later] == [b, None, b, moved]
     assert lookups.queries == 2
     lookups("10.0.0.4")
     assert queries.asked[-1] == ["10.0.0.4"]
 
 
+def test_batched_lookups_run_up_to_concurrency_queries_at_once() -> None:
+    """Two queries may run (the default): the first two lookups go alone, the rest wait
+    for either; one slow query does not hold the others up."""
+    queries = HeldQueries()
+    lookups = BatchedLookups(queries)
+    slow, quick = lookups("10.0.0.1"), lookups("10.0.0.2")
+    waiting = [lookups(f"10.0.1.{i}") for i in range(3)]
+    assert queries.asked == [["10.0.0.1"], ["10.0.0.2"]]
+    queries.answer_last({})
+    assert resolve_value(quick) is None and not slow.called
+    assert queries.asked[-1] == ["10.0.1.0", "10.0.1.1", "10.0.1.2"]
+    queries.answer_last({})
+    assert [resolve_value(d) for d in waiting] == [None] * 3
+    assert not slow.called
+
+
 def test_batched_lookups_send_at_most_max_batch_addresses_a_query() -> None:
     queries = HeldQueries()
-    lookups = BatchedLookups(queries, max_batch=2)
+    lookups = BatchedLookups(queries, max_batch=2, concurrency=1)
     waiting = [lookups(f"10.0.0.{i}") for i in range(6)]
     for _ in range(4):
         queries.answer({})
@@ -535,7 +555,7 @@ def test_batched_lookups_fail_every_lookup_of_a_failed_query_only() -> None:
     """A failed query fails each lookup it carried; the next query still goes; a
     loader that raises fails its lookups instead of leaving them waiting."""
     queries = HeldQueries()
-    lookups = BatchedLookups(queries)
+    lookups = BatchedLookups(queries, concurrency=1)
     first = lookups("10.0.0.1")
     second, third = lookups("10.0.0.2"), lookups("10.0.0.2")
     queries.fail(ConnectionError("database unreachable"))
@@ -554,9 +574,9 @@ def test_batched_lookups_fail_every_lookup_of_a_failed_query_only() -> None:
     assert failures[-1].check(RuntimeError)
 
 
-def test_a_cache_over_batched_lookups_loads_a_burst_in_two_queries() -> None:
-    """As the daemon builds it: 100 new callers at once cost two queries (the first
-    caller's, then the other 99 together), each caller its own node."""
+def test_a_cache_over_batched_lookups_loads_a_burst_in_three_queries() -> None:
+    """As the daemon builds it: 100 new callers at once cost three queries (the first
+    two callers' alone, then the other 98 together), each caller its own node."""
     store = MemoryStore()
     nodes = [
         make_node(i, ports=[{"mac": f"52:54:00:00:01:{i:02x}", "ip": f"10.2.0.{i}"}])
@@ -566,9 +586,11 @@ def test_a_cache_over_batched_lookups_loads_a_burst_in_two_queries() -> None:
     queries = HeldQueries()
     cache = NodeCache.over(store, BatchedLookups(queries), Clock(), 15)
     found = [cache.by_ip(f"10.2.0.{i}") for i in range(100)]
+    answered = 0
     while queries.running:
-        queries.answer(store.repository.nodes_by_ip(queries.asked[-1]))
-    assert [len(ips) for ips in queries.asked] == [1, 99]
+        queries.answer(store.repository.nodes_by_ip(queries.asked[answered]))
+        answered += 1
+    assert [len(ips) for ips in queries.asked] == [1, 1, 98]
     assert [resolve(entry).record.node.uuid for entry in found] == [n.uuid for n in nodes]
 
 
