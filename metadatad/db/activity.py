@@ -5,8 +5,8 @@ The metadata site, the vendordata caller, the TFTP server and the console hand e
 to :class:`ActivityRecorder`.  It aggregates them in memory (a cloud-init crawl of 40
 requests becomes one row: first and last request, how many, and whether every one
 carried an IMDSv2 token), writes a batch every ``flush_interval`` seconds on a
-one-thread pool of its own (the rows whose node has been quiet for ``QUIET_SECONDS``,
-or open for ``MAX_OPEN_SECONDS``), and prunes rows past the boot events'
+one-thread pool of its own (the rows of nodes quiet for ``QUIET_SECONDS``, and rows
+open for ``MAX_OPEN_SECONDS``), and prunes rows past the boot events'
 retention, exactly like :class:`~metadatad.db.bootevents.BootEventStore`.  The buffer
 is bounded: past ``max_buffer`` distinct rows, new ones are dropped (and counted).
 """
@@ -32,9 +32,9 @@ __all__ = ["Activity", "ActivityRecorder", "ActivityRepository", "BootStatus", "
 
 # The outcome a node's boot status takes once it reads its metadata.
 METADATA_OUTCOME = "metadata"
-# The periodic flush writes a row once its node has been quiet this long, so a crawl
-# is one row (and its boot status one write) rather than one per flush interval, or
-# once it has been open this long, so a node that never stops still shows.  In a boot
+# The periodic flush writes a node's rows once it has been quiet this long, so a crawl
+# is one row (and its boot status one write) rather than one per flush interval, and a
+# row open this long anyway, so a node that never stops still shows.  In a boot
 # storm (1,000 machines, 2 workers) writing a row per node and second cost about 5 %
 # of the workers' CPU.  Stopping writes everything.
 QUIET_SECONDS = 1.0
@@ -215,8 +215,8 @@ class ActivityRecorder(BatchedWriter[ActivityRepository]):
     # --- what happened (never blocks, never fails) -----------------------------------
 
     def note(self, node_uuid: str, kind: str, detail: str, imdsv2: bool = False) -> None:
-        """Count one event of ``kind`` for the node (same kind and detail within a
-        flush interval: one row)."""
+        """Count one event of ``kind`` for the node (same kind and detail until the
+        row is written: one row)."""
         now = self._clock.seconds()
         key = (node_uuid, kind, detail[:255])
         pending = self._pending.get(key)
@@ -326,18 +326,28 @@ class ActivityRecorder(BatchedWriter[ActivityRepository]):
     def _settled(
         self, now: float
     ) -> tuple[dict[tuple[str, str, str], _Pending], dict[str, tuple[str, str, float]]]:
-        """Take the rows whose node has gone quiet (or that have been open too long),
-        and the boot statuses of nodes with no row still open."""
-        settled = {}
-        busy = set()
-        for key, p in self._pending.items():
-            if now - p.last >= QUIET_SECONDS or now - p.first >= MAX_OPEN_SECONDS:
-                settled[key] = p
-            else:
-                busy.add(key[0])
+        """Take the rows of the nodes that have gone quiet (no request of any kind for
+        ``QUIET_SECONDS``) and the rows open for ``MAX_OPEN_SECONDS``, with the boot
+        status of every node that is quiet or had a row taken (so a busy node's status
+        is written at least as often as its rows)."""
+        latest: dict[str, float] = {}
+        for (uuid, _, _), p in self._pending.items():
+            if p.last > latest.get(uuid, float("-inf")):
+                latest[uuid] = p.last
+        settled = {
+            key: p
+            for key, p in self._pending.items()
+            if now - latest[key[0]] >= QUIET_SECONDS or now - p.first >= MAX_OPEN_SECONDS
+        }
         for key in settled:
             del self._pending[key]
-        statuses = {uuid: s for uuid, s in self._statuses.items() if uuid not in busy}
+        written = {uuid for uuid, _, _ in settled}
+        busy = {uuid for uuid, _, _ in self._pending}
+        statuses = {
+            uuid: status
+            for uuid, status in self._statuses.items()
+            if uuid in written or uuid not in busy
+        }
         for uuid in statuses:
             del self._statuses[uuid]
         return settled, statuses

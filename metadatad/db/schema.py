@@ -226,11 +226,12 @@ dhcp_pushes = Table(
 
 # --- the console's boot timeline (migration 0007) ----------------------------------------
 
-# What a node did over HTTP, one row per node, kind and detail per flush interval (a
-# crawl of 40 requests is one or two rows): metadata requests (``requests``, and whether
-# every one carried an IMDSv2 token), token PUTs, peer posts, vendordata results and
-# operator actions.  Pruned with the boot events' retention.  No foreign key: a deleted
-# node's history stays until it expires, like its boot events.
+# What a node did over HTTP, one row per node, kind and detail while the node is busy
+# (written once it is quiet a second, or after ten: a crawl of 40 requests is one row):
+# metadata requests (``requests``, and whether every one carried an IMDSv2 token), token
+# PUTs, peer posts, vendordata results and operator actions.  Pruned with the boot
+# events' retention.  No foreign key: a deleted node's history stays until it expires,
+# like its boot events.
 node_activity = Table(
     "node_activity",
     metadata,

@@ -76,10 +76,10 @@ def test_a_crawl_is_one_row() -> None:
 
 
 def test_rows_wait_for_their_node_to_go_quiet() -> None:
-    """The periodic flush leaves a node's rows (and its boot status) in the buffer while
-    it keeps asking, writes them once it has been quiet a second, and writes a row
-    open for ten seconds anyway; other nodes' rows and statuses go meanwhile; stopping
-    writes everything."""
+    """The periodic flush leaves a node's rows (of every kind, and its boot status) in
+    the buffer while it keeps asking, writes them once it has been quiet a second, and
+    writes a row open for ten seconds anyway (with the status); other nodes' rows and
+    statuses go meanwhile; stopping writes everything."""
     clock = Clock()
     clock.advance(T0)
     repository = MemoryRepository()
@@ -91,6 +91,7 @@ def test_rows_wait_for_their_node_to_go_quiet() -> None:
             "booting", "c1", "10.0.0.5", "10.0.0.1", "a.ipxe", "ipxe", "complete", utc_moment(T0)
         )
     )
+    recorder.note("busy", "token", "PUT /latest/api/token")
     for _ in range(10):
         recorder.metadata_request("busy", "GET", imdsv2=False)
         clock.advance(0.5)
@@ -103,15 +104,35 @@ def test_rows_wait_for_their_node_to_go_quiet() -> None:
         clock.advance(0.5)
     # Open for ten seconds: written though still busy, with its status.
     busy = [r for r in repository.rows if r.node_uuid == "busy"]
-    assert len(busy) == 1 and busy[0].requests == 20
+    assert [(r.kind, r.requests) for r in busy] == [("token", 1), ("metadata", 20)]
     assert "busy" in repository.statuses
     assert busy[0].first_at == utc_moment(T0)
     recorder.metadata_request("busy", "GET", imdsv2=False)
     recorder.note("later", "token", "PUT /latest/api/token")
     recorder.stopService()
-    assert [r.requests for r in repository.rows if r.node_uuid == "busy"] == [20, 3]
+    assert [r.requests for r in repository.rows if r.node_uuid == "busy"] == [1, 20, 3]
     assert {"busy", "booting"} <= set(repository.statuses)
     assert [r.node_uuid for r in repository.rows][-1] == "later"
+
+
+def test_a_node_that_never_stops_has_its_status_written() -> None:
+    """Two rows of one busy node open at different times: each is written after ten
+    seconds, and the node's boot status with it, never held for good."""
+    clock = Clock()
+    clock.advance(T0)
+    repository = MemoryRepository()
+    recorder = _recorder(clock, repository)
+    recorder.startService()
+    for step in range(60):
+        recorder.metadata_request("n1", "GET", imdsv2=False)
+        if step >= 10:
+            recorder.note("n1", "vendordata", "a: ok")
+        clock.advance(0.5)
+    # 30 s of requests: rows opened at 0 s and 5 s, each written every ten seconds.
+    kinds = ["metadata", "vendordata", "metadata", "vendordata", "metadata"]
+    assert [r.kind for r in repository.rows] == kinds
+    assert repository.statuses["n1"].outcome == "metadata"
+    recorder.stopService()
 
 
 def _fired(d: Deferred[Any]) -> Any:
