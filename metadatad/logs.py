@@ -76,6 +76,7 @@ class RootService(MultiService):
         self.log_format = format
         self._out = out
         self._drain_first: list[tuple[IService, Callable[[], Deferred[None]]]] = []
+        self._stopping: Deferred[Any] | None = None
 
     def drain_first(self, listener: IService, drained: Callable[[], Deferred[None]]) -> None:
         """When the root stops, stop ``listener`` (a child: its site accepts no more
@@ -85,12 +86,21 @@ class RootService(MultiService):
         as the store's threadpool stopped under it."""
         self._drain_first.append((listener, drained))
 
+    def startService(self) -> None:
+        self._stopping = None
+        super().startService()
+
     def stopService(self) -> Deferred[Any]:
+        if self._stopping is not None:
+            # Told again while draining: the same stop, not a second one.
+            return self._stopping
         listeners = [listener for listener, _ in self._drain_first]
         stopped = [maybeDeferred(listener.stopService) for listener in listeners]
-        # A DeferredList never fails: the services stop whatever a drain did.
-        drains = DeferredList([drained() for _, drained in self._drain_first])
+        # A DeferredList never fails (and maybeDeferred catches a drain that raises):
+        # the services stop whatever a drain did.
+        drains = DeferredList([maybeDeferred(drained) for _, drained in self._drain_first])
         drains.addCallback(lambda _: self._stop_the_others(listeners, stopped))
+        self._stopping = drains
         return drains
 
     def _stop_the_others(

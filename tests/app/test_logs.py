@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 from twisted.application.service import Application, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
@@ -149,3 +150,35 @@ def test_an_idle_root_stops_everything_at_once_in_reverse_order() -> None:
     done = root.stopService()
     assert stopped == ["metadata-http", "admin-http", "store"]
     assert done.called
+
+
+def test_a_root_told_to_stop_twice_stops_once() -> None:
+    """A second stop while draining is the same stop: each service stops once."""
+    root, site, held, clock, stopped = draining_root()
+    channel, _ = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    first = root.stopService()
+    assert root.stopService() is first
+    held.pending[0].finish()
+    clock.advance(0.05)
+    assert stopped == ["metadata-http", "admin-http", "store"]
+    root.startService()
+    assert root.stopService() is not first  # started again: a new stop
+
+
+def test_a_drain_that_raises_still_stops_the_rest() -> None:
+    """A bug in a drain must not leave the store running: the others stop at once."""
+    stopped: list[str] = []
+    root = RootService()
+    for name in ("store", "metadata-http"):
+        Recording(name, stopped).setServiceParent(root)
+
+    def broken() -> Deferred[None]:
+        raise RuntimeError("bug")
+
+    root.drain_first(root.getServiceNamed("metadata-http"), broken)
+    root.startService()
+    done = root.stopService()
+    assert stopped == ["metadata-http", "store"]
+    assert done.called
+    done.addErrback(lambda _: None)
