@@ -56,8 +56,9 @@ def _somaxconn() -> int:
 
 @pytest.mark.slow
 def test_listeners_get_a_large_backlog_or_the_one_configured(daemon_factory: DaemonFactory) -> None:
-    """Without ``backlog=`` the metadata site listens with 4096 and the admin API with
-    1024 (the kernel caps both at net.core.somaxconn); ``backlog=`` is honoured."""
+    """Without ``backlog=`` the metadata site listens with the deepest queue the kernel
+    allows and the admin API with 1024 (the kernel caps both at net.core.somaxconn);
+    ``backlog=`` is honoured."""
     daemon = daemon_factory()
     assert _listen_backlog(daemon.metadata_port) == min(METADATA_BACKLOG, _somaxconn())
     assert _listen_backlog(daemon.admin_port) == min(ADMIN_BACKLOG, _somaxconn())

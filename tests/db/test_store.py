@@ -342,3 +342,17 @@ def test_store_runs_on_its_threadpool(tmp_path: Any) -> Any:
     # A second engine: the store's own refuses this (reactor) thread.
     with make_engine(url, 1).connect() as connection:
         assert connection.execute(select(func.count()).select_from(schema.nodes)).scalar() == 0
+
+
+def test_only_server_engines_check_connections_at_checkout(tmp_path: Any) -> None:
+    """A database server can drop a pooled connection (restart, idle time-out), so each
+    checkout pings it first; a SQLite file cannot, and its ping was a query per
+    checkout.  (Building an engine does not connect.)"""
+    sqlite = make_engine(f"sqlite:///{tmp_path}/nodes.sqlite", 1)
+    postgresql = make_engine("postgresql+psycopg://metadatad@127.0.0.1:1/none", 1)
+    mariadb = make_engine("mysql+pymysql://metadatad@127.0.0.1:1/none", 1)
+    assert sqlite.pool._pre_ping is False  # type: ignore[attr-defined]
+    assert postgresql.pool._pre_ping is True  # type: ignore[attr-defined]
+    assert mariadb.pool._pre_ping is True  # type: ignore[attr-defined]
+    for engine in (sqlite, postgresql, mariadb):
+        engine.dispose()
