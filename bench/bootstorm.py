@@ -87,6 +87,20 @@ def machine_ip(index: int) -> str:
     return f"127.1.{index // 250}.{index % 250 + 1}"
 
 
+def machine_nodes(machines: int) -> list[dict[str, Any]]:
+    """The node documents of ``machines`` booting machines, each at its ``machine_ip``."""
+    from metadatad.testing.factories import node_document
+
+    return [
+        node_document(
+            i,
+            ports=[{"mac": f"52:54:01:{i // 65536:02x}:{i // 256 % 256:02x}:{i % 256:02x}",
+                    "ip": machine_ip(i)}],
+        )
+        for i in range(machines)
+    ]
+
+
 # --- the client ----------------------------------------------------------------------
 
 
@@ -421,17 +435,9 @@ def floor_bound(rows: list[dict[str, Any]], machines: int, quota: float) -> list
 def _bench(args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> int:
 
     from metadatad.testing.daemon import Daemon, free_port
-    from metadatad.testing.factories import node_document
     from tests.daemon.test_cloudinit import CALLER_NODE, VENDORDATA
 
-    nodes = [CALLER_NODE] + [
-        node_document(
-            i,
-            ports=[{"mac": f"52:54:01:{i // 65536:02x}:{i // 256 % 256:02x}:{i % 256:02x}",
-                    "ip": machine_ip(i)}],
-        )
-        for i in range(args.machines)
-    ]
+    nodes = [CALLER_NODE, *machine_nodes(args.machines)]
     sequence_file = tmp / "sequence.json"
 
     def record_sequence(daemon: Any) -> None:

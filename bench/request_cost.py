@@ -251,17 +251,10 @@ def _storm_site(args: argparse.Namespace, tmp: Path, target: str) -> Any:
         return _bare_site()
     from twisted.internet import reactor
 
-    from bench.bootstorm import machine_ip
-    from metadatad.testing.factories import node_document
+    from bench.bootstorm import machine_ip, machine_nodes
 
     nodes = tmp / "storm-nodes.json"
-    nodes.write_text(json.dumps([
-        node_document(i, ports=[{
-            "mac": f"52:54:01:{i // 65536:02x}:{i // 256 % 256:02x}:{i % 256:02x}",
-            "ip": machine_ip(i),
-        }])
-        for i in range(args.machines)
-    ]))  # fmt: skip
+    nodes.write_text(json.dumps(machine_nodes(args.machines)))
     site = _daemon_site(tmp, args.what_if, nodes)
     warm = b"GET /2009-04-04/meta-data/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     deadline = time.monotonic() + 30

@@ -53,12 +53,18 @@ def _recorder(clock: Clock, repository: MemoryRepository, **kwargs: Any) -> Acti
     return ActivityRecorder(repository, clock, "c1", run=_now, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_crawl_is_one_row() -> None:
+def _started() -> tuple[Clock, MemoryRepository, ActivityRecorder]:
+    """A recorder started at ``T0`` over an empty repository."""
     clock = Clock()
     clock.advance(T0)
     repository = MemoryRepository()
     recorder = _recorder(clock, repository)
     recorder.startService()
+    return clock, repository, recorder
+
+
+def test_a_crawl_is_one_row() -> None:
+    clock, repository, recorder = _started()
     for _ in range(30):
         recorder.metadata_request("n1", "GET", imdsv2=True)
         clock.advance(0.01)
@@ -80,11 +86,7 @@ def test_rows_wait_for_their_node_to_go_quiet() -> None:
     the buffer while it keeps asking, writes them once it has been quiet a second, and
     writes a row open for ten seconds anyway (with the status); other nodes' rows and
     statuses go meanwhile; stopping writes everything."""
-    clock = Clock()
-    clock.advance(T0)
-    repository = MemoryRepository()
-    recorder = _recorder(clock, repository)
-    recorder.startService()
+    clock, repository, recorder = _started()
     recorder.note("quiet", "peer-post", "password: HTTP 200")
     recorder.tftp(
         BootEvent(
@@ -118,11 +120,7 @@ def test_rows_wait_for_their_node_to_go_quiet() -> None:
 def test_a_node_that_never_stops_has_its_status_written() -> None:
     """Two rows of one busy node open at different times: each is written after ten
     seconds, and the node's boot status with it, never held for good."""
-    clock = Clock()
-    clock.advance(T0)
-    repository = MemoryRepository()
-    recorder = _recorder(clock, repository)
-    recorder.startService()
+    clock, repository, recorder = _started()
     for step in range(60):
         recorder.metadata_request("n1", "GET", imdsv2=False)
         if step >= 10:
