@@ -176,9 +176,11 @@ class HardenedChannel(HTTPChannel):
     __slots__ = (
         "MAX_LENGTH",
         "_deadlines",
+        "_host_address",
         "_idle_call",
         "_idle_due",
         "_idle_from",
+        "_peer_address",
         "_receiving",
         "_saved_hops",
         "_source",
@@ -213,6 +215,10 @@ class HardenedChannel(HTTPChannel):
         # The idle timeout (see setTimeout): its one timer, and when idleness began.
         self._idle_call: IDelayedCall | None = None
         self._idle_due = self._idle_from = 0.0
+        # The connection's two addresses, asked of the transport once: twisted.web asks
+        # for both on every request, and the local one is a getsockname() each time.
+        self._peer_address: Any = None
+        self._host_address: Any = None
         if deadlines is None:
             # A channel of its own (not built by a HardenedSite): its own deadlines.
             if clock is None:
@@ -223,7 +229,7 @@ class HardenedChannel(HTTPChannel):
         self._deadlines = deadlines
         # LineReceiver drops a longer line silently; lineLengthExceeded answers 431.
         self.MAX_LENGTH = limits.max_header_bytes
-        # Twisted answers 400 past it; lineReceived answers 431 first.
+        # Twisted refuses past it; _respondToBadRequestAndDisconnect makes that a 431.
         self.totalHeadersSize = limits.max_header_bytes
 
     def dataReceived(self, data: bytes) -> None:
@@ -236,13 +242,26 @@ class HardenedChannel(HTTPChannel):
         # and a super object each time costs more than the checks themselves.
         HTTPChannel.dataReceived(self, data)
 
-    def lineReceived(self, line: bytes) -> None:
-        if self.refused:
-            return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted counts each line against totalHeadersSize and answers 400 past it (it
+        # stops reading lines once the connection is closing); that case is a 431.
+        # Caught here, not by a check of every line before Twisted's own.
+        if self._receivedHeaderSize > self.totalHeadersSize:
             self.refuse(431, "request headers")
-            return
-        HTTPChannel.lineReceived(self, line)
+        else:
+            HTTPChannel._respondToBadRequestAndDisconnect(self)
+
+    def getPeer(self) -> Any:
+        address = self._peer_address
+        if address is None:
+            address = self._peer_address = self.transport.getPeer()  # type: ignore[union-attr]
+        return address
+
+    def getHost(self) -> Any:
+        address = self._host_address
+        if address is None:
+            address = self._host_address = self.transport.getHost()  # type: ignore[union-attr]
+        return address
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(431, "request headers")

@@ -28,22 +28,24 @@ class RateLimiter:
         wait until a token is available (nothing is spent then)."""
         if self.rate == 0:
             return 0.0
-        tokens, then = self._buckets.pop(key, (self.burst, now))
+        buckets = self._buckets
+        tokens, then = buckets.pop(key, (self.burst, now))
         # A clock that went backwards refills nothing (and never drains either).
-        tokens = min(self.burst, tokens + max(0.0, now - then) * self.rate)
+        if now > then:
+            tokens += (now - then) * self.rate
+        tokens = min(tokens, self.burst)
         if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            self._bound(now)
+            buckets[key] = (tokens - 1.0, now)
+            if len(buckets) > self._max_keys:
+                self._bound(now)
             return 0.0
-        self._buckets[key] = (tokens, now)
+        buckets[key] = (tokens, now)
         return (1.0 - tokens) / self.rate
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def _bound(self, now: float) -> None:
-        if len(self._buckets) <= self._max_keys:
-            return
         full = [
             key
             for key, (tokens, then) in self._buckets.items()

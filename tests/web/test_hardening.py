@@ -84,6 +84,45 @@ def test_a_normal_request_is_served() -> None:
     assert not transport.disconnecting
 
 
+class CountingTransport(StringTransport):
+    """Counts how often the connection's addresses are asked for (``getHost`` is a
+    getsockname() on a real socket)."""
+
+    asked = 0
+
+    def getHost(self) -> Any:
+        self.asked += 1
+        return super().getHost()
+
+    def getPeer(self) -> Any:
+        self.asked += 1
+        return super().getPeer()
+
+
+def test_the_addresses_are_asked_once_per_connection() -> None:
+    """Three keep-alive requests: each sees the connection's addresses, which the
+    transport was asked for once each."""
+    site, _, _ = make()
+    peer = IPv4Address("TCP", "10.0.0.9", 40000)
+    channel = site.buildProtocol(peer)
+    transport = CountingTransport(peerAddress=peer)
+    channel.makeConnection(transport)
+    seen = []
+
+    class Addresses(Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> bytes:
+            seen.append((request.getClientAddress(), request.getHost()))
+            return b"ok"
+
+    site.resource = Addresses()
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n" * 3)
+    assert transport.value().count(b"200 OK") == 3
+    assert seen == [(peer, transport.getHost())] * 3
+    assert transport.asked == 2 + 1  # one each, and the line above
+
+
 def test_oversize_headers_are_431_and_close() -> None:
     """Many headers past max_header_bytes: 431, closed, the resource never called."""
     site, resource, _ = make()
@@ -92,6 +131,30 @@ def test_oversize_headers_are_431_and_close() -> None:
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
     assert status_of(transport) == 431
     assert b"Request Header Fields Too Large" in transport.value()
+    assert transport.disconnecting
+    assert resource.seen == []
+
+
+def test_lines_after_oversize_headers_are_not_read() -> None:
+    """The 431 is the only answer: a request sent behind the oversize one, in the same
+    bytes, is not read (Twisted stops reading lines once the connection closes)."""
+    site, resource, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 50) for i in range(30))
+    channel.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+    assert status_of(transport) == 431
+    assert resource.seen == []
+
+
+def test_a_bad_request_line_is_still_400() -> None:
+    """Other requests Twisted refuses keep its 400 (only the size is a 431)."""
+    site, resource, _ = make()
+    channel, transport = connect(site)  # type: ignore[misc]
+    channel.dataReceived(b"NONSENSE\r\nHost: a\r\n\r\n")
+    assert status_of(transport) == 400
     assert transport.disconnecting
     assert resource.seen == []
 
