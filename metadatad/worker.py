@@ -159,8 +159,8 @@ def compose(
         inherited.detach()
     port = reactor.adoptStreamPort(LISTENING_FD, family, parts.site)
     os.close(LISTENING_FD)  # the port listens on its own duplicate
-    _wake_one_worker(reactor, port.fileno())
-    _accept_few_per_wake(port)
+    make_way = _wake_one_worker(reactor, port.fileno())
+    _accept_few_per_wake(port, after_accepting=make_way)
     return root, control, lambda: stopping(port, parts.site, root)
 
 
@@ -181,36 +181,65 @@ def stopping(port: Any, site: Any, root: MultiService) -> Deferred[None]:
 ACCEPTS_PER_WAKE = 8
 
 
-def _accept_few_per_wake(port: Any, count: int = ACCEPTS_PER_WAKE) -> None:
+def _accept_few_per_wake(
+    port: Any,
+    count: int = ACCEPTS_PER_WAKE,
+    after_accepting: Callable[[], None] | None = None,
+) -> None:
     """Take at most ``count`` waiting connections per wake-up, not up to a hundred: a
     worker that accepted a burst alone would keep every keep-alive connection of it
     (measured: wrk's 50 all in one worker), while the kernel wakes an idle worker for
     each connection that arrives while this one is busy.  Not one either: in a boot
     storm (a new connection per request) each accept then cost a turn of the reactor
     of its own; 8 took 135-138 us of CPU per request against 165-183 with one, N = 1,000,
-    2 workers, and wrk's 50 connections still split 34/16 and 18/32 (11/39 and 33/17
-    with one).  Twisted's port raises ``numberAccepts`` after every full batch, so it
-    is put back before each read."""
+    2 workers.  Twisted's port raises ``numberAccepts`` after every full batch, so it
+    is put back before each read.  ``after_accepting`` runs after a read that accepted
+    a connection (:func:`_wake_one_worker`'s: make way for the other workers)."""
     read = port.doRead
 
     def doRead() -> object:
         port.numberAccepts = count
-        return read()
+        before = port.sessionno
+        why = read()
+        if after_accepting is not None and port.sessionno != before:
+            after_accepting()
+        return why
 
     port.doRead = doRead
 
 
-def _wake_one_worker(reactor: Any, fd: int) -> None:
+def _wake_one_worker(reactor: Any, fd: int) -> Callable[[], None] | None:
     """A new connection wakes one idle worker, not all of them (EPOLLEXCLUSIVE): the
     others would only find nothing to accept.  Twisted's epoll reactor has no option
     for it, so the listening descriptor is registered again by hand; the reactor's own
-    bookkeeping (it reads, it never writes) is unchanged."""
+    bookkeeping (it reads, it never writes) is unchanged.
+
+    Returns what a worker does after a read that accepted (None without epoll): make
+    way for the others.  The kernel wakes the first idle worker in the order they
+    registered, and a worker busy accepting a burst takes what is queued before a
+    worker woken for it gets a core (here, with two cores shared with the client, the
+    other worker waited behind it): wrk's 50 keep-alive connections went 50/0 in 4 and
+    5 of 6 rounds, two workers serving 0.94-1.0x what one does.  So the worker
+    registers again (to the back of the queue) and yields its core
+    (``sched_yield``, a no-op when no other process waits for it): 2 of 6 rounds
+    unbalanced, two workers 2.02x and 2.04x one (bench/workers.py); a boot storm's
+    CPU per request unchanged (146 us, 2 workers, N = 1,000)."""
     poller = getattr(reactor, "_poller", None)
     exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
     if poller is None or exclusive is None or not isinstance(poller, select.epoll):
-        return
-    poller.unregister(fd)
-    poller.register(fd, select.EPOLLIN | exclusive)
+        return None
+    events = select.EPOLLIN | exclusive
+
+    def make_way() -> None:
+        try:
+            poller.unregister(fd)
+        except OSError:
+            return  # not registered: the worker stopped accepting (stopping)
+        poller.register(fd, events)
+        os.sched_yield()
+
+    make_way()
+    return make_way
 
 
 def _first_line() -> bytes:

@@ -3,6 +3,7 @@ tests/daemon/test_workers.py)."""
 
 from __future__ import annotations
 
+import select
 import socket
 
 from twisted.internet import tcp
@@ -12,7 +13,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
 
 from metadatad.config import Config, MetadataConfig
-from metadatad.worker import _accept_few_per_wake, stop_once, worker_config
+from metadatad.worker import _accept_few_per_wake, _wake_one_worker, stop_once, worker_config
 
 
 def config(**metadata: object) -> Config:
@@ -79,6 +80,53 @@ def test_a_worker_accepts_a_few_waiting_connections_per_wake_up() -> None:
         for client in clients:
             client.close()
         port.socket.close()
+
+
+def test_after_accepting_runs_only_after_a_read_that_accepted() -> None:
+    """The worker goes to the back of the queue after a read that took a connection,
+    not after one that found none (another worker took it first)."""
+    reactor = MemoryReactor()
+    port = tcp.Port(0, Factory.forProtocol(Protocol), interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    port.socket.setblocking(False)
+    calls: list[int] = []
+    try:
+        _accept_few_per_wake(port, 2, after_accepting=lambda: calls.append(port.sessionno))
+        port.doRead()  # nothing waiting
+        assert calls == []
+        client = socket.create_connection(port.socket.getsockname())
+        port.doRead()
+        assert calls == [1]
+        port.doRead()  # nothing more
+        assert calls == [1]
+        client.close()
+    finally:
+        port.socket.close()
+
+
+def test_making_way_keeps_the_listening_socket_watched() -> None:
+    """On epoll the listening socket is registered exclusively; making way registers it
+    again (still readable through the reactor), and does nothing once the worker has
+    stopped accepting."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    port = tcp.Port(0, Factory.forProtocol(Protocol), interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    try:
+        make_way = _wake_one_worker(reactor, port.fileno())
+        assert make_way is not None
+        make_way()
+        client = socket.create_connection(port.socket.getsockname())
+        ready = dict(reactor._poller.poll(1))
+        assert ready.get(port.fileno(), 0) & select.EPOLLIN
+        client.close()
+        port.stopReading()
+        make_way()  # not registered any more: left so
+        assert port.fileno() not in dict(reactor._poller.poll(0))
+    finally:
+        port.socket.close()
+        reactor._poller.close()
 
 
 def test_a_worker_stops_once_however_often_it_is_told() -> None:
