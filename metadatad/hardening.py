@@ -243,25 +243,22 @@ class HardenedChannel(HTTPChannel):
         HTTPChannel.dataReceived(self, data)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted counts each line against totalHeadersSize and answers 400 past it (it
-        # stops reading lines once the connection is closing); that case is a 431.
-        # Caught here, not by a check of every line before Twisted's own.
+        # Twisted counts each line against totalHeadersSize and answers 400 past it: a 431
+        # (caught here rather than by a check of every line before Twisted's own).
         if self._receivedHeaderSize > self.totalHeadersSize:
             self.refuse(431, "request headers")
         else:
             HTTPChannel._respondToBadRequestAndDisconnect(self)
 
     def getPeer(self) -> Any:
-        address = self._peer_address
-        if address is None:
-            address = self._peer_address = self.transport.getPeer()  # type: ignore[union-attr]
-        return address
+        if self._peer_address is None:
+            self._peer_address = self.transport.getPeer()  # type: ignore[union-attr]
+        return self._peer_address
 
     def getHost(self) -> Any:
-        address = self._host_address
-        if address is None:
-            address = self._host_address = self.transport.getHost()  # type: ignore[union-attr]
-        return address
+        if self._host_address is None:
+            self._host_address = self.transport.getHost()  # type: ignore[union-attr]
+        return self._host_address
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(431, "request headers")

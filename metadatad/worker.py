@@ -194,7 +194,8 @@ def _accept_few_per_wake(
     of its own; 8 took 135-138 us of CPU per request against 165-183 with one, N = 1,000,
     2 workers.  Twisted's port raises ``numberAccepts`` after every full batch, so it
     is put back before each read.  ``after_accepting`` runs after a read that accepted
-    a connection (:func:`_wake_one_worker`'s: make way for the other workers)."""
+    a connection and built its channel (not after one whose connections were all turned
+    away, past the per-source cap): :func:`_wake_one_worker`'s, making way."""
     read = port.doRead
 
     def doRead() -> object:
@@ -214,21 +215,19 @@ def _wake_one_worker(reactor: Any, fd: int) -> Callable[[], None] | None:
     for it, so the listening descriptor is registered again by hand; the reactor's own
     bookkeeping (it reads, it never writes) is unchanged.
 
-    Returns what a worker does after a read that accepted (None without epoll): make
-    way for the others.  The kernel wakes the first idle worker in the order they
-    registered, and a worker busy accepting a burst takes what is queued before a
-    worker woken for it gets a core (here, with two cores shared with the client, the
-    other worker waited behind it): wrk's 50 keep-alive connections went 50/0 in 4 and
-    5 of 6 rounds, two workers serving 0.94-1.0x what one does.  So the worker
-    registers again (to the back of the queue) and yields its core
-    (``sched_yield``, a no-op when no other process waits for it): 2 of 6 rounds
-    unbalanced, two workers 2.02x and 2.04x one (bench/workers.py); a boot storm's
-    CPU per request unchanged (146 us, 2 workers, N = 1,000)."""
+    Returns what a worker does after accepting (None without epoll): make way for the
+    others.  The kernel wakes the first idle worker in registration order, and one
+    busy accepting a burst took all of it while the worker woken for the rest waited
+    for a core (wrk's 50 keep-alive connections on one worker in most rounds,
+    docs/benchmarks.md "Two workers").  So it registers again, to the back of the
+    queue, and yields its core (``sched_yield``: a no-op when nothing waits for it)."""
     poller = getattr(reactor, "_poller", None)
     exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
     if poller is None or exclusive is None or not isinstance(poller, select.epoll):
         return None
     events = select.EPOLLIN | exclusive
+    poller.unregister(fd)
+    poller.register(fd, events)
 
     def make_way() -> None:
         try:
@@ -238,7 +237,6 @@ def _wake_one_worker(reactor: Any, fd: int) -> Callable[[], None] | None:
         poller.register(fd, events)
         os.sched_yield()
 
-    make_way()
     return make_way
 
 

@@ -350,11 +350,11 @@ class MetadataSite:
 
 class RandomBytes:
     """``source``'s random bytes, drawn ``draw`` bytes at a time and each handed out
-    once: a 512-byte draw alone costs about twice a 512-byte share of a 64 KiB one, on
-    every ``meta_data.json`` read.  The site draws from OpenSSL's CSPRNG
-    (``ssl.RAND_bytes``, seeded by the kernel), not the kernel's: 64 KiB took 9 us
-    against ``os.urandom``'s 164 us here, 0.07 against 1.3 us per seed.  Not to be
-    shared across a fork (the workers are started afresh, not forked)."""
+    once, for every ``meta_data.json`` read's seed.  The site draws from OpenSSL's
+    CSPRNG (``ssl.RAND_bytes``, seeded by the kernel), not the kernel's: 64 KiB took 9
+    us against ``os.urandom``'s 164 us here, 0.07 us per 512-byte seed, where a
+    512-byte draw of its own took 0.84 us.  Not to be shared across a fork (the workers
+    are started afresh, not forked)."""
 
     def __init__(self, source: Callable[[int], bytes], draw: int = 65536) -> None:
         self._source = source

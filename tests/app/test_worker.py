@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import select
 import socket
+from pathlib import Path
+from typing import Any
 
+import pytest
 from twisted.internet import tcp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.selectreactor import SelectReactor
@@ -56,6 +59,15 @@ def test_with_auto_the_pools_count_divides_the_limits() -> None:
     )
 
 
+class Kept(Protocol):
+    """Keeps its connection's transport, to close the accepted socket after a test."""
+
+    kept: list[Any] = []
+
+    def connectionMade(self) -> None:
+        self.kept.append(self.transport)
+
+
 def test_a_worker_accepts_a_few_waiting_connections_per_wake_up() -> None:
     """Five connections wait; each read of the listening port accepts at most two of
     them, however many it took before, so connections arriving meanwhile wake another
@@ -66,7 +78,7 @@ def test_a_worker_accepts_a_few_waiting_connections_per_wake_up() -> None:
     class Counting(Factory):
         def buildProtocol(self, addr: object) -> Protocol:
             accepted.append(addr)
-            return Protocol()
+            return Kept()
 
     port = tcp.Port(0, Counting(), interface="127.0.0.1", reactor=reactor)
     port.startListening()
@@ -79,17 +91,19 @@ def test_a_worker_accepts_a_few_waiting_connections_per_wake_up() -> None:
     finally:
         for client in clients:
             client.close()
+        while Kept.kept:
+            Kept.kept.pop().socket.close()
         port.socket.close()
 
 
 def test_after_accepting_runs_only_after_a_read_that_accepted() -> None:
-    """The worker goes to the back of the queue after a read that took a connection,
-    not after one that found none (another worker took it first)."""
+    """The worker makes way after a read that took a connection, not after one that
+    found none (another worker took it first)."""
     reactor = MemoryReactor()
-    port = tcp.Port(0, Factory.forProtocol(Protocol), interface="127.0.0.1", reactor=reactor)
+    port = tcp.Port(0, Factory.forProtocol(Kept), interface="127.0.0.1", reactor=reactor)
     port.startListening()
-    port.socket.setblocking(False)
     calls: list[int] = []
+    client = None
     try:
         _accept_few_per_wake(port, 2, after_accepting=lambda: calls.append(port.sessionno))
         port.doRead()  # nothing waiting
@@ -99,34 +113,50 @@ def test_after_accepting_runs_only_after_a_read_that_accepted() -> None:
         assert calls == [1]
         port.doRead()  # nothing more
         assert calls == [1]
-        client.close()
     finally:
+        if client is not None:
+            client.close()
+        while Kept.kept:
+            Kept.kept.pop().socket.close()
         port.socket.close()
 
 
-def test_making_way_keeps_the_listening_socket_watched() -> None:
-    """On epoll the listening socket is registered exclusively; making way registers it
-    again (still readable through the reactor), and does nothing once the worker has
-    stopped accepting."""
+def _watched_events(epoll: select.epoll, fd: int) -> int:
+    """The events ``epoll`` watches ``fd`` for, as the kernel shows them."""
+    for line in Path(f"/proc/self/fdinfo/{epoll.fileno()}").read_text().splitlines():
+        fields = line.split()
+        if fields[:2] == ["tfd:", str(fd)]:
+            return int(fields[fields.index("events:") + 1], 16)
+    raise AssertionError(f"{fd} is not watched")
+
+
+def test_making_way_keeps_the_listening_socket_watched_exclusively() -> None:
+    """On epoll the listening socket is watched exclusively (one idle worker woken per
+    connection); making way registers it again, still exclusively and still readable
+    through the reactor, and does nothing once the worker has stopped accepting."""
     from twisted.internet.epollreactor import EPollReactor
 
     reactor = EPollReactor()
     port = tcp.Port(0, Factory.forProtocol(Protocol), interface="127.0.0.1", reactor=reactor)
     port.startListening()
+    poller = reactor._poller
     try:
+        assert not _watched_events(poller, port.fileno()) & select.EPOLLEXCLUSIVE
         make_way = _wake_one_worker(reactor, port.fileno())
         assert make_way is not None
+        assert _watched_events(poller, port.fileno()) & select.EPOLLEXCLUSIVE
         make_way()
-        client = socket.create_connection(port.socket.getsockname())
-        ready = dict(reactor._poller.poll(1))
-        assert ready.get(port.fileno(), 0) & select.EPOLLIN
-        client.close()
+        assert _watched_events(poller, port.fileno()) & select.EPOLLEXCLUSIVE
+        with socket.create_connection(port.socket.getsockname()):
+            assert dict(poller.poll(1)).get(port.fileno(), 0) & select.EPOLLIN
         port.stopReading()
         make_way()  # not registered any more: left so
-        assert port.fileno() not in dict(reactor._poller.poll(0))
+        with pytest.raises(AssertionError, match="not watched"):
+            _watched_events(poller, port.fileno())
     finally:
         port.socket.close()
-        reactor._poller.close()
+        reactor.waker.connectionLost(None)
+        poller.close()
 
 
 def test_a_worker_stops_once_however_often_it_is_told() -> None:
