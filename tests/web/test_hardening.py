@@ -149,22 +149,22 @@ def test_lines_after_oversize_headers_are_not_read() -> None:
     assert resource.seen == []
 
 
-def test_a_bad_request_line_is_still_400() -> None:
-    """Other requests Twisted refuses keep its 400 (only the size is a 431)."""
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        # A line longer than the limit, never ended: 431 too (not a silent close).
+        (b"GET /" + b"a" * 5000, 431),
+        # Other requests Twisted refuses keep its 400 (only the size is a 431).
+        (b"NONSENSE\r\nHost: a\r\n\r\n", 400),
+    ],
+    ids=["endless header line", "bad request line"],
+)
+def test_a_refused_request_is_answered_and_closed(sent: bytes, status: int) -> None:
+    """Refused before any resource sees it: its status, and the connection closes."""
     site, resource, _ = make()
     channel, transport = connect(site)  # type: ignore[misc]
-    channel.dataReceived(b"NONSENSE\r\nHost: a\r\n\r\n")
-    assert status_of(transport) == 400
-    assert transport.disconnecting
-    assert resource.seen == []
-
-
-def test_one_endless_header_line_is_431() -> None:
-    """A line longer than the limit, never ended, is 431 too (not a silent close)."""
-    site, resource, _ = make()
-    channel, transport = connect(site)  # type: ignore[misc]
-    channel.dataReceived(b"GET /" + b"a" * 5000)
-    assert status_of(transport) == 431
+    channel.dataReceived(sent)
+    assert status_of(transport) == status
     assert transport.disconnecting
     assert resource.seen == []
 
