@@ -225,18 +225,18 @@ def _wake_one_worker(reactor: Any, fd: int) -> Callable[[], None] | None:
     exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
     if poller is None or exclusive is None or not isinstance(poller, select.epoll):
         return None
-    events = select.EPOLLIN | exclusive
-    poller.unregister(fd)
-    poller.register(fd, events)
+    def register_exclusively() -> None:
+        poller.unregister(fd)
+        poller.register(fd, select.EPOLLIN | exclusive)
 
     def make_way() -> None:
         try:
-            poller.unregister(fd)
+            register_exclusively()
         except OSError:
             return  # not registered: the worker stopped accepting (stopping)
-        poller.register(fd, events)
         os.sched_yield()
 
+    register_exclusively()
     return make_way
 
 
